@@ -1,0 +1,32 @@
+"""prefopt: one YAML recipe chains SFT into DPO, ORPO or SimPO on a 4-bit DoRA base.
+
+    import prefopt
+    recipe = prefopt.load_recipe("recipes/demo.yaml", overrides={"stages.1.beta": 0.2})
+    result = prefopt.run(recipe)
+    result.adapters, result.metrics
+
+Heavy libraries (torch, transformers, trl) load only when a function needs them.
+"""
+
+__version__ = "0.1.0"
+
+from .config import DataError, PrefoptError, Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
+
+
+def run(recipe, **kwargs):
+    """Run a recipe (see prefopt.pipeline.run)."""
+    from .pipeline import run as _run
+
+    return _run(recipe, **kwargs)
+
+
+def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir, seed=42, report_to=()):
+    """Run one stage on your own PeftModel and data (see prefopt.api.train_stage)."""
+    from .api import train_stage as _train_stage
+
+    return _train_stage(stage, model, tokenizer, train_dataset, eval_dataset, output_dir=output_dir, seed=seed,
+                        report_to=report_to)
+
+
+__all__ = ["DataError", "PrefoptError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "run",
+           "train_stage", "__version__"]

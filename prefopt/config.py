@@ -1,0 +1,455 @@
+"""The recipe schema and its loader.
+
+`load_recipe(path, overrides)` returns a validated `Recipe` or raises `RecipeError`
+listing *every* problem at once, each with its key path and YAML line. This module
+imports nothing else from prefopt (and nothing heavy), so `prefopt plan` and the
+CLI's error paths stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+
+class PrefoptError(Exception):
+    """A user error: printed as a clear message, exit code 2, no traceback."""
+
+
+class DataError(PrefoptError):
+    """A data file that cannot be used: names the file, the row and what is wrong."""
+
+
+class RecipeError(PrefoptError):
+    """Every problem found in a recipe (or its data), one per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        n = len(self.problems)
+        super().__init__(
+            f"{head}{n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------- model / adapter
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(description="Hugging Face hub id or local folder of the base model.")
+    quantization: Literal["nf4", "int8", "none"] = Field(
+        "nf4", description="Base weights: nf4 (4-bit NF4, double quant), int8, or none (full precision)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of unquantized weights and of 4-bit compute."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="null keeps the tokenizer's own template (chatml if it has none); 'chatml' forces the built-in "
+        "ChatML template; any other string is used as a Jinja template.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless asked.")
+
+
+class AdapterSection(_Section):
+    """ONE adapter config, shared by every stage: the chain trains the same adapter throughout."""
+
+    method: Literal["dora", "lora"] = Field("dora", description="dora (weight-decomposed LoRA) or plain lora.")
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class DataSection(_Section):
+    path: str = Field(description="Local JSONL/JSON/Parquet/CSV file, or a `datasets` hub id.")
+    split: str = Field("train", description="Split to read when `path` is a hub id.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction held out for evaluation (seeded split).")
+    eval_path: str | None = Field(None, description="A separate evaluation file; overrides eval_fraction.")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the split).")
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    batch_size: int = Field(2, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(8, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(2048, gt=0, description="Truncate sequences (prompt + completion) to this many tokens.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...).")
+    gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
+    logging_steps: int = Field(10, gt=0, description="Log every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (null: once, at the end).")
+
+
+class _StageBase(_Section):
+    name: str = Field(description="Stage name; unique in the recipe; names the stage folder.")
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    trainer_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fields of the TRL config, checked against its fields."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
+            raise ValueError("must be letters, digits, '-', '_' or '.' (it names the stage folder)")
+        return v
+
+
+class SFTStage(_StageBase):
+    type: Literal["sft"] = "sft"
+
+
+class DPOStage(_StageBase):
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference.")
+    loss_type: str = Field("sigmoid", description="Any DPOTrainer loss_type (sigmoid, ipo, hinge, ...).")
+    reference: Literal["previous_stage", "base"] = Field(
+        "previous_stage",
+        description="previous_stage: a frozen copy of the adapter as the stage begins (the SFT model); "
+        "base: the base model with the adapter disabled.",
+    )
+    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+
+
+class ORPOStage(_StageBase):
+    type: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0, description="ORPO's lambda: weight of the odds-ratio term.")
+
+
+class SimPOStage(_StageBase):
+    type: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0, description="SimPO reward scale.")
+    gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL's simpo_gamma).")
+    cpo_alpha: float = Field(0.0, ge=0, description="Weight of the NLL term (0 is pure SimPO).")
+
+
+STAGE_TYPES: dict[str, type[_StageBase]] = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage, "simpo": SimPOStage}
+PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
+
+Stage = Annotated[Union[SFTStage, DPOStage, ORPOStage, SimPOStage], Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------------------------------------- tracking / merge
+
+
+class WandbSection(_Section):
+    project: str = Field("prefopt", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="online needs `wandb login`; offline writes runs you can `wandb sync` later."
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags added to every stage's run.")
+
+
+class TrackingSection(_Section):
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+class Recipe(_Section):
+    name: str = Field(description="Recipe name; the run folder is runs/<name>/ unless --output-dir says otherwise.")
+    seed: int = Field(42, description="Seed for data splits, adapter init and training.")
+    model: ModelSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    stages: list[Stage] = Field(min_length=1, description="Stages, run in order, sharing one adapter.")
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
+    _base_dir: Path | None = PrivateAttr(None)
+    _lines: dict = PrivateAttr(default_factory=dict)
+    _source: str | None = PrivateAttr(None)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        return _StageBase._name_is_a_folder_name(v)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "Recipe":
+        seen: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            if st.name in seen:
+                raise ValueError(f"stages[{i}].name: '{st.name}' is already used by stages[{seen[st.name]}]; names must be unique")
+            seen[st.name] = i
+        return self
+
+    def model_path(self) -> str:
+        """A local model folder (relative to the cwd, else the recipe's folder), or the hub id as given."""
+        local = resolve_path(self.model.name_or_path, self._base_dir)
+        return str(local) if local is not None else self.model.name_or_path
+
+    def stage_dirname(self, index: int) -> str:
+        return f"{index:02d}-{self.stages[index].name}"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *parts: Any) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Map key paths (tuples of str keys and int indexes) to 1-based YAML lines."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fmt_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(recipe)"
+
+
+def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (used to suggest key names)."""
+    model: Any = Recipe
+    node = raw
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if model == "stages":
+                t = node.get("type") if isinstance(node, dict) else None
+                model = STAGE_TYPES.get(t, _StageBase)
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        node = node.get(part) if isinstance(node, dict) else None
+        if field is None:
+            return None
+        if part == "stages" and model is Recipe:
+            model = "stages"
+            continue
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model if isinstance(model, type) else None
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # Discriminated unions insert the tag ('dpo') into the location; drop it.
+    out = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and part in STAGE_TYPES and i > 0 and isinstance(loc[i - 1], int):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | None) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = _clean_loc(tuple(e["loc"]))
+        typ = e["type"]
+        msg = e["msg"]
+        if typ == "extra_forbidden":
+            owner = _model_at(loc[:-1], raw)
+            choices = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+            msg = "unknown key" + (f"; did you mean {close[0]}?" if close else "") + (
+                f" (known keys: {', '.join(choices)})" if choices and not close else ""
+            )
+        elif typ == "union_tag_invalid":
+            tag = e.get("ctx", {}).get("tag")
+            close = difflib.get_close_matches(str(tag), list(STAGE_TYPES), n=1)
+            loc = loc + ("type",)
+            msg = f"unknown stage type '{tag}'" + (f"; did you mean {close[0]}?" if close else "") + (
+                f" (one of {', '.join(STAGE_TYPES)})"
+            )
+        elif typ == "union_tag_not_found":
+            loc = loc + ("type",)
+            msg = f"missing; every stage needs a type ({', '.join(STAGE_TYPES)})"
+        elif typ == "missing":
+            msg = "missing; this key is required"
+        elif typ == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if msg.startswith("stages["):  # a model-level check that names its own path
+                path, _, rest = msg.partition(": ")
+                idx = int(path.split("[")[1].split("]")[0])
+                line = lines.get(("stages", idx, "name"))
+                problems.append(f"{path}: {rest}" + (f" ({source} line {line})" if source and line else ""))
+                continue
+        else:
+            got = e.get("input")
+            if not isinstance(got, (dict, list)):
+                msg = f"{msg}, got {got!r}"
+        line = None
+        for cut in range(len(loc), -1, -1):
+            line = lines.get(loc[:cut])
+            if line:
+                break
+        where = f" ({source} line {line})" if source and line else (f" (line {line})" if line else "")
+        problems.append(f"{_fmt_path(loc)}: {msg}{where}")
+    return problems
+
+
+def _parse_override(item: str) -> tuple[list, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError([f"--set {item!r}: expected KEY=VALUE, e.g. stages.1.beta=0.2"])
+    path = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    return path, yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: dict | list | None) -> dict:
+    """Apply {"stages.1.beta": 0.2} or ["stages.1.beta=0.2"] to the raw recipe dict."""
+    if not overrides:
+        return raw
+    items = (
+        [_parse_override(o) for o in overrides]
+        if isinstance(overrides, (list, tuple))
+        else [([int(p) if p.isdigit() else p for p in str(k).split(".")], v) for k, v in overrides.items()]
+    )
+    problems = []
+    for path, value in items:
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = None
+            if isinstance(node, list) and isinstance(part, int) and part < len(node):
+                nxt = node[part]
+            elif isinstance(node, dict):
+                nxt = node.setdefault(part, {})
+            if not isinstance(nxt, (dict, list)):
+                problems.append(f"--set {'.'.join(map(str, path))}: '{_fmt_path(tuple(path[: i + 1]))}' is not a section")
+                node = None
+                break
+            node = nxt
+        if node is None:
+            continue
+        last = path[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                problems.append(f"--set {'.'.join(map(str, path))}: no such list item")
+                continue
+        node[last] = value
+    if problems:
+        raise RecipeError(problems)
+    return raw
+
+
+def check_paths(recipe: Recipe, base_dir: Path, lines: dict | None = None, source: str | None = None) -> list[str]:
+    """Local data files that do not exist. Paths are resolved against the recipe's folder, then the cwd."""
+    problems = []
+    for i, st in enumerate(recipe.stages):
+        for key in ("path", "eval_path"):
+            p = getattr(st.data, key)
+            if p is None or not looks_local(p):
+                continue
+            if resolve_path(p, base_dir) is None:
+                line = (lines or {}).get(("stages", i, "data", key))
+                where = f" ({source} line {line})" if source and line else ""
+                problems.append(
+                    f"stages[{i}].data.{key}: file not found: {p}{where}; give a path relative to the recipe or the "
+                    "current folder, or a datasets hub id"
+                )
+    return problems
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def looks_local(p: str) -> bool:
+    """A data path is local if it has a data-file suffix or exists; otherwise it is a hub id."""
+    return p.endswith(DATA_SUFFIXES) or p.startswith((".", "/", "~")) or Path(p).exists()
+
+
+def resolve_path(p: str, base_dir: Path | None) -> Path | None:
+    cand = Path(p).expanduser()
+    for c in ([cand] if cand.is_absolute() else [Path.cwd() / cand] + ([base_dir / cand] if base_dir else [])):
+        if c.exists():
+            return c.resolve()
+    return None
+
+
+def validate_recipe(raw: Any, *, source: str | None = None, text: str | None = None, base_dir: Path | None = None) -> Recipe:
+    lines = _line_map(text) if text else {}
+    if not isinstance(raw, dict):
+        raise RecipeError(["the recipe must be a YAML mapping (name:, model:, stages:, ...)"], source)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_problems_from(err, raw, lines, source), source) from None
+    problems = check_paths(recipe, base_dir or Path.cwd(), lines, source)
+    if problems:
+        raise RecipeError(problems, source)
+    recipe._base_dir = base_dir or Path.cwd()
+    recipe._lines = lines
+    recipe._source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: dict | list | None = None) -> Recipe:
+    """Load and validate a recipe file; raises RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}"])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent)
+
+
+def recipe_from_dict(raw: dict, overrides: dict | list | None = None, base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe built in code (a dict); same checks as load_recipe."""
+    import copy
+
+    return validate_recipe(apply_overrides(copy.deepcopy(raw), overrides), base_dir=base_dir)

@@ -1,0 +1,179 @@
+"""Load the base model (4-bit NF4 / 8-bit / unquantized), the tokenizer, and the ONE adapter config.
+
+Components take the values they need, not the Recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ADAPTER_NAME = "default"  # PEFT's own default; never "train" (clashes with nn.Module.train)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(quantization: str, dtype: str):
+    """The bitsandbytes config the base is loaded with (None when unquantized)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(dtype),
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def harden_4bit_layers(model) -> int:
+    """Keep bitsandbytes' CPU repacking off on every Linear4bit; returns how many layers were touched.
+
+    bitsandbytes >= 0.48 repacks a Linear4bit's weight into a CPU-only layout on its first eval/no-grad
+    forward on CPUs with AVX512-BF16. After that `dequantize_4bit` returns scrambled values, so PEFT's DoRA
+    weight norm and any merge that dequantizes go silently wrong (or crash for in_features % 64 != 0).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    quantization: str = "nf4",
+    dtype: str = "bfloat16",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The frozen base, ready for an adapter. Loads safetensors only (never pickle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    qcfg = quantization_config(quantization, dtype)
+    kwargs = dict(
+        dtype=torch_dtype(dtype),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        from .config import PrefoptError
+
+        raise PrefoptError(
+            f"model.name_or_path: cannot load '{name_or_path}': {str(e).splitlines()[0]}. "
+            "Give a local folder with config.json and *.safetensors, or a hub id you can reach."
+        ) from None
+    if qcfg is None and torch.cuda.is_available():
+        model.to("cuda")
+    harden_4bit_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(name_or_path: str, *, chat_template: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if chat_template == "chatml" or (chat_template is None and not tok.chat_template):
+        tok.chat_template = CHATML_TEMPLATE
+    elif chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_lora_config(
+    *,
+    r: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+    use_dora: bool = True,
+    use_rslora: bool = False,
+):
+    """The one PEFT adapter config every stage shares."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def adapter_config_from_section(adapter) -> "object":
+    """LoraConfig from the recipe's adapter section (a thin mapping; keeps call sites explicit)."""
+    return build_lora_config(
+        r=adapter.r,
+        alpha=adapter.alpha,
+        dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_dora=adapter.method == "dora",
+        use_rslora=adapter.use_rslora,
+    )
+
+
+def _same_adapter(saved, wanted) -> list[str]:
+    diffs = []
+    for key in ("r", "lora_alpha", "use_dora", "use_rslora"):
+        if getattr(saved, key) != getattr(wanted, key):
+            diffs.append(f"{key}: saved {getattr(saved, key)!r}, recipe {getattr(wanted, key)!r}")
+    return diffs
+
+
+def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True):
+    """Wrap the base with the running adapter: a fresh one, or the previous stage's (same config, same weights)."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if init_from is None:
+        return get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+    saved = PeftConfig.from_pretrained(str(init_from))
+    diffs = _same_adapter(saved, lora_config)
+    if diffs:
+        from .config import PrefoptError
+
+        raise PrefoptError(
+            f"adapter in {init_from} does not match the recipe's adapter section ({'; '.join(diffs)}); "
+            "the chain shares one adapter config: re-run with --fresh or restore the adapter section"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(init_from), adapter_name=ADAPTER_NAME, is_trainable=trainable)
+    harden_4bit_layers(peft_model)
+    return peft_model
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

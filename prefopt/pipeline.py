@@ -1,0 +1,280 @@
+"""run(recipe): the chain, the run folder, the manifest, resume.
+
+runs/<name>/
+  recipe.yaml                     resolved recipe, every default filled in
+  run.json                        manifest (version, recipe hash, per stage: status, adapter, metrics, times)
+  stages/NN-<name>/adapter/       PEFT adapter (safetensors, DoRA magnitude included) + tokenizer
+  stages/NN-<name>/log_history.json
+Each stage folder is written to a temp folder and renamed into place, so a killed run never leaves
+a half-written stage that looks finished. Re-running skips each stage that is done and whose inputs
+(its recipe section, the model/adapter sections, its data files, the adapter it starts from) are unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import PREFERENCE_TYPES, RecipeError, Recipe
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@dataclass
+class StageResult:
+    name: str
+    type: str
+    adapter: Path
+    metrics: dict
+    skipped: bool = False
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def final_adapter(self) -> Path | None:
+        return self.stages[-1].adapter if self.stages else None
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        return {s.name: s.adapter for s in self.stages}
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        return {s.name: s.metrics for s in self.stages}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def adapter_hash(adapter_dir: Path) -> str:
+    from .data import file_hash
+
+    return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Every problem that can be found before training: data rows, trainer_kwargs, loss types."""
+    from .data import check_recipe_data
+    from .stages import CHECKS
+
+    problems = []
+    for i, st in enumerate(recipe.stages):
+        problems += CHECKS[st.type](st, f"stages[{i}]")
+    try:
+        check_recipe_data(recipe)
+    except RecipeError as e:
+        problems += e.problems
+    if problems:
+        raise RecipeError(problems, recipe._source)
+
+
+def stage_notes(recipe: Recipe) -> list[str]:
+    """What the chain will do about adapters and references, said at start-up."""
+    notes = []
+    for i, st in enumerate(recipe.stages):
+        prev = recipe.stages[i - 1].name if i else None
+        start = f"continues the adapter from '{prev}'" if prev else "starts a fresh adapter"
+        if st.type == "dpo":
+            if prev is None:
+                ref = "reference: the base model (no stage before it)"
+            elif st.reference == "base":
+                ref = f"reference: the BASE model (adapter disabled), not '{prev}', because reference: base was asked for"
+            else:
+                ref = f"reference: a frozen copy of the adapter from '{prev}'"
+            if st.precompute_ref_log_probs:
+                ref += ", log-probs precomputed"
+        elif st.type in PREFERENCE_TYPES:
+            ref = "reference-free"
+        else:
+            ref = ""
+        notes.append(f"{st.name} ({st.type}): {start}" + (f"; {ref}" if ref else ""))
+    return notes
+
+
+def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
+    """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
+    from .data import load_stage_data
+
+    preflight(recipe)
+    run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+
+    recipe_dict = recipe.to_dict()
+    old = read_manifest(run_dir) or {}
+    old_stages = {s["name"]: s for s in old.get("stages", [])}
+    manifest = {
+        "prefopt_version": __version__,
+        "recipe_name": recipe.name,
+        "recipe_hash": recipe.section_hash(recipe_dict),
+        "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
+        "created_at": old.get("created_at") or _now(),
+        "stages": [],
+    }
+    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+
+    def save_manifest():
+        write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+    for note in stage_notes(recipe):
+        echo(f"prefopt: {note}")
+
+    result = RunResult(run_dir=run_dir)
+    prev_adapter: Path | None = None
+    for i, st in enumerate(recipe.stages):
+        stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
+        data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        from .data import file_hash
+
+        inputs = recipe.section_hash(
+            st.model_dump(mode="json"),
+            recipe_dict["model"],
+            recipe_dict["adapter"],
+            recipe.seed,
+            i,
+            [file_hash(f) for f in data.files],
+            adapter_hash(prev_adapter) if prev_adapter else None,
+        )
+        entry = {
+            "name": st.name,
+            "type": st.type,
+            "status": "pending",
+            "adapter": str(Path("stages") / stage_dir.name / "adapter"),
+            "starts_from": str(prev_adapter.relative_to(run_dir)) if prev_adapter else None,
+            "inputs_hash": inputs,
+            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0},
+            "metrics": {},
+            "started_at": None,
+            "ended_at": None,
+        }
+        if st.type == "dpo":
+            entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
+        manifest["stages"].append(entry)
+        was = old_stages.get(st.name)
+        if (
+            was
+            and was.get("status") == "done"
+            and was.get("inputs_hash") == inputs
+            and all((stage_dir / "adapter" / f).is_file() for f in ADAPTER_FILES)
+        ):
+            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at") if k in was})
+            save_manifest()
+            echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
+            result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", entry["metrics"], skipped=True))
+            prev_adapter = stage_dir / "adapter"
+            continue
+
+        entry.update(status="running", started_at=_now())
+        save_manifest()
+        echo(f"prefopt: stage {i + 1}/{len(recipe.stages)} {st.name} ({st.type}): "
+             f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
+        try:
+            metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"])
+        except BaseException:
+            entry.update(status="failed", ended_at=_now())
+            save_manifest()
+            raise
+        entry.update(status="done", ended_at=_now(), metrics=metrics)
+        save_manifest()
+        echo(f"prefopt: stage {st.name} done: {summarise(st.type, metrics)}")
+        result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
+        prev_adapter = stage_dir / "adapter"
+
+    # Stages dropped from the recipe since the last run are not part of this run any more.
+    save_manifest()
+    return result
+
+
+def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
+                        run_id: str) -> dict:
+    """Load the base, attach the running adapter, train, and move the finished folder into place."""
+    import torch
+    from transformers import set_seed
+
+    from . import tracking
+    from .models import adapter_config_from_section, attach_adapter, load_base_model, load_tokenizer
+    from .stages import STAGES
+
+    st = recipe.stages[i]
+    m = recipe.model
+    tmp = stage_dir.with_name(f".{stage_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    set_seed(recipe.seed)
+    base = load_base_model(recipe.model_path(), quantization=m.quantization, dtype=m.dtype, revision=m.revision,
+                           trust_remote_code=m.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model_path(), chat_template=m.chat_template, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)
+    model = attach_adapter(base, adapter_config_from_section(recipe.adapter), init_from=prev_adapter)
+    with tracking.stage_run(
+        recipe.tracking.wandb,
+        run_dir=run_dir,
+        group=f"{recipe.name}-{run_id}",
+        name=f"{recipe.name}/{st.name}",
+        job_type=st.type,
+        config=recipe.to_dict() | {"stage": st.name, "stage_index": i},
+    ) as (report_to, log_summary):
+        metrics = STAGES[st.type](
+            model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}"
+        )
+        log_summary(metrics)
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    del model, base
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if stage_dir.exists():
+        old = stage_dir.with_name(f".{stage_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(stage_dir, old)
+        os.replace(tmp, stage_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, stage_dir)
+    return metrics
+
+
+def summarise(stage_type: str, metrics: dict) -> str:
+    train, ev = metrics.get("train", {}), metrics.get("eval", {})
+    parts = []
+    if "train_loss" in train:
+        parts.append(f"train loss {train['train_loss']:.4f}")
+    if "eval_loss" in ev:
+        parts.append(f"eval loss {ev['eval_loss']:.4f}")
+    acc = ev.get("eval_rewards/accuracies")
+    if acc is not None:
+        parts.append(f"held-out reward accuracy {acc:.2f} (chance 0.50)")
+    margin = ev.get("eval_rewards/margins")
+    if margin is not None:
+        parts.append(f"held-out reward margin {margin:.3f}")
+    return ", ".join(parts) or "no metrics"

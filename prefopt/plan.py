@@ -1,0 +1,40 @@
+"""`prefopt plan`: the resolved recipe, the stages, data sizes after the split, trainable parameters."""
+
+from __future__ import annotations
+
+from .config import Recipe
+
+
+def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
+    """Adapter parameters vs all parameters, counted on a weightless (meta-device) copy of the base."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import adapter_config_from_section, count_trainable
+
+    m = recipe.model
+    cfg = AutoConfig.from_pretrained(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(cfg, trust_remote_code=m.trust_remote_code)
+    peft_model = get_peft_model(base, adapter_config_from_section(recipe.adapter))
+    return count_trainable(peft_model)
+
+
+def make_plan(recipe: Recipe) -> str:
+    from .data import load_stage_data
+    from .pipeline import preflight, stage_notes
+
+    preflight(recipe)
+    try:
+        trainable, total = trainable_parameters(recipe)
+        params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+    except Exception as e:  # e.g. a hub id that cannot be reached: still show the rest
+        params = f"unknown ({str(e).splitlines()[0]})"
+    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# stages"]
+    for i, (st, note) in enumerate(zip(recipe.stages, stage_notes(recipe))):
+        data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        n_eval = len(data.eval) if data.eval is not None else 0
+        lines.append(f"{i:02d}-{note}")
+        lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
+    return "\n".join(lines)

@@ -1,0 +1,7 @@
+"""The stages. Each module reads top to bottom: build its TRL config, its trainer, train, save.
+These are the only modules that import trl."""
+
+from . import dpo, orpo, sft, simpo
+
+STAGES = {"sft": sft.run, "dpo": dpo.run, "orpo": orpo.run, "simpo": simpo.run}
+CHECKS = {"sft": sft.check, "dpo": dpo.check, "orpo": orpo.check, "simpo": simpo.check}

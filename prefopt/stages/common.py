@@ -1,0 +1,108 @@
+"""What every stage module shares: TRL config arguments from the recipe's train section, the
+trainer_kwargs check, and train -> evaluate -> save."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+from pathlib import Path
+
+from ..config import PrefoptError
+from ..models import ADAPTER_NAME
+
+
+def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[str], run_name: str,
+                  has_eval: bool) -> dict:
+    """Keyword arguments common to SFTConfig / DPOConfig / ORPOConfig / CPOConfig."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        seed=seed,
+        data_seed=seed,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="no",  # prefopt writes the stage's adapter itself, atomically
+        report_to=report_to,
+        run_name=run_name,
+        # TRL defaults to bf16 mixed precision; CPUs get plain fp32 autocast-free training.
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+def check_trainer_kwargs(config_cls, kwargs: dict, where: str) -> list[str]:
+    """trainer_kwargs must be fields of the TRL config; suggest the close match."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    problems = []
+    for key in kwargs:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; not a field of trl's {config_cls.__name__}"
+            problems.append(f"{where}.trainer_kwargs.{key}: unknown key{hint}")
+    return problems
+
+
+def make_config(config_cls, base: dict, method: dict, extra: dict):
+    """TRL config from prefopt's arguments, the stage's method options and trainer_kwargs (last wins)."""
+    try:
+        return config_cls(**{**base, **method, **extra})
+    except (ValueError, TypeError) as e:
+        raise PrefoptError(f"{config_cls.__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def adapter_precision_kept(model):
+    """Undo TRL's QLoRA cast of the trainable adapter to bf16 while the trainer is built.
+
+    On a quantized base TRL rounds the *trainable* adapter to bf16 after DPOTrainer has copied it into
+    the frozen fp32 "ref" adapter -- so at step 0 the policy is a rounded SFT model and no longer equals
+    the reference (the chain's promise). fp32 adapter weights also keep small optimizer updates that bf16
+    rounds away; compute still runs in bf16 under mixed precision on GPUs. The trainer builds its
+    optimizer in train(), after this restores the exact fp32 tensors.
+    """
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and p.is_floating_point()}
+    yield
+    for name, param in model.named_parameters():
+        before = saved.get(name)
+        if before is not None and param.dtype != before.dtype:
+            param.data = before
+
+
+def _finite(metrics: dict) -> dict:
+    return {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in metrics.items()
+            if isinstance(v, (int, float, str))}
+
+
+def train_and_save(trainer, out_dir: Path, tokenizer) -> dict:
+    """Train, evaluate on held-out data if any, save the adapter (only ours, not TRL's "ref" copy)."""
+    result = trainer.train()
+    metrics = {"train": _finite(result.metrics)}
+    if trainer.eval_dataset is not None:
+        metrics["eval"] = _finite(trainer.evaluate())
+    model = trainer.model
+    model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir / "adapter"))
+    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return metrics

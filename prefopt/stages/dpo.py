@@ -1,0 +1,72 @@
+"""DPO stage: TRL's DPOTrainer continuing the running adapter.
+
+The reference, by construction:
+- previous_stage (default): DPOTrainer, given a PeftModel and no ref_model, copies the adapter into a frozen
+  "ref" adapter as the stage begins -- the SFT model, so at step 0 policy == reference (loss ln 2, margin 0).
+- base: the "ref" copy is deleted, and TRL falls back to the model with adapters disabled.
+With no stage before it, the adapter is fresh (B = 0), so both are the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import adapter_precision_kept, check_trainer_kwargs, make_config, train_and_save, training_args
+
+
+def check(stage, where: str) -> list[str]:
+    from trl import DPOConfig
+
+    problems = check_trainer_kwargs(DPOConfig, stage.trainer_kwargs, where)
+    known = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    if f"'{stage.loss_type}'" not in known:
+        problems.append(f"{where}.loss_type: unknown DPO loss '{stage.loss_type}'; see trl.DPOConfig.loss_type")
+    return problems
+
+
+def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
+        callbacks=(), **_) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    use_base_ref = stage.reference == "base"
+    base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
+                         run_name=run_name, has_eval=data.eval is not None)
+    method = {
+        "beta": stage.beta,
+        "loss_type": [stage.loss_type],
+        "max_length": stage.train.max_length,
+        # With a base reference we drop TRL's "ref" adapter first, then precompute (below).
+        "precompute_ref_log_probs": stage.precompute_ref_log_probs and not use_base_ref,
+    }
+    args = make_config(DPOConfig, base, method, stage.trainer_kwargs)
+    with adapter_precision_kept(model):
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+    if use_base_ref:
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        if "ref" in peft_model.peft_config:
+            peft_model.delete_adapter("ref")
+        if stage.precompute_ref_log_probs:
+            _precompute_now(trainer)
+    return train_and_save(trainer, out_dir, tokenizer)
+
+
+def _precompute_now(trainer) -> None:
+    """What DPOTrainer.__init__ does for precompute_ref_log_probs, run after the reference is fixed."""
+    from trl.trainer.utils import hash_module
+
+    trainer.args.precompute_ref_log_probs = True
+    trainer.precompute_ref_logps = True
+    trainer._precompute_model_hash = hash_module(trainer.model)
+    bs = trainer.args.precompute_ref_batch_size
+    trainer.train_dataset = trainer._precompute_ref_logps(
+        trainer.train_dataset, "train", bs or trainer.args.per_device_train_batch_size)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = trainer._precompute_ref_logps(
+            trainer.eval_dataset, "eval", bs or trainer.args.per_device_eval_batch_size)
