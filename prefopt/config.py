@@ -106,8 +106,8 @@ class TrainSection(_Section):
 
 class _StageBase(_Section):
     name: str = Field(description="Stage name; unique in the recipe; names the stage folder.")
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(description="Where the stage's rows come from and how they are split.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings of this stage.")
     trainer_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra fields of the TRL config, checked against its fields."
     )
@@ -121,11 +121,11 @@ class _StageBase(_Section):
 
 
 class SFTStage(_StageBase):
-    type: Literal["sft"] = "sft"
+    type: Literal["sft"] = Field("sft", description="Stage type: sft | dpo | orpo | simpo.")
 
 
 class DPOStage(_StageBase):
-    type: Literal["dpo"] = "dpo"
+    type: Literal["dpo"] = Field("dpo", description="Stage type: sft | dpo | orpo | simpo.")
     beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference.")
     loss_type: str = Field("sigmoid", description="Any DPOTrainer loss_type (sigmoid, ipo, hinge, ...).")
     reference: Literal["previous_stage", "base"] = Field(
@@ -137,12 +137,12 @@ class DPOStage(_StageBase):
 
 
 class ORPOStage(_StageBase):
-    type: Literal["orpo"] = "orpo"
+    type: Literal["orpo"] = Field("orpo", description="Stage type: sft | dpo | orpo | simpo.")
     beta: float = Field(0.1, gt=0, description="ORPO's lambda: weight of the odds-ratio term.")
 
 
 class SimPOStage(_StageBase):
-    type: Literal["simpo"] = "simpo"
+    type: Literal["simpo"] = Field("simpo", description="Stage type: sft | dpo | orpo | simpo.")
     beta: float = Field(2.0, gt=0, description="SimPO reward scale.")
     gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL's simpo_gamma).")
     cpo_alpha: float = Field(0.0, ge=0, description="Weight of the NLL term (0 is pure SimPO).")
@@ -167,7 +167,7 @@ class WandbSection(_Section):
 
 
 class TrackingSection(_Section):
-    wandb: WandbSection = Field(default_factory=WandbSection)
+    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases: one run per stage.")
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -176,10 +176,10 @@ class TrackingSection(_Section):
 class Recipe(_Section):
     name: str = Field(description="Recipe name; the run folder is runs/<name>/ unless --output-dir says otherwise.")
     seed: int = Field(42, description="Seed for data splits, adapter init and training.")
-    model: ModelSection
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    model: ModelSection = Field(description="The base model and how it is loaded.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection, description="The ONE adapter config every stage shares.")
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order, sharing one adapter.")
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
 
     # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
     _base_dir: Path | None = PrivateAttr(None)
@@ -363,7 +363,8 @@ def apply_overrides(raw: dict, overrides: dict | list | None) -> dict:
             elif isinstance(node, dict):
                 nxt = node.setdefault(part, {})
             if not isinstance(nxt, (dict, list)):
-                problems.append(f"--set {'.'.join(map(str, path))}: '{_fmt_path(tuple(path[: i + 1]))}' is not a section")
+                what = "no such list item" if isinstance(node, list) else "is not a section"
+                problems.append(f"--set {'.'.join(map(str, path))}: '{_fmt_path(tuple(path[: i + 1]))}' {what}")
                 node = None
                 break
             node = nxt

@@ -155,6 +155,9 @@ def normalise_preference(rows: list[dict], label: str) -> tuple[list[dict], str]
             kinds.add("conversational")
             conv = {k: ([{"role": "user" if k == "prompt" else "assistant", "content": v}] if isinstance(v, str) else
                         [{"role": m["role"], "content": m["content"]} for m in v]) for k, v in zip(PREF_KEYS, vals)}
+            for k in ("chosen", "rejected"):  # UltraFeedback-style rows repeat the prompt inside each answer
+                if len(conv[k]) > len(conv["prompt"]) and conv[k][: len(conv["prompt"])] == conv["prompt"]:
+                    conv[k] = conv[k][len(conv["prompt"]):]
             out.append(conv)
         else:
             problems.append(f"{label} row {i}: prompt/chosen/rejected must be strings or lists of {{role, content}}")
