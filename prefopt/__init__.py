@@ -20,6 +20,17 @@ def run(recipe, **kwargs):
     return _run(recipe, **kwargs)
 
 
+def merge(adapter_or_run_dir, out_dir=None, **kwargs):
+    """Merge a run folder's final adapter, or an adapter folder, into its base (see prefopt.merge)."""
+    from pathlib import Path
+
+    from .merging import merge_adapter, merge_run
+
+    if (Path(adapter_or_run_dir) / "run.json").is_file():
+        return merge_run(adapter_or_run_dir, out_dir, **kwargs)
+    return merge_adapter(adapter_or_run_dir, out_dir, **kwargs)
+
+
 def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir, seed=42, report_to=()):
     """Run one stage on your own PeftModel and data (see prefopt.api.train_stage)."""
     from .api import train_stage as _train_stage
@@ -29,4 +40,4 @@ def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, ou
 
 
 __all__ = ["DataError", "PrefoptError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "run",
-           "train_stage", "__version__"]
+           "merge", "train_stage", "__version__"]

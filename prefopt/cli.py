@@ -62,5 +62,46 @@ def plan(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(text)
 
 
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter folder (instead of RUN_DIR).")
+@click.option("--base", "base_model", default=None, help="Base model folder or hub id (default: as recorded in training).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN_DIR/merged).")
+@click.option("--merge-base", type=click.Choice(["auto", "dequantized", "original"]), default="auto", show_default=True,
+              help="Merge into the weights as the quantized training base saw them, or into the originals.")
+@click.option("--quantization", type=click.Choice(["nf4", "int8", "none"]), default=None,
+              help="Training base quantization (default: as recorded beside the adapter).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Dtype of the merged weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-verify", is_flag=True, help="Skip comparing merged and adapter models.")
+@click.option("--max-rel-logit-diff", type=float, default=0.05, show_default=True)
+@click.option("--mean-kl", type=float, default=1e-4, show_default=True)
+@click.option("--min-top1-agreement", type=float, default=0.9, show_default=True)
+def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
+          max_rel_logit_diff, mean_kl, min_top1_agreement) -> None:
+    """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
+    try:
+        from .merging import Thresholds, merge_adapter, merge_run
+
+        kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
+                  thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement),
+                  echo=lambda s: click.echo(s, err=True))
+        if adapter and run_dir:
+            raise PrefoptError("give RUN_DIR or --adapter, not both")
+        if adapter:
+            if not out:
+                raise PrefoptError("--adapter needs --out DIR")
+            merge_adapter(adapter, out, base=base_model, quantization=quantization, **kw)
+        elif run_dir:
+            if base_model or quantization:
+                raise PrefoptError("--base/--quantization go with --adapter; a run folder records its base")
+            merge_run(run_dir, out, **kw)
+        else:
+            raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
+    except PrefoptError as e:
+        _fail(e)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -170,6 +170,21 @@ class TrackingSection(_Section):
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases: one run per stage.")
 
 
+class MergeSection(_Section):
+    """Fold the final adapter into the base after the last stage, then verify it (runs/<name>/merged/)."""
+
+    base: Literal["auto", "dequantized", "original"] = Field(
+        "auto",
+        description="dequantized: the same NF4/int8 round trip the training saw (default after a quantized "
+        "base); original: the unquantized weights (default after an unquantized base).",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of the merged weights.")
+    verify: bool = Field(True, description="Compare merged and adapter models' logits on probe prompts.")
+    max_rel_logit_diff: float = Field(0.05, gt=0, description="Fail if max |Δlogit| / max |logit| exceeds this.")
+    mean_kl: float = Field(1e-4, gt=0, description="Fail if the mean per-token KL(adapter || merged) exceeds this.")
+    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Fail if top-1 tokens agree less often.")
+
+
 # ---------------------------------------------------------------------------------------------- the recipe
 
 
@@ -180,6 +195,7 @@ class Recipe(_Section):
     adapter: AdapterSection = Field(default_factory=AdapterSection, description="The ONE adapter config every stage shares.")
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order, sharing one adapter.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
+    merge: MergeSection | None = Field(None, description="Merge the final adapter after the last stage (off if absent).")
 
     # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
     _base_dir: Path | None = PrivateAttr(None)

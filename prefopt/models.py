@@ -11,6 +11,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+BASE_INFO = "prefopt_base.json"  # beside each saved adapter: how its base was loaded in training
 ADAPTER_NAME = "default"  # PEFT's own default; never "train" (clashes with nn.Module.train)
 
 
@@ -177,3 +178,17 @@ def count_trainable(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def base_info(model, *, name_or_path: str, quantization: str, dtype: str) -> dict:
+    """How the training base was loaded, read off the live model, so a merge can replay the same round trip."""
+    info = {"name_or_path": name_or_path, "quantization": quantization, "dtype": dtype}
+    if quantization == "nf4":
+        import bitsandbytes as bnb
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                qs = m.weight.quant_state
+                info["bnb"] = {"quant_type": qs.quant_type, "blocksize": qs.blocksize, "double_quant": bool(qs.nested)}
+                break
+    return info

@@ -40,6 +40,7 @@ class StageResult:
 class RunResult:
     run_dir: Path
     stages: list[StageResult] = field(default_factory=list)
+    merge_report: dict | None = None
 
     @property
     def final_adapter(self) -> Path | None:
@@ -140,6 +141,8 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         "created_at": old.get("created_at") or _now(),
         "stages": [],
     }
+    if old.get("merge"):
+        manifest["merge"] = old["merge"]
     write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
     def save_manifest():
@@ -211,7 +214,37 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
 
     # Stages dropped from the recipe since the last run are not part of this run any more.
     save_manifest()
+    if recipe.merge is not None:
+        result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
     return result
+
+
+def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
+    """The recipe's merge section: merge the last adapter into runs/<name>/merged/ (redone when it changed)."""
+    from .merging import REPORT, Thresholds, merge_run
+
+    mc = recipe.merge
+    out = run_dir / "merged"
+    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"])
+    report_path = out / REPORT
+    if report_path.is_file() and manifest.get("merge", {}).get("inputs_hash") == key:
+        report = json.loads(report_path.read_text())
+        if report.get("verification", {}).get("passed", not mc.verify):
+            echo("prefopt: merge: done and unchanged, skipped")
+            return report
+    thresholds = Thresholds(mc.max_rel_logit_diff, mc.mean_kl, mc.min_top1_agreement)
+    manifest["merge"] = {"status": "running", "path": "merged", "inputs_hash": key}
+    save_manifest()
+    try:
+        report = merge_run(run_dir, out, base_mode=mc.base, out_dtype=mc.dtype, overwrite=True,
+                           verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe)
+    except BaseException:
+        manifest["merge"]["status"] = "failed"
+        save_manifest()
+        raise
+    manifest["merge"].update(status="done", verification=report.get("verification"))
+    save_manifest()
+    return report
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
@@ -221,7 +254,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     from transformers import set_seed
 
     from . import tracking
-    from .models import adapter_config_from_section, attach_adapter, load_base_model, load_tokenizer
+    from .models import BASE_INFO, adapter_config_from_section, attach_adapter, base_info, load_base_model, load_tokenizer
     from .stages import STAGES
 
     st = recipe.stages[i]
@@ -248,6 +281,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
             model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}"
         )
         log_summary(metrics)
+    info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)
+    (tmp / "adapter" / BASE_INFO).write_text(json.dumps(info, indent=2))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     del model, base
     gc.collect()

@@ -21,3 +21,8 @@ def test_demo_recipe_learns_the_preference(tmp_path, tiny_model):
     acc = manifest["stages"][1]["metrics"]["eval"]["eval_rewards/accuracies"]
     assert acc >= 0.75, f"held-out reward accuracy {acc}"
     assert "held-out reward accuracy" in proc.stderr
+    # ... and ends with a verified merge that loads without PEFT
+    report = json.loads((out / "merged" / "merge_report.json").read_text())
+    assert report["base_mode"] == "dequantized" and report["verification"]["passed"]
+    assert manifest["merge"]["status"] == "done"
+    assert "merge PASSED" in proc.stderr

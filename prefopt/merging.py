@@ -1,0 +1,408 @@
+"""Adapter -> merged checkpoint, streamed shard by shard, DoRA-exact, and verified.
+
+Math, in fp32, then cast to the output dtype:
+    LoRA  W' = W + s * B @ A
+    DoRA  W' = m * (W + s * B @ A) / ||W + s * B @ A||      (norm per output row, as PEFT's DoRA layer)
+with s = alpha / r (alpha / sqrt(r) with rsLoRA). W is the base weight as the adapter saw it in training:
+`dequantized` puts each weight through the same NF4 / int8 round trip the training base went through;
+`original` uses the unquantized weights as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import PrefoptError
+from .models import BASE_INFO
+
+REPORT = "merge_report.json"
+FIXED_PROBES = [
+    "Tell me about the sea.",
+    "What do you think of a garden?",
+    "Explain why the sky is blue in one sentence.",
+    "Write a short poem about autumn.",
+    "List three uses of a paperclip.",
+    "Describe a quiet library.",
+]
+
+
+class MergeError(PrefoptError):
+    """An adapter or base that cannot be merged as asked, or a merge that failed verification."""
+
+
+@dataclass
+class Thresholds:
+    # Defaults: bf16 output rounding stays far below these; a dropped DoRA magnitude or a wrong base
+    # lands far above (see tests/test_merge.py and merge_report.json).
+    # Measured on the demo (tests/test_merge.py): correct NF4 merge 0.007 / 8e-8 / 0.99;
+    # magnitude dropped 1.2 / 7.6e-3 / 0.50.
+    max_rel_logit_diff: float = 0.05  # max |logit_merged - logit_adapter| / max |logit_adapter|
+    mean_kl: float = 1e-4  # mean KL(adapter || merged) per token
+    min_top1_agreement: float = 0.9
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def roundtrip(weight, info: dict):
+    """The base weight as a quantized training base presents it: quantize, dequantize (fp32)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    w = weight.to(_torch_dtype(info["dtype"]))
+    q = info["quantization"]
+    if q == "nf4":
+        b = info.get("bnb", {"quant_type": "nf4", "blocksize": 64, "double_quant": True})
+        packed, state = F.quantize_4bit(w, blocksize=b["blocksize"], compress_statistics=b["double_quant"],
+                                        quant_type=b["quant_type"])
+        return F.dequantize_4bit(packed, state).to(torch.float32)
+    if q == "int8":
+        w = w.to(torch.float16)  # LLM.int8 quantizes fp16 row-wise by absmax
+        cb, scb, _ = F.int8_vectorwise_quant(w)
+        return (cb.float() * scb.float().unsqueeze(1) / 127.0).to(torch.float32)
+    return w.to(torch.float32)
+
+
+def merged_weight(w, lora_a, lora_b, scale: float, magnitude=None):
+    """fp32 merge of one weight; DoRA when `magnitude` is given."""
+    import torch
+
+    w = w.to(torch.float32)
+    combined = w + scale * (lora_b.to(torch.float32) @ lora_a.to(torch.float32))
+    if magnitude is None:
+        return combined
+    norm = torch.linalg.norm(combined, dim=1)
+    return (magnitude.to(torch.float32) / norm).unsqueeze(1) * combined
+
+
+# ---------------------------------------------------------------------------------------------- adapter
+
+
+@dataclass
+class Adapter:
+    config: dict
+    scale: float
+    use_dora: bool
+    # base weight key -> {"A": tensor, "B": tensor, "m": tensor | None}
+    modules: dict
+
+
+def read_adapter(adapter_dir: Path) -> Adapter:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise MergeError(f"{adapter_dir}: not a PEFT adapter folder (needs adapter_config.json and "
+                         "adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise MergeError(f"{adapter_dir}: peft_type {cfg.get('peft_type')} is not LoRA/DoRA")
+    if cfg.get("fan_in_fan_out"):
+        raise MergeError(f"{adapter_dir}: fan_in_fan_out adapters are not supported by the streaming merge")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise MergeError(f"{adapter_dir}: per-module rank/alpha patterns are not supported yet")
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    tensors = load_file(str(w_path))
+    modules: dict[str, dict] = {}
+    for key, t in tensors.items():
+        for part, tag in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m")):
+            if key.endswith(part):
+                name = key[: -len(part)].removeprefix("base_model.model.")
+                modules.setdefault(name + ".weight", {})[tag] = t
+                break
+        else:
+            raise MergeError(f"{adapter_dir}: tensor {key} is not a LoRA/DoRA tensor (modules_to_save, "
+                             "embeddings and biases are not supported by the streaming merge)")
+    use_dora = bool(cfg.get("use_dora"))
+    problems = []
+    for name, parts in modules.items():
+        if "A" not in parts or "B" not in parts:
+            problems.append(f"{name}: missing lora_{'A' if 'A' not in parts else 'B'}")
+        if use_dora and parts.get("m") is None:
+            problems.append(f"{name}: DoRA adapter without its magnitude vector")
+        parts.setdefault("m", None)
+    if problems:
+        raise MergeError(f"{adapter_dir}: refusing to merge ({len(problems)} problems; a DoRA adapter is never merged "
+                         "as plain LoRA): " + "; ".join(problems[:5]))
+    return Adapter(config=cfg, scale=scale, use_dora=use_dora, modules=modules)
+
+
+# ---------------------------------------------------------------------------------------------- streaming merge
+
+
+def _base_shards(base_dir: Path) -> tuple[list[str], dict | None]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        return sorted(set(idx["weight_map"].values())), idx
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    raise MergeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (safetensors only)")
+
+
+def resolve_base_dir(base: str) -> Path:
+    p = Path(base).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as e:
+        raise MergeError(f"base '{base}': not a local folder and not downloadable ({str(e).splitlines()[0]})") from None
+
+
+def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict, base_mode: str,
+                 out_dtype: str) -> dict:
+    """Merge shard by shard into out_dir (a folder that does not exist yet). Returns counts."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards, _ = _base_shards(base_dir)
+    out_dir.mkdir(parents=True)
+    dtype = _torch_dtype(out_dtype)
+    weight_map, total, merged = {}, 0, 0
+    pending = dict(adapter.modules)
+    for shard in shards:
+        out = {}
+        with safe_open(str(base_dir / shard), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                parts = pending.pop(key, None)
+                if parts is not None:
+                    a, b = parts["A"], parts["B"]
+                    if t.dim() != 2 or a.shape[1] != t.shape[1] or b.shape[0] != t.shape[0] or (
+                        parts["m"] is not None and parts["m"].numel() != t.shape[0]
+                    ):
+                        raise MergeError(f"adapter does not fit the base: {key} has shape {tuple(t.shape)}, adapter "
+                                         f"A {tuple(a.shape)} B {tuple(b.shape)}; is this the base it was trained on?")
+                    w = roundtrip(t, info) if base_mode == "dequantized" else t.to(torch.float32)
+                    t = merged_weight(w, a, b, adapter.scale, parts["m"]).to(dtype)
+                    merged += 1
+                elif t.is_floating_point() and key.endswith(".weight") and t.dim() == 2 and t.dtype != dtype:
+                    t = t.to(dtype)  # non-adapted matrices follow the output dtype; values otherwise unchanged
+                out[key] = t.contiguous()
+                weight_map[key] = shard
+                total += t.numel() * t.element_size()
+        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
+        del out
+    if pending:
+        raise MergeError(f"adapter does not fit the base: {len(pending)} adapted modules are not in the base "
+                         f"(e.g. {next(iter(pending))}); is this the base it was trained on?")
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"tensors_merged": merged, "shards": len(shards)}
+
+
+def _copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: str) -> None:
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = out_dtype
+    cfg.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("generation_config.json",):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
+    # the tokenizer as trained (the adapter folder holds it, chat template included); else the base's
+    src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    for p in src.iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.suffix in (".model", ".tiktoken") \
+                or p.name in ("vocab.json", "merges.txt", "added_tokens.json"):
+            shutil.copy2(p, out_dir / p.name)
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+def probe_texts(tokenizer, rows: list[dict] | None, n: int = 16) -> list[str]:
+    texts = []
+    for row in (rows or [])[:n]:
+        if "messages" in row:
+            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        elif "prompt" in row:
+            prompt, chosen = row["prompt"], row.get("chosen")
+            if isinstance(prompt, list):
+                texts.append(tokenizer.apply_chat_template(prompt + (chosen or []), tokenize=False))
+            else:
+                texts.append(prompt + (chosen or ""))
+        elif "text" in row:
+            texts.append(row["text"])
+    if not texts:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in FIXED_PROBES]
+    return texts
+
+
+def compare_logits(model_a, model_b, tokenizer, texts: list[str], max_length: int = 128) -> dict:
+    """max |Δlogit| (absolute and relative to max |logit|), mean KL(a || b), top-1 agreement, over real tokens."""
+    import torch
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    mask = enc["attention_mask"].bool()
+    with torch.no_grad():
+        la = model_a(**enc).logits.float()[mask]
+        lb = model_b(**enc.to(model_b.device)).logits.float().to(la.device)[mask]
+    diff = (la - lb).abs().max().item()
+    kl = torch.nn.functional.kl_div(lb.log_softmax(-1), la.log_softmax(-1), log_target=True, reduction="none")
+    return {
+        "probes": len(texts),
+        "tokens": int(mask.sum()),
+        "max_abs_logit_diff": diff,
+        "max_rel_logit_diff": diff / max(la.abs().max().item(), 1e-12),
+        "mean_kl": kl.sum(-1).mean().item(),
+        "top1_agreement": (la.argmax(-1) == lb.argmax(-1)).float().mean().item(),
+    }
+
+
+def verify(out_dir: Path, adapter_dir: Path, info: dict, base_dir: Path, probe_rows, thresholds: Thresholds) -> dict:
+    """The merged model vs the adapter model as trained (quantized base + adapter), on probe prompts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .models import harden_4bit_layers, load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(out_dir))
+    base = load_base_model(str(base_dir), quantization=info["quantization"], dtype=info["dtype"])
+    adapter_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    harden_4bit_layers(adapter_model)
+    merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    metrics = compare_logits(adapter_model, merged, tok, probe_texts(tok, probe_rows))
+    failures = []
+    if metrics["max_rel_logit_diff"] > thresholds.max_rel_logit_diff:
+        failures.append(f"max relative logit diff {metrics['max_rel_logit_diff']:.3g} > {thresholds.max_rel_logit_diff}")
+    if metrics["mean_kl"] > thresholds.mean_kl:
+        failures.append(f"mean KL {metrics['mean_kl']:.3g} > {thresholds.mean_kl}")
+    if metrics["top1_agreement"] < thresholds.min_top1_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {thresholds.min_top1_agreement}")
+    return {**metrics, "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    base_mode: str = "auto",
+    quantization: str | None = None,
+    dtype: str | None = None,
+    out_dtype: str = "bfloat16",
+    overwrite: bool = False,
+    verify_merge: bool = True,
+    probe_rows: list[dict] | None = None,
+    thresholds: Thresholds | None = None,
+    echo=print,
+) -> dict:
+    """Merge one adapter into its base; writes out_dir (whole or not at all) with merge_report.json.
+
+    base / quantization / dtype default to what the adapter's prefopt_base.json recorded in training.
+    base_mode: auto (dequantized when training used a quantized base, else original) | dequantized | original.
+    Raises MergeError (exit code 2 from the CLI) on refusals and on failed verification (the merged
+    folder is kept for inspection, its report says why).
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    recorded = json.loads((adapter_dir / BASE_INFO).read_text()) if (adapter_dir / BASE_INFO).is_file() else {}
+    info = {
+        "name_or_path": str(base or recorded.get("name_or_path") or ""),
+        "quantization": quantization or recorded.get("quantization") or "none",
+        "dtype": dtype or recorded.get("dtype") or "float32",
+    }
+    if recorded.get("bnb") and info["quantization"] == recorded.get("quantization"):
+        info["bnb"] = recorded["bnb"]
+    if not info["name_or_path"]:
+        raise MergeError(f"{adapter_dir}: no base recorded; pass --base MODEL")
+    if base_mode == "auto":
+        base_mode = "dequantized" if info["quantization"] != "none" else "original"
+    if base_mode not in ("dequantized", "original"):
+        raise MergeError(f"merge base must be auto, dequantized or original, got {base_mode!r}")
+    if base_mode == "dequantized" and info["quantization"] == "none":
+        raise MergeError("merge base 'dequantized' needs the training quantization (nf4 or int8); "
+                         "the adapter was trained on an unquantized base: use 'original'")
+    if out_dir.exists():
+        if not overwrite:
+            raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it")
+    adapter = read_adapter(adapter_dir)
+    base_dir = resolve_base_dir(info["name_or_path"])
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
+        _copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
+        report = {
+            "adapter": str(adapter_dir),
+            "base": info["name_or_path"],
+            "base_mode": base_mode,
+            "training_quantization": info["quantization"],
+            "training_dtype": info["dtype"],
+            "method": "dora" if adapter.use_dora else "lora",
+            "scale": adapter.scale,
+            "out_dtype": out_dtype,
+            **counts,
+        }
+        if verify_merge:
+            report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows, thresholds or Thresholds())
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    v = report.get("verification")
+    if v:
+        verdict = "PASSED" if v["passed"] else "FAILED"
+        echo(f"prefopt: merge {verdict}: max |Δlogit| {v['max_abs_logit_diff']:.3g} "
+             f"({v['max_rel_logit_diff']:.2%} of max |logit|), mean KL {v['mean_kl']:.2e}, "
+             f"top-1 agreement {v['top1_agreement']:.3f} over {v['tokens']} tokens ({base_mode} base) -> {out_dir}")
+        if not v["passed"]:
+            raise MergeError(f"merged model does not behave like the adapter model: {'; '.join(v['failures'])} "
+                             f"(see {out_dir / REPORT})")
+    else:
+        echo(f"prefopt: merged into {out_dir} (not verified)")
+    return report
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, **kwargs) -> dict:
+    """Merge a run folder's final adapter; probes are the last stage's held-out rows."""
+    from .config import load_recipe
+    from .data import load_stage_data
+    from .pipeline import read_manifest
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if not manifest or not manifest.get("stages"):
+        raise MergeError(f"{run_dir}: no run.json with stages; is this a prefopt run folder?")
+    last = manifest["stages"][-1]
+    if last["status"] != "done":
+        raise MergeError(f"{run_dir}: the last stage '{last['name']}' is {last['status']}; finish the run first")
+    if "probe_rows" not in kwargs:
+        try:
+            recipe = recipe or load_recipe(run_dir / "recipe.yaml")
+            data = load_stage_data(recipe.stages[-1], seed=recipe.seed, base_dir=recipe._base_dir)
+            kwargs["probe_rows"] = data.eval.to_list() if data.eval is not None else None
+        except PrefoptError:
+            kwargs["probe_rows"] = None
+    adapter_dir = run_dir / last["adapter"]
+    if not (adapter_dir / BASE_INFO).is_file():  # older run folders: the recipe says how the base was loaded
+        recipe = recipe or load_recipe(run_dir / "recipe.yaml")
+        kwargs.setdefault("base", recipe.model_path())
+        kwargs.setdefault("quantization", recipe.model.quantization)
+        kwargs.setdefault("dtype", recipe.model.dtype)
+    return merge_adapter(adapter_dir, Path(out_dir) if out_dir else run_dir / "merged", **kwargs)
