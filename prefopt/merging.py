@@ -164,9 +164,21 @@ def resolve_base_dir(base: str) -> Path:
         raise MergeError(f"base '{base}': not a local folder and not downloadable ({str(e).splitlines()[0]})") from None
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up shard by shard)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict, base_mode: str,
-                 out_dtype: str) -> dict:
-    """Merge shard by shard into out_dir (a folder that does not exist yet). Returns counts."""
+                 out_dtype: str, max_shard_bytes: int = 256 * 2**20) -> dict:
+    """Merge tensor by tensor into out_dir (a folder that does not exist yet), writing output shards of at most
+    `max_shard_bytes` (plus an index) as they fill. The base file is opened per tensor, so its memory-mapped
+    pages are let go at once: peak memory is about one output shard plus the adapter. Returns counts."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -174,38 +186,57 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
     shards, _ = _base_shards(base_dir)
     out_dir.mkdir(parents=True)
     dtype = _torch_dtype(out_dtype)
-    weight_map, total, merged = {}, 0, 0
+    weight_map, names, total, merged = {}, [], 0, 0
+    buf, buf_bytes = {}, 0
     pending = dict(adapter.modules)
+
+    def flush():
+        nonlocal buf, buf_bytes
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(buf, str(out_dir / name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in buf})
+        buf, buf_bytes = {}, 0
+        _release_freed_memory()
+
     for shard in shards:
-        out = {}
-        with safe_open(str(base_dir / shard), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                parts = pending.pop(key, None)
-                if parts is not None:
-                    a, b = parts["A"], parts["B"]
-                    if t.dim() != 2 or a.shape[1] != t.shape[1] or b.shape[0] != t.shape[0] or (
-                        parts["m"] is not None and parts["m"].numel() != t.shape[0]
-                    ):
-                        raise MergeError(f"adapter does not fit the base: {key} has shape {tuple(t.shape)}, adapter "
-                                         f"A {tuple(a.shape)} B {tuple(b.shape)}; is this the base it was trained on?")
-                    w = roundtrip(t, info) if base_mode == "dequantized" else t.to(torch.float32)
-                    t = merged_weight(w, a, b, adapter.scale, parts["m"]).to(dtype)
-                    merged += 1
-                elif t.is_floating_point() and key.endswith(".weight") and t.dim() == 2 and t.dtype != dtype:
-                    t = t.to(dtype)  # non-adapted matrices follow the output dtype; values otherwise unchanged
-                out[key] = t.contiguous()
-                weight_map[key] = shard
-                total += t.numel() * t.element_size()
-        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
-        del out
+        path = str(base_dir / shard)
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            with safe_open(path, framework="pt") as f:
+                t = f.get_tensor(key).clone()
+            parts = pending.pop(key, None)
+            if parts is not None:
+                a, b = parts["A"], parts["B"]
+                if t.dim() != 2 or a.shape[1] != t.shape[1] or b.shape[0] != t.shape[0] or (
+                    parts["m"] is not None and parts["m"].numel() != t.shape[0]
+                ):
+                    raise MergeError(f"adapter does not fit the base: {key} has shape {tuple(t.shape)}, adapter "
+                                     f"A {tuple(a.shape)} B {tuple(b.shape)}; is this the base it was trained on?")
+                w = roundtrip(t, info) if base_mode == "dequantized" else t.to(torch.float32)
+                t = merged_weight(w, a, b, adapter.scale, parts["m"]).to(dtype)
+                del w
+                merged += 1
+            elif t.is_floating_point() and key.endswith(".weight") and t.dim() == 2 and t.dtype != dtype:
+                t = t.to(dtype)  # non-adapted matrices follow the output dtype; values otherwise unchanged
+            size = t.numel() * t.element_size()
+            if buf and buf_bytes + size > max_shard_bytes:
+                flush()
+            buf[key] = t.contiguous()
+            buf_bytes += size
+            total += size
     if pending:
         raise MergeError(f"adapter does not fit the base: {len(pending)} adapted modules are not in the base "
                          f"(e.g. {next(iter(pending))}); is this the base it was trained on?")
-    if len(shards) > 1:
+    if buf or not names:
+        flush()
+    if len(names) == 1:
+        os.replace(out_dir / names[0], out_dir / "model.safetensors")
+    else:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"tensors_merged": merged, "shards": len(shards)}
+    return {"tensors_merged": merged, "shards": len(names)}
 
 
 def _copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: str) -> None:
