@@ -122,7 +122,7 @@ def stage_notes(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
-    from .data import load_stage_data
+    from .data import file_hash, load_stage_data
 
     preflight(recipe)
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
@@ -156,8 +156,6 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     for i, st in enumerate(recipe.stages):
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
         data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
-        from .data import file_hash
-
         inputs = recipe.section_hash(
             st.model_dump(mode="json"),
             recipe_dict["model"],
