@@ -74,6 +74,28 @@ class AdapterSection(_Section):
         "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    dora_impl: Literal["fast", "peft"] = Field(
+        "fast",
+        description="DoRA forward: fast (prefopt's exact low-rank weight norm, no full W + sBA and no second base "
+        "matmul; same results and saved files as PEFT) or peft (PEFT's own DoRA layer).",
+    )
+    dora_dropout: Literal["lowrank", "full"] = Field(
+        "lowrank",
+        description="What adapter dropout drops in DoRA: lowrank (the low-rank branch only, as torchtune; no extra "
+        "matmul) or full (the DoRA paper's and PEFT's semantics, which also run the base layer on the dropped-out "
+        "input). With dora_impl: peft only full exists, and is the default.",
+    )
+
+    @model_validator(mode="after")
+    def _dora_semantics(self) -> "AdapterSection":
+        if self.method == "dora" and self.dora_impl == "peft" and self.dora_dropout == "lowrank":
+            if "dora_dropout" in self.model_fields_set and self.dropout > 0:
+                raise ValueError(
+                    "dora_dropout: lowrank needs dora_impl: fast (PEFT's DoRA layer only has the full semantics); "
+                    "set dora_impl: fast, or dora_dropout: full"
+                )
+            self.__dict__["dora_dropout"] = "full"  # PEFT's semantics, recorded as such
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- stages

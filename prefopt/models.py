@@ -154,12 +154,17 @@ def _same_adapter(saved, wanted) -> list[str]:
     return diffs
 
 
-def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True):
-    """Wrap the base with the running adapter: a fresh one, or the previous stage's (same config, same weights)."""
+def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True,
+                   dora_impl: str = "fast", dora_dropout: str = "lowrank"):
+    """Wrap the base with the running adapter: a fresh one, or the previous stage's (same config, same weights).
+
+    DoRA adapters take prefopt's exact low-rank forward unless dora_impl="peft" (see prefopt.dora).
+    """
     from peft import PeftConfig, PeftModel, get_peft_model
 
     if init_from is None:
-        return get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+        return _with_dora_impl(get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME), lora_config,
+                               dora_impl, dora_dropout)
     saved = PeftConfig.from_pretrained(str(init_from))
     diffs = _same_adapter(saved, lora_config)
     if diffs:
@@ -171,6 +176,16 @@ def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, t
         )
     peft_model = PeftModel.from_pretrained(model, str(init_from), adapter_name=ADAPTER_NAME, is_trainable=trainable)
     harden_4bit_layers(peft_model)
+    return _with_dora_impl(peft_model, lora_config, dora_impl, dora_dropout)
+
+
+def _with_dora_impl(peft_model, lora_config, dora_impl: str, dora_dropout: str):
+    if dora_impl not in ("fast", "peft"):
+        raise ValueError(f"dora_impl must be 'fast' or 'peft', got {dora_impl!r}")
+    if lora_config.use_dora and dora_impl == "fast":
+        from .dora import enable_fast_dora
+
+        enable_fast_dora(peft_model, dora_dropout)
     return peft_model
 
 

@@ -97,6 +97,17 @@ def preflight(recipe: Recipe) -> None:
         raise RecipeError(problems, recipe._source)
 
 
+def adapter_note(recipe: Recipe) -> str:
+    """The one adapter every stage shares, and which DoRA forward trains it."""
+    a = recipe.adapter
+    note = f"adapter: {a.method} r={a.r} alpha={a.alpha:g} dropout={a.dropout:g}, shared by every stage"
+    if a.method == "dora":
+        drop = {"lowrank": "on the low-rank branch only", "full": "on the whole layer input (PEFT's semantics)"}
+        note += (f"; {'fast low-rank' if a.dora_impl == 'fast' else 'PEFT'} DoRA forward"
+                 + (f", dropout {drop[a.dora_dropout]}" if a.dropout > 0 else ""))
+    return note
+
+
 def stage_notes(recipe: Recipe) -> list[str]:
     """What the chain will do about adapters and references, said at start-up."""
     notes = []
@@ -148,7 +159,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     def save_manifest():
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
 
-    for note in stage_notes(recipe):
+    for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
 
     result = RunResult(run_dir=run_dir)
@@ -266,7 +277,9 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
                            trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model_path(), chat_template=m.chat_template, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)
-    model = attach_adapter(base, adapter_config_from_section(recipe.adapter), init_from=prev_adapter)
+    a = recipe.adapter
+    model = attach_adapter(base, adapter_config_from_section(a), init_from=prev_adapter, dora_impl=a.dora_impl,
+                           dora_dropout=a.dora_dropout)
     with tracking.stage_run(
         recipe.tracking.wandb,
         run_dir=run_dir,

@@ -23,7 +23,7 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
 
 def make_plan(recipe: Recipe) -> str:
     from .data import load_stage_data
-    from .pipeline import preflight, stage_notes
+    from .pipeline import adapter_note, preflight, stage_notes
 
     preflight(recipe)
     try:
@@ -31,7 +31,7 @@ def make_plan(recipe: Recipe) -> str:
         params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     except Exception as e:  # e.g. a hub id that cannot be reached: still show the rest
         params = f"unknown ({str(e).splitlines()[0]})"
-    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# stages"]
+    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", f"# {adapter_note(recipe)}", "", "# stages"]
     for i, (st, note) in enumerate(zip(recipe.stages, stage_notes(recipe))):
         data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
         n_eval = len(data.eval) if data.eval is not None else 0

@@ -102,8 +102,9 @@ def build_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     max_shard_size: str | None = None,
+    **config,
 ) -> Path:
-    """A tiny random Llama + tokenizer saved as a normal HF folder (safetensors)."""
+    """A tiny random Llama + tokenizer saved as a normal HF folder (safetensors); `config` overrides LlamaConfig."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -122,9 +123,14 @@ def build_tiny_model(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        **config,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():  # biases (when the config asks for them) start at zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kw)
     return out

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import prefopt
 from prefopt import recipe_from_dict
 from conftest import chain_recipe
+from prefopt import dora
 
 LN2 = math.log(2)
 
@@ -34,8 +35,12 @@ def test_sft_then_dpo_reference_is_the_sft_model(tmp_path, tiny_model, small_dat
     secret = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     recipe = recipe_from_dict(chain_recipe(tiny_model, small_data, "dpo", wandb="offline"))
+    assert recipe.adapter.dora_impl == "fast"
+    before = dict(dora.STATS)
     result = prefopt.run(recipe, output_dir=tmp_path / "run")
     run_dir = result.run_dir
+    # every adapted-layer forward of both stages (policy and the "ref" copy) took the fast DoRA path
+    assert dora.STATS["fast"] > before["fast"] and dora.STATS["fallback"] == before["fallback"]
 
     # Step 0 of DPO: policy == reference (the SFT model), so loss = ln 2 and every reward is 0.
     step0 = first_logged_step(run_dir, "01-dpo")
@@ -140,6 +145,7 @@ def test_frozen_4bit_base_never_changes_and_adapter_moves(tmp_path, tiny_model, 
     recipe = recipe_from_dict(chain_recipe(tiny_model, small_data, "dpo"))
     model = attach_adapter(load_base_model(str(tiny_model), quantization="nf4", dtype="float32"),
                            build_lora_config(r=8, alpha=16))
+    assert dora.fast_dora_layers(model) == 14  # the fast DoRA path is on by default
     tok = load_tokenizer(str(tiny_model))
     base0, adapter = _base_state(model), _adapter_state(model)
     assert any(".absmax" in k for k in base0)

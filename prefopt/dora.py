@@ -1,0 +1,255 @@
+"""An exact low-rank DoRA forward that never materialises W + s·B·A.
+
+PEFT's DoRA layer, on every forward of every adapted layer, dequantizes the whole base weight,
+builds B·A as a full out x in matrix, adds them and takes row norms; with adapter dropout on it also
+runs the base matmul a second time on the dropped-out input. The norm never needs the full matrix:
+per output row i, with W frozen,
+
+    ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T
+
+- ||W_i||^2 is a constant, computed once per layer from the dequantized weight (and again only if the
+  base weight object changes);
+- W A^T (out x r) is what the base layer computes for r extra input rows: the r rows of A (detached)
+  ride along in the batch of the existing (4-bit) base matmul and are split off again - no separate
+  dequantization (8-bit bases dequantize for these r rows: LLM.int8 would quantize them);
+- A A^T is r x r; the rest is O(out r^2).
+
+The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. Nothing about the adapter
+changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
+adapters are plain PEFT adapters, and anything this path does not handle (several active adapters, mixed
+batches, merged or disabled adapters, fan_in_fan_out, lora_bias, non-Linear layers) runs PEFT's own forward.
+
+Adapter dropout has two published semantics (`dropout=`):
+- "lowrank": dropout on the low-rank branch only, out = scale * (base(x) + s B A dropout(x)), as torchtune's
+  DoRALinear; no second base matmul.
+- "full": the DoRA paper's / PEFT's out = base(x) + (scale - 1) base(dropout(x)) + scale s B A dropout(x),
+  bit-for-bit PEFT's semantics; the dropped-out rows ride in the same base call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+DROPOUT_MODES = ("lowrank", "full")
+_FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
+_CLASSES: dict[type, type] = {}
+# counts fast forwards taken and PEFT fallbacks, per process (tests and `prefopt` logs read these)
+STATS = {"fast": 0, "fallback": 0}
+
+
+def _supported_classes() -> tuple[type, ...]:
+    from peft.tuners.lora import layer as lora_layer
+
+    classes = [lora_layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        classes += [c for c in (getattr(lora_bnb, "Linear4bit", None), getattr(lora_bnb, "Linear8bitLt", None)) if c]
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        pass
+    return tuple(classes)
+
+
+def _is_dora_variant(variant) -> bool:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return type(variant) is DoraLinearVariant or variant is DoraLinearVariant
+
+
+def _fast_class(cls: type) -> type:
+    """A subclass of the PEFT layer class whose forward takes the low-rank path; importable (picklable)."""
+    if getattr(cls, _FAST, False):
+        return cls
+    if cls not in _CLASSES:
+        name = f"FastDora{cls.__name__}"
+        new = type(name, (cls,), {"forward": _fast_forward, _FAST: True, "_prefopt_peft_class": cls,
+                                  "__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, new)
+        _CLASSES[cls] = new
+    return _CLASSES[cls]
+
+
+def enable_fast_dora(model: nn.Module, dropout: str = "lowrank") -> int:
+    """Route every DoRA Linear layer of a PEFT model through the low-rank forward; returns how many.
+
+    Idempotent; `dropout` ("lowrank" or "full") picks the adapter-dropout semantics. Also keeps
+    bitsandbytes' CPU repacking off, which would scramble the dequantized weights the norm is built from.
+    """
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
+    from .models import harden_4bit_layers
+
+    harden_4bit_layers(model)
+    supported = _supported_classes()
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, supported) or not any(_is_dora_variant(v) for v in module.lora_variant.values()):
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            continue  # PEFT's path handles transposed (Conv1D-style) weights
+        module.__class__ = _fast_class(type(module))
+        module._prefopt_dora_dropout = dropout
+        module._prefopt_norm_cache = {}
+        _base_norm2(module, module.get_base_layer())  # ||W_i||^2 now, from weights nothing has touched yet
+        n += 1
+    return n
+
+
+def disable_fast_dora(model: nn.Module) -> int:
+    """Put PEFT's own DoRA forward back; returns how many layers were switched."""
+    n = 0
+    for module in model.modules():
+        if getattr(type(module), _FAST, False):
+            module.__class__ = type(module)._prefopt_peft_class
+            for attr in ("_prefopt_dora_dropout", "_prefopt_norm_cache", "_prefopt_w2"):
+                module.__dict__.pop(attr, None)
+            n += 1
+    return n
+
+
+def fast_dora_layers(model: nn.Module) -> int:
+    """How many layers of `model` take the fast path."""
+    return sum(1 for m in model.modules() if getattr(type(m), _FAST, False))
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return (id(w), w.data_ptr(), w._version, w.device)
+
+
+def _dequantized(base) -> torch.Tensor:
+    """The base weight as a float tensor, without touching the module (PEFT's helper re-assigns an 8-bit
+    weight on CPU, which breaks the layer's next forward)."""
+    w = base.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        scb = base.state.SCB if getattr(base, "state", None) is not None and base.state.SCB is not None else w.SCB
+        return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(base)
+
+
+def _base_norm2(module, base) -> torch.Tensor:
+    """||W_i||^2 per output row (fp32), recomputed only when the base weight object or storage changes."""
+    key = _weight_key(base.weight)
+    cached = module.__dict__.get("_prefopt_w2")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        w = _dequantized(base)
+        w2 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        step = max(1, (1 << 24) // max(1, w.shape[1]))  # bound the fp32 temporary to ~64 MB
+        for i in range(0, w.shape[0], step):
+            w2[i : i + step] = w[i : i + step].float().pow(2).sum(1)
+    module._prefopt_w2 = (key, w2)
+    return w2
+
+
+def _norm_from_parts(w2, wa, lora_a, lora_b, scaling) -> torch.Tensor:
+    """||W + s B A|| per row from ||W||^2, W A^T (given as r x out) and the low-rank factors, in fp32."""
+    wa = wa.detach().float()
+    a = lora_a.detach().float()
+    b = lora_b.detach().float()
+    cross = (b * wa.t()).sum(1)
+    quad = ((b @ (a @ a.t())) * b).sum(1)
+    return (w2 + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+
+
+def _plan(module, args, kwargs):
+    """The adapter to run fast, or None to hand the call to PEFT's forward."""
+    if args or any(v is not None for v in kwargs.values()):
+        return None
+    if module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if not _is_dora_variant(module.lora_variant.get(name)) or module.lora_B[name].bias is not None:
+        return None
+    return name
+
+
+def _dropout_active(module, dropout) -> bool:
+    if isinstance(dropout, nn.Identity) or not module.training:
+        return False
+    if isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training):
+        return False
+    return True
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = _plan(self, args, kwargs)
+    if name is None:
+        STATS["fallback"] += 1
+        return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
+    STATS["fast"] += 1
+    base = self.get_base_layer()
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    dropout = self.lora_dropout[name]
+    scaling = self.scaling[name]
+    magnitude = self.lora_magnitude_vector[name].weight
+    quantized = type(base.weight).__name__
+    # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
+    convert = not (quantized in ("Params4bit", "Int8Params") and torch.is_autocast_enabled())
+
+    drop = _dropout_active(self, dropout)
+    full = drop and self._prefopt_dora_dropout == "full"
+    xl = self._cast_input_dtype(x, lora_a.weight.dtype) if convert else x
+    xd = dropout(xl) if drop else xl
+
+    # eval mode: the norm is cached until any weight it depends on changes
+    key = (_weight_key(lora_a.weight), _weight_key(lora_b.weight), _weight_key(base.weight), float(scaling))
+    norm = None
+    if not self.training:
+        hit = self._prefopt_norm_cache.get(name)
+        if hit is not None and hit[0] == key:
+            norm = hit[1]
+
+    in_features = x.shape[-1]
+    rows = x.reshape(-1, in_features)
+    n = rows.shape[0]
+    parts = [rows]
+    if full:
+        parts.append(xd.reshape(-1, in_features).to(rows.dtype))
+    ride_along = norm is None and quantized != "Int8Params"
+    if ride_along:
+        parts.append(lora_a.weight.detach().to(rows.dtype))
+    out = base(torch.cat(parts) if len(parts) > 1 else rows)
+    result = out[:n]
+    bias = base.bias
+    if norm is None:
+        with torch.no_grad():
+            if ride_along:
+                wa = out[-lora_a.weight.shape[0] :]
+                if bias is not None:
+                    wa = wa - bias.to(wa.dtype)
+            else:  # int8: dequantize for the r rows instead of quantizing them into LLM.int8's matmul
+                wa = lora_a.weight.detach().float() @ _dequantized(base).float().t()
+            norm = _norm_from_parts(_base_norm2(self, base), wa, lora_a.weight, lora_b.weight, scaling)
+            norm = norm.to(xl.dtype)
+        if not self.training:
+            self._prefopt_norm_cache[name] = (key, norm)
+
+    torch_result_dtype = result.dtype
+    mag_norm_scale = (magnitude / norm).view(1, -1)
+    lora_result = lora_b(lora_a(xd.reshape(-1, in_features)))
+    base_result = out[n : 2 * n] if full else result
+    if bias is not None:
+        base_result = base_result - bias
+    result = result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling)
+    if convert:
+        result = result.to(torch_result_dtype)
+    return result.reshape(*x.shape[:-1], result.shape[-1])

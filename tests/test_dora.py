@@ -1,0 +1,317 @@
+"""The fast low-rank DoRA forward (prefopt.dora) against PEFT's own DoRA layer.
+
+Every comparison runs the same model twice, once through PEFT's forward and once through prefopt's, on a
+4-bit or unquantized base, with adapter weights moved away from their init (B != 0, magnitude != ||W||)
+so that every term of the norm matters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DEMO_DATA
+
+from prefopt import dora
+from prefopt.models import attach_adapter, build_lora_config, load_base_model, load_tokenizer
+
+SHAPES = {  # hidden, intermediate, biases: in_features 96 and 200 are not multiples of 64
+    "h64": dict(hidden_size=64, intermediate_size=128),
+    "h96": dict(hidden_size=96, intermediate_size=200),
+    "bias": dict(hidden_size=80, intermediate_size=136, attention_bias=True, mlp_bias=True),
+}
+N_LAYERS = 2 * 7  # two decoder layers x (q, k, v, o, gate, up, down)
+
+
+@pytest.fixture(scope="session")
+def shaped_models(tmp_path_factory):
+    from demo_assets import build_tiny_model
+
+    root = tmp_path_factory.mktemp("dora-shapes")
+    return {k: build_tiny_model(root / k, DEMO_DATA, **v) for k, v in SHAPES.items()}
+
+
+def _model(path, quant="nf4", *, dropout=0.0, dtype="float32", impl="peft", mode="lowrank", seed=1):
+    base = load_base_model(str(path), quantization=quant, dtype=dtype)
+    model = attach_adapter(base, build_lora_config(r=8, alpha=16, dropout=dropout), dora_impl=impl,
+                           dora_dropout=mode)
+    _move_adapter(model, seed)
+    return model
+
+
+def _move_adapter(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _ids(n=3, t=17, seed=0):
+    return torch.randint(3, 500, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _step(model, ids, seed=123):
+    """Loss, logits and the gradient of every trainable tensor; the dropout RNG is reseeded first."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach().clone(), grads
+
+
+def _assert_same(a, b, *, logit_tol=1e-5, grad_tol=5e-5):
+    (la, ga), (lb, gb) = a, b
+    assert (la - lb).abs().max().item() <= logit_tol * max(1.0, la.abs().max().item())
+    assert ga.keys() == gb.keys() and len(ga) == 3 * N_LAYERS  # lora_A, lora_B, magnitude of every layer
+    for k in ga:
+        rel = ((ga[k] - gb[k]).abs().max() / ga[k].abs().max().clamp_min(1e-30)).item()
+        assert rel <= grad_tol, f"gradient of {k}: relative difference {rel:.2e}"
+
+
+def _fast_calls(fn):
+    before = dict(dora.STATS)
+    out = fn()
+    return out, dora.STATS["fast"] - before["fast"], dora.STATS["fallback"] - before["fallback"]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_matches_peft_forward_and_gradients(shaped_models, shape, quant):
+    model = _model(shaped_models[shape], quant)
+    model.train()
+    ids = _ids()
+    ref = _step(model, ids)
+    assert dora.enable_fast_dora(model) == N_LAYERS
+    got, fast, fallback = _fast_calls(lambda: _step(model, ids))
+    assert (fast, fallback) == (N_LAYERS, 0)  # really took the low-rank path, on every layer
+    _assert_same(ref, got)
+
+
+def test_full_dropout_matches_peft_with_the_same_masks(shaped_models):
+    model = _model(shaped_models["h96"], "nf4", dropout=0.1)
+    model.train()
+    ids = _ids()
+    ref = _step(model, ids, seed=7)
+    dora.enable_fast_dora(model, "full")
+    got = _step(model, ids, seed=7)
+    _assert_same(ref, got)
+    other_mask = _step(model, ids, seed=8)  # the masks matter: a different draw differs
+    assert (other_mask[0] - got[0]).abs().max() > 1e-4
+
+
+def _one_layer(model):
+    from peft.tuners.lora import LoraLayer
+
+    return next(m for m in model.modules() if isinstance(m, LoraLayer) and m.get_base_layer().bias is not None)
+
+
+def test_lowrank_dropout_is_torchtune_semantics(shaped_models):
+    """out = m/||W + sBA|| * (W x + s B A dropout(x)) + bias, checked on a layer with a bias, from dequantized W."""
+    model = _model(shaped_models["bias"], "nf4", dropout=0.3, impl="fast", mode="lowrank")
+    model.train()
+    layer = _one_layer(model)
+    base = layer.get_base_layer()
+    x = torch.randn(5, base.in_features, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    got = layer(x)
+    torch.manual_seed(11)
+    xd = layer.lora_dropout["default"](x)
+    assert not torch.equal(xd, x)
+
+    w = dora._dequantized(base).float()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    m = layer.lora_magnitude_vector["default"].weight
+    norm = torch.linalg.norm(w + s * b @ a, dim=1)
+    want = (m / norm) * (x @ w.t() + s * (xd @ a.t()) @ b.t()) + base.bias
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    dora.disable_fast_dora(model)  # PEFT's (full) semantics is a different function
+    torch.manual_seed(11)
+    assert (layer(x) - want).abs().max() > 1e-4
+
+
+def test_int8_base_trains_and_matches_peft(shaped_models):
+    """8-bit: W A^T from the int8 weight and its scales, leaving the layer untouched."""
+    model = _model(shaped_models["h96"], "int8", impl="fast")
+    model.train()
+    ids = _ids()
+    got, fast, _ = _fast_calls(lambda: _step(model, ids))
+    assert fast == N_LAYERS
+    again = _step(model, ids)  # a second forward works (PEFT's own DoRA dequantize breaks 8-bit layers on CPU)
+    torch.testing.assert_close(again[0], got[0], rtol=0, atol=0)
+    dora.disable_fast_dora(model)
+    _assert_same(_step(model, ids), got)  # PEFT's first forward on a fresh layer
+
+
+def test_bf16_compute_stays_close_to_peft(shaped_models):
+    model = _model(shaped_models["h64"], "nf4", dtype="bfloat16")
+    model.train()
+    ids = _ids()
+    ref = _step(model, ids)
+    dora.enable_fast_dora(model)
+    got = _step(model, ids)
+    scale = ref[0].abs().max().item()
+    assert (got[0].float() - ref[0].float()).abs().max().item() < 0.05 * scale
+    for k in ref[1]:
+        assert torch.isfinite(got[1][k]).all()
+        cos = torch.nn.functional.cosine_similarity(got[1][k].flatten().float(), ref[1][k].flatten().float(), dim=0)
+        assert cos > 0.95, k
+
+
+def test_gradient_checkpointing_matches(shaped_models):
+    model = _model(shaped_models["h64"], "nf4")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    ids = _ids()
+    ref = _step(model, ids)
+    dora.enable_fast_dora(model)
+    got, fast, _ = _fast_calls(lambda: _step(model, ids))
+    assert fast == 2 * N_LAYERS  # forward + recomputation in backward
+    _assert_same(ref, got)
+
+
+def test_eval_cache_follows_weight_updates_and_generation_matches(shaped_models):
+    path = shaped_models["h64"]
+    model = _model(path, "nf4", impl="fast")
+    model.eval()
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        y1 = model(input_ids=ids).logits
+        layer = next(m for m in model.modules() if hasattr(m, "_prefopt_norm_cache"))
+        assert "default" in layer._prefopt_norm_cache
+        assert torch.equal(model(input_ids=ids).logits, y1)  # served from the cache
+        # an in-place update, as an optimizer step makes, invalidates the cached norms
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+        y2 = model(input_ids=ids).logits
+    assert (y2 - y1).abs().max() > 1e-3
+    tok = load_tokenizer(str(path))
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        fast_tokens = model.generate(input_ids=ids, **gen)
+        dora.disable_fast_dora(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, y2, rtol=1e-5, atol=1e-5)
+        peft_tokens = model.generate(input_ids=ids, **gen)
+    assert torch.equal(fast_tokens, peft_tokens)
+
+
+def test_falls_back_to_peft_where_it_must(shaped_models):
+    """Disabled adapters, several active adapters, mixed batches, merged weights: PEFT's answer (or error), not ours."""
+    from peft import LoraConfig
+
+    model = _model(shaped_models["h64"], "none", impl="peft")
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"))
+    _move_adapter(model, seed=2)
+    model.eval()
+    ids = _ids(2, 9)
+
+    def outputs():
+        with torch.no_grad():
+            out = {"default": model(input_ids=ids).logits}
+            with model.disable_adapter():
+                out["disabled"] = model(input_ids=ids).logits
+            model.base_model.set_adapter(["default", "other"])
+            out["both"] = model(input_ids=ids).logits
+            model.base_model.set_adapter("other")
+            out["other"] = model(input_ids=ids).logits
+            model.base_model.set_adapter("default")
+            model.merge_adapter()
+            out["merged"] = model(input_ids=ids).logits
+            model.unmerge_adapter()
+            out["unmerged"] = model(input_ids=ids).logits
+        return out
+
+    ref = outputs()
+    dora.enable_fast_dora(model)
+    got, fast, fallback = _fast_calls(outputs)
+    assert fast == 3 * N_LAYERS  # default, other, unmerged
+    assert fallback == 3 * N_LAYERS  # disabled, both, merged
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    # mixed-adapter batches reach PEFT, which refuses them for DoRA (last: PEFT leaves its hooks behind)
+    with torch.no_grad(), pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        model(input_ids=ids, adapter_names=["default", "other"])
+
+
+def test_saved_adapters_are_interchangeable_with_plain_peft(tmp_path, shaped_models):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = shaped_models["h96"]
+    ids = _ids(2, 11)
+    fast = _model(path, "nf4", impl="fast")
+    fast.save_pretrained(tmp_path / "fast")
+    peft = _model(path, "nf4", impl="peft")
+    peft.save_pretrained(tmp_path / "peft")
+    a = load_file(tmp_path / "fast" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_magnitude_vector" in k for k in a)
+    assert json.loads((tmp_path / "fast" / "adapter_config.json").read_text())["use_dora"] is True
+
+    fast.eval()
+    with torch.no_grad():
+        want = fast(input_ids=ids).logits
+        # written by the fast path, read by plain PEFT
+        plain = PeftModel.from_pretrained(load_base_model(str(path), quantization="nf4", dtype="float32"),
+                                          str(tmp_path / "fast"))
+        assert dora.fast_dora_layers(plain) == 0
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        # written by plain PEFT, trained on by the fast path
+        back = attach_adapter(load_base_model(str(path), quantization="nf4", dtype="float32"),
+                              build_lora_config(r=8, alpha=16, dropout=0.0), init_from=tmp_path / "peft")
+        assert dora.fast_dora_layers(back) == N_LAYERS
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, peft.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_fields(small_data):
+    from prefopt.config import RecipeError, recipe_from_dict
+
+    def recipe(**adapter):
+        return {"name": "r", "model": {"name_or_path": "x"}, "adapter": adapter,
+                "stages": [{"name": "sft", "type": "sft", "data": {"path": str(small_data["sft"])}}]}
+
+    r = recipe_from_dict(recipe())
+    assert (r.adapter.dora_impl, r.adapter.dora_dropout) == ("fast", "lowrank")
+    assert recipe_from_dict(recipe(dora_impl="peft")).adapter.dora_dropout == "full"
+    with pytest.raises(RecipeError, match="dora_dropout: lowrank needs dora_impl: fast"):
+        recipe_from_dict(recipe(dora_impl="peft", dora_dropout="lowrank"))
+    with pytest.raises(RecipeError, match="dora_impl"):
+        recipe_from_dict(recipe(dora_impl="triton"))
+
+
+def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_model, small_data):
+    """A real SFTTrainer stage, adapter dropout 0.05 on: fast+full and PEFT give the same losses and adapter."""
+    import prefopt
+    from safetensors.torch import load_file
+
+    from conftest import chain_recipe
+    from prefopt import recipe_from_dict
+
+    runs = {}
+    for impl, mode in (("peft", "full"), ("fast", "full"), ("fast", "lowrank")):
+        raw = chain_recipe(tiny_model, small_data, None)
+        raw["adapter"].update(dora_impl=impl, dora_dropout=mode)
+        before = dict(dora.STATS)
+        result = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / f"{impl}-{mode}")
+        assert (dora.STATS["fast"] > before["fast"]) == (impl == "fast")
+        history = json.loads((result.run_dir / "stages" / "00-sft" / "log_history.json").read_text())
+        runs[impl, mode] = ([h["loss"] for h in history if "loss" in h],
+                            load_file(result.adapters["sft"] / "adapter_model.safetensors"))
+    (peft_loss, peft_ad), (fast_loss, fast_ad), (low_loss, low_ad) = runs.values()
+    assert len(peft_loss) == 4
+    assert fast_loss == pytest.approx(peft_loss, rel=1e-5)
+    assert peft_ad.keys() == fast_ad.keys()
+    for k in peft_ad:
+        torch.testing.assert_close(fast_ad[k], peft_ad[k], rtol=1e-4, atol=1e-5, msg=k)
+    # lowrank is a different (documented) dropout semantics: it trains, to a different adapter
+    assert max((low_ad[k] - peft_ad[k]).abs().max().item() for k in peft_ad) > 1e-4
