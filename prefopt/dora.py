@@ -162,9 +162,31 @@ def _norm_from_parts(w2, wa, lora_a, lora_b, scaling) -> torch.Tensor:
     wa = wa.detach().float()
     a = lora_a.detach().float()
     b = lora_b.detach().float()
-    cross = (b * wa.t()).sum(1)
-    quad = ((b @ (a @ a.t())) * b).sum(1)
-    return (w2 + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+    # 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  B_i . (2s (W A^T)_i + s^2 (B A A^T)_i)
+    t = torch.addmm(wa.t(), b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+    return (w2 + (b * t).sum(1)).clamp_min_(0).sqrt_()
+
+
+class _Rows(torch.autograd.Function):
+    """Split a tensor's leading rows into [0, n) and [n, 2n) (or an empty second part); the remaining rows
+    (the ride-along A rows) get a zero gradient. Same as slicing, with one pass fewer in backward."""
+
+    @staticmethod
+    def forward(ctx, t, n, two):
+        ctx.shape, ctx.n = t.shape, n
+        ctx.set_materialize_grads(False)
+        return t.narrow(0, 0, n), t.narrow(0, n, n if two else 0)
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        n, (rows, cols) = ctx.n, ctx.shape
+        ref = g1 if g1 is not None else g2
+        parts = [g1 if g1 is not None else ref.new_zeros(n, cols)]
+        if g2 is not None:
+            parts.append(g2)
+        used = sum(p.shape[0] for p in parts)
+        parts.append(ref.new_zeros(rows - used, cols))
+        return torch.cat(parts), None, None
 
 
 def _plan(module, args, kwargs):
@@ -188,6 +210,13 @@ def _dropout_active(module, dropout) -> bool:
     if isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training):
         return False
     return True
+
+
+def _rescale(y: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """scale * (y - bias) + bias in one pass over y."""
+    if bias is None:
+        return y * scale
+    return torch.addcmul(bias * (1 - scale), y, scale)
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -228,7 +257,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if ride_along:
         parts.append(lora_a.weight.detach().to(rows.dtype))
     out = base(torch.cat(parts) if len(parts) > 1 else rows)
-    result = out[:n]
+    result, base_d = _Rows.apply(out, n, full) if len(parts) > 1 else (out, None)
     bias = base.bias
     if norm is None:
         with torch.no_grad():
@@ -244,12 +273,14 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             self._prefopt_norm_cache[name] = (key, norm)
 
     torch_result_dtype = result.dtype
-    mag_norm_scale = (magnitude / norm).view(1, -1)
-    lora_result = lora_b(lora_a(xd.reshape(-1, in_features)))
-    base_result = out[n : 2 * n] if full else result
-    if bias is not None:
-        base_result = base_result - bias
-    result = result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling)
+    scale = (magnitude / norm).view(1, -1)
+    lora_result = lora_b(lora_a(xd.reshape(-1, in_features)) * scaling)  # s on the r-wide side: cheaper
+    # PEFT's result + (scale - 1) * base_result + scale * s * lora_result, in as few full-size passes as LoRA:
+    # scale * (W x + s B A x) + bias  [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]
+    if full:
+        result = (result - base_d) + _rescale(base_d + lora_result, scale, bias)
+    else:
+        result = _rescale(result + lora_result, scale, bias)
     if convert:
         result = result.to(torch_result_dtype)
     return result.reshape(*x.shape[:-1], result.shape[-1])
