@@ -36,8 +36,8 @@ from torch import nn
 DROPOUT_MODES = ("lowrank", "full")
 _FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
 _CLASSES: dict[type, type] = {}
-# counts fast forwards taken and PEFT fallbacks, per process (tests and `prefopt` logs read these)
-STATS = {"fast": 0, "fallback": 0}
+# per process: fast forwards taken, PEFT fallbacks, weight norms computed (not served from the cache)
+STATS = {"fast": 0, "fallback": 0, "norms": 0}
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -108,6 +108,15 @@ def disable_fast_dora(model: nn.Module) -> int:
                 module.__dict__.pop(attr, None)
             n += 1
     return n
+
+
+def clear_norm_cache(model: nn.Module) -> None:
+    """Forget every cached weight norm. Only needed after changing adapter weights behind autograd's back
+    (`param.data.copy_(...)` and the like do not move the version counters the cache is keyed on)."""
+    for m in model.modules():
+        cache = m.__dict__.get("_prefopt_norm_cache")
+        if cache is not None:
+            cache.clear()
 
 
 def fast_dora_layers(model: nn.Module) -> int:
@@ -212,11 +221,33 @@ def _dropout_active(module, dropout) -> bool:
     return True
 
 
-def _rescale(y: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
-    """scale * (y - bias) + bias in one pass over y."""
-    if bias is None:
-        return y * scale
-    return torch.addcmul(bias * (1 - scale), y, scale)
+class _Combine(torch.autograd.Function):
+    """out = scale * (r + l - bias) + bias, with the gradients autograd would give (r, l: n x out; scale: 1 x out;
+    bias: a constant), in fewer full-size passes: dL/dr = dL/dl = g * scale, dL/dscale = sum_i g_i . (y_i - bias)."""
+
+    @staticmethod
+    def forward(ctx, r, lora, scale, bias):
+        y = r + lora
+        ctx.save_for_backward(y, scale, bias)
+        if bias is None:
+            return y * scale
+        return torch.addcmul(bias * (1 - scale), y, scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scale, bias = ctx.saved_tensors
+        g_y = g * scale
+        g_scale = None
+        if ctx.needs_input_grad[2]:
+            g_scale = torch.linalg.vecdot(g, y.to(g.dtype), dim=0)
+            if bias is not None:
+                g_scale = g_scale - bias.to(g_scale.dtype) * g.sum(0)
+            g_scale = g_scale.view_as(scale).to(scale.dtype)
+        return g_y.to(y.dtype), g_y.to(y.dtype), g_scale, None
+
+
+def _rescale(y_r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    return _Combine.apply(y_r, lora, scale, None if bias is None else bias.detach())
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -239,13 +270,12 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     xl = self._cast_input_dtype(x, lora_a.weight.dtype) if convert else x
     xd = dropout(xl) if drop else xl
 
-    # eval mode: the norm is cached until any weight it depends on changes
-    key = (_weight_key(lora_a.weight), _weight_key(lora_b.weight), _weight_key(base.weight), float(scaling))
-    norm = None
-    if not self.training:
-        hit = self._prefopt_norm_cache.get(name)
-        if hit is not None and hit[0] == key:
-            norm = hit[1]
+    # The norm is cached until a weight it depends on changes (their version counters move with every in-place
+    # update, e.g. an optimizer step): so it is computed once per optimizer step under gradient accumulation,
+    # once for DPO's frozen "ref" copy, not again in gradient checkpointing's recomputation, once in eval.
+    key = (_weight_key(lora_a.weight), _weight_key(lora_b.weight), _weight_key(base.weight), float(scaling), xl.dtype)
+    hit = self._prefopt_norm_cache.get(name)
+    norm = hit[1] if hit is not None and hit[0] == key else None
 
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
@@ -268,9 +298,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             else:  # int8: dequantize for the r rows instead of quantizing them into LLM.int8's matmul
                 wa = lora_a.weight.detach().float() @ _dequantized(base).float().t()
             norm = _norm_from_parts(_base_norm2(self, base), wa, lora_a.weight, lora_b.weight, scaling)
+            STATS["norms"] += 1
             norm = norm.to(xl.dtype)
-        if not self.training:
-            self._prefopt_norm_cache[name] = (key, norm)
+        self._prefopt_norm_cache[name] = (key, norm)
 
     torch_result_dtype = result.dtype
     scale = (magnitude / norm).view(1, -1)
@@ -278,9 +308,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # PEFT's result + (scale - 1) * base_result + scale * s * lora_result, in as few full-size passes as LoRA:
     # scale * (W x + s B A x) + bias  [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]
     if full:
-        result = (result - base_d) + _rescale(base_d + lora_result, scale, bias)
+        result = (result - base_d) + _rescale(base_d, lora_result, scale, bias)
     else:
-        result = _rescale(result + lora_result, scale, bias)
+        result = _rescale(result, lora_result, scale, bias)
     if convert:
         result = result.to(torch_result_dtype)
     return result.reshape(*x.shape[:-1], result.shape[-1])

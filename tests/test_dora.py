@@ -178,22 +178,27 @@ def test_gradient_checkpointing_matches(shaped_models):
     _assert_same(ref, got)
 
 
+def _norms(fn):
+    before = dora.STATS["norms"]
+    out = fn()
+    return out, dora.STATS["norms"] - before
+
+
 def test_eval_cache_follows_weight_updates_and_generation_matches(shaped_models):
     path = shaped_models["h64"]
     model = _model(path, "nf4", impl="fast")
     model.eval()
     ids = _ids(2, 9)
     with torch.no_grad():
-        y1 = model(input_ids=ids).logits
-        layer = next(m for m in model.modules() if hasattr(m, "_prefopt_norm_cache"))
-        assert "default" in layer._prefopt_norm_cache
-        assert torch.equal(model(input_ids=ids).logits, y1)  # served from the cache
+        y1, n1 = _norms(lambda: model(input_ids=ids).logits)
+        y1b, n1b = _norms(lambda: model(input_ids=ids).logits)
+        assert (n1, n1b) == (N_LAYERS, 0) and torch.equal(y1, y1b)  # the second is served from the cache
         # an in-place update, as an optimizer step makes, invalidates the cached norms
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.05)
-        y2 = model(input_ids=ids).logits
-    assert (y2 - y1).abs().max() > 1e-3
+        y2, n2 = _norms(lambda: model(input_ids=ids).logits)
+    assert n2 == N_LAYERS and (y2 - y1).abs().max() > 1e-3
     tok = load_tokenizer(str(path))
     gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
@@ -202,6 +207,40 @@ def test_eval_cache_follows_weight_updates_and_generation_matches(shaped_models)
         torch.testing.assert_close(model(input_ids=ids).logits, y2, rtol=1e-5, atol=1e-5)
         peft_tokens = model.generate(input_ids=ids, **gen)
     assert torch.equal(fast_tokens, peft_tokens)
+
+
+def test_training_norms_once_per_optimizer_step(shaped_models):
+    """Micro-batches of one accumulation window reuse the norms; the optimizer step invalidates them; writes
+    that bypass the version counters need clear_norm_cache (TRL's "ref" copy is followed by one)."""
+    model = _model(shaped_models["h64"], "nf4")
+    model.train()
+    ids = _ids()
+    ref = [_step(model, ids)]  # PEFT, before any update
+    dora.enable_fast_dora(model)
+    (first, n_first), (second, n_second) = _norms(lambda: _step(model, ids)), _norms(lambda: _step(model, ids))
+    assert (n_first, n_second) == (N_LAYERS, 0)
+    _assert_same(ref[0], first)
+    _assert_same(ref[0], second)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    opt.step()
+    after, n_after = _norms(lambda: _step(model, ids))
+    assert n_after == N_LAYERS
+    dora.disable_fast_dora(model)
+    _assert_same(_step(model, ids), after)
+
+    dora.enable_fast_dora(model)
+    _step(model, ids)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.data.copy_(p.data * 1.5)  # invisible to the version counters
+    _, n_stale = _norms(lambda: _step(model, ids))
+    assert n_stale == 0  # documented caveat: the cache cannot see this write...
+    dora.clear_norm_cache(model)
+    got, n_fresh = _norms(lambda: _step(model, ids))
+    assert n_fresh == N_LAYERS  # ...until cleared
+    dora.disable_fast_dora(model)
+    _assert_same(_step(model, ids), got)
 
 
 def test_falls_back_to_peft_where_it_must(shaped_models):
@@ -290,7 +329,8 @@ def test_recipe_fields(small_data):
 
 
 def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_model, small_data):
-    """A real SFTTrainer stage, adapter dropout 0.05 on: fast+full and PEFT give the same losses and adapter."""
+    """A real SFTTrainer stage, adapter dropout 0.05, gradient accumulation and checkpointing on: fast+full and
+    PEFT give the same losses and adapter (the fast path reuses its cached norms between micro-batches)."""
     import prefopt
     from safetensors.torch import load_file
 
@@ -301,6 +341,7 @@ def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_mod
     for impl, mode in (("peft", "full"), ("fast", "full"), ("fast", "lowrank")):
         raw = chain_recipe(tiny_model, small_data, None)
         raw["adapter"].update(dora_impl=impl, dora_dropout=mode)
+        raw["stages"][0]["train"].update(batch_size=2, grad_accum=2, gradient_checkpointing=True)
         before = dict(dora.STATS)
         result = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / f"{impl}-{mode}")
         assert (dora.STATS["fast"] > before["fast"]) == (impl == "fast")

@@ -88,6 +88,9 @@ def adapter_precision_kept(model):
         before = saved.get(name)
         if before is not None and param.dtype != before.dtype:
             param.data = before
+    from ..dora import clear_norm_cache
+
+    clear_norm_cache(model)  # TRL filled DPO's "ref" copy with param.data.copy_, which no version counter sees
 
 
 def _finite(metrics: dict) -> dict:
