@@ -221,33 +221,78 @@ def _dropout_active(module, dropout) -> bool:
     return True
 
 
-class _Combine(torch.autograd.Function):
-    """out = scale * (r + l - bias) + bias, with the gradients autograd would give (r, l: n x out; scale: 1 x out;
-    bias: a constant), in fewer full-size passes: dL/dr = dL/dl = g * scale, dL/dscale = sum_i g_i . (y_i - bias)."""
+class _RideAlong(torch.autograd.Function):
+    """(base(x), base(A)) from one base call on [x; A], with the A rows outside autograd: the backward is the
+    base layer's input gradient for the x rows only (frozen nn.Linear or bitsandbytes 4-bit weights)."""
 
     @staticmethod
-    def forward(ctx, r, lora, scale, bias):
-        y = r + lora
-        ctx.save_for_backward(y, scale, bias)
-        if bias is None:
-            return y * scale
-        return torch.addcmul(bias * (1 - scale), y, scale)
+    def forward(ctx, x, a_rows, base):
+        ctx.base, ctx.x_dtype = base, x.dtype
+        out = base(torch.cat([x, a_rows]))
+        n = x.shape[0]
+        wa = out[n:]
+        ctx.mark_non_differentiable(wa)
+        return out[:n], wa
+
+    @staticmethod
+    def backward(ctx, g, _):
+        base = ctx.base
+        w = base.weight
+        if type(w).__name__ == "Params4bit":
+            import bitsandbytes as bnb
+
+            dtype = base.compute_dtype or g.dtype
+            grad = g.to(dtype) @ bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        else:
+            grad = g.to(w.dtype) @ w
+        return grad.to(ctx.x_dtype), None, None
+
+
+def _can_ride_along_outside_autograd(base) -> bool:
+    """The base layers whose input gradient _RideAlong knows, called with no hooks to miss and no autocast."""
+    w = base.weight
+    if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if getattr(base, "_hf_hook", None) is not None:
+        return False
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        qs = getattr(w, "quant_state", None)
+        return qs is not None and not getattr(qs, "packing_format_for_cpu", False)
+    return type(base) is nn.Linear and kind in ("Parameter", "Tensor")
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+class _ScaleAdd(torch.autograd.Function):
+    """scale * r + l in one pass; backward: dL/dr = g * scale, dL/dscale = sum_i g_i * r_i (one fused reduction),
+    dL/dl = g."""
+
+    @staticmethod
+    def forward(ctx, r, scale, lora):
+        ctx.save_for_backward(r, scale)
+        ctx.lora_dtype = lora.dtype
+        return torch.addcmul(lora, r.to(lora.dtype), scale.to(lora.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        y, scale, bias = ctx.saved_tensors
-        g_y = g * scale
-        g_scale = None
-        if ctx.needs_input_grad[2]:
-            g_scale = torch.linalg.vecdot(g, y.to(g.dtype), dim=0)
-            if bias is not None:
-                g_scale = g_scale - bias.to(g_scale.dtype) * g.sum(0)
-            g_scale = g_scale.view_as(scale).to(scale.dtype)
-        return g_y.to(y.dtype), g_y.to(y.dtype), g_scale, None
+        r, scale = ctx.saved_tensors
+        g_r = g_scale = None
+        if ctx.needs_input_grad[0]:
+            g_r = (g * scale).to(r.dtype)
+        if ctx.needs_input_grad[1]:
+            g_scale = torch.linalg.vecdot(g, r.to(g.dtype), dim=0).view_as(scale).to(scale.dtype)
+        return g_r, g_scale, g.to(ctx.lora_dtype)
 
 
-def _rescale(y_r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
-    return _Combine.apply(y_r, lora, scale, None if bias is None else bias.detach())
+def _rescale(r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """scale * (r + lora - bias) + bias, by plain autograd (for lora_B layers that are not plain Linear)."""
+    y = r + lora
+    if bias is None:
+        return y * scale
+    return torch.addcmul(bias.detach() * (1 - scale), y, scale)
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -286,13 +331,18 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     ride_along = norm is None and quantized != "Int8Params"
     if ride_along:
         parts.append(lora_a.weight.detach().to(rows.dtype))
-    out = base(torch.cat(parts) if len(parts) > 1 else rows)
-    result, base_d = _Rows.apply(out, n, full) if len(parts) > 1 else (out, None)
+    if ride_along and _can_ride_along_outside_autograd(base):
+        a_rows = parts.pop()
+        out, wa = _RideAlong.apply(torch.cat(parts) if len(parts) > 1 else rows, a_rows, base)
+        result, base_d = (out[:n], out[n:]) if full else (out, None)
+    else:
+        out = base(torch.cat(parts) if len(parts) > 1 else rows)
+        result, base_d = _Rows.apply(out, n, full) if len(parts) > 1 else (out, None)
+        wa = out[n * (2 if full else 1) :]
     bias = base.bias
     if norm is None:
         with torch.no_grad():
             if ride_along:
-                wa = out[-lora_a.weight.shape[0] :]
                 if bias is not None:
                     wa = wa - bias.to(wa.dtype)
             else:  # int8: dequantize for the r rows instead of quantizing them into LLM.int8's matmul
@@ -304,13 +354,18 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
     torch_result_dtype = result.dtype
     scale = (magnitude / norm).view(1, -1)
-    lora_result = lora_b(lora_a(xd.reshape(-1, in_features)) * scaling)  # s on the r-wide side: cheaper
-    # PEFT's result + (scale - 1) * base_result + scale * s * lora_result, in as few full-size passes as LoRA:
-    # scale * (W x + s B A x) + bias  [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]
-    if full:
-        result = (result - base_d) + _rescale(base_d, lora_result, scale, bias)
+    h = lora_a(xd.reshape(-1, in_features)) * scaling  # s on the r-wide side: cheaper
+    # PEFT's result + (scale - 1) * base_result + scale * s * lora_result is scale * (W x + s B A x - ... ) + bias
+    # [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]. With scale folded into B (out x r) and the
+    # bias term into the low-rank matmul, it is one fused pass over the output, as LoRA's own addition.
+    r = base_d if full else result
+    if _plain_linear(lora_b):
+        w_b = (lora_b.weight * scale.view(-1, 1)).to(h.dtype)
+        v_b = None if bias is None else (bias.detach() * (1 - scale.view(-1))).to(h.dtype)
+        combined = _ScaleAdd.apply(r, scale, torch.nn.functional.linear(h, w_b, v_b))
     else:
-        result = _rescale(result, lora_result, scale, bias)
+        combined = _rescale(r, lora_b(h), scale, bias)
+    result = (result - base_d) + combined if full else combined
     if convert:
         result = result.to(torch_result_dtype)
     return result.reshape(*x.shape[:-1], result.shape[-1])

@@ -1,6 +1,7 @@
 """Training step time of LoRA, PEFT's DoRA and prefopt's fast DoRA, side by side in one process.
 
-    python scripts/bench_dora.py [--widths 256 512] [--quant nf4 none] [--rounds 3] [--steps 4] [--json out.json]
+    python scripts/bench_dora.py [--widths 256 512] [--quant nf4 none] [--rounds 3] [--steps 4] [--accum 1]
+                                 [--json out.json]
 
 For each base (width x quantization) and adapter dropout (0 and 0.05) it builds the same random 4-layer
 Llama with a LoRA adapter and with a DoRA adapter (r=16, alpha=16, all-linear), then times full training
@@ -44,15 +45,17 @@ def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, dev
     return model, opt
 
 
-def time_steps(model, opt, ids, steps: int) -> float:
+def time_steps(model, opt, ids, steps: int, accum: int = 1) -> float:
+    """ms per optimizer step; each step runs `accum` micro-batches (forward + backward) and one AdamW step."""
     import torch
 
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(accum):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
@@ -81,12 +84,12 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
         for name, ((model, opt), mode) in variants.items():  # warm up every variant once
             if mode:
                 dora.enable_fast_dora(model, mode)
-            time_steps(model, opt, ids, 1)
+            time_steps(model, opt, ids, 1, args.accum)
         for _ in range(args.rounds):
             for name, ((model, opt), mode) in variants.items():
                 if mode:
                     dora.enable_fast_dora(model, mode)
-                times[name].append(time_steps(model, opt, ids, args.steps))
+                times[name].append(time_steps(model, opt, ids, args.steps, args.accum))
         ref = statistics.median(times["lora"])
         for name, t in times.items():
             ms = statistics.median(t)
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median is reported)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per variant per round")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     ap.add_argument("--dtype", default=None, help="model/compute dtype (default float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -116,7 +120,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers, "batch": f"{args.batch}x{args.seq}"}
+           "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers, "batch": f"{args.batch}x{args.seq}",
+           "accum": args.accum}
     import peft
 
     env["peft"] = peft.__version__

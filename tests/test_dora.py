@@ -93,6 +93,39 @@ def test_matches_peft_forward_and_gradients(shaped_models, shape, quant):
     _assert_same(ref, got)
 
 
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_hooked_layers_take_the_general_path_and_still_match(shaped_models, quant):
+    """Forward hooks on the base layers and lora_B (as offloading or ZeRO-3 add) rule out the shortcuts that
+    bypass them; the general path (autograd through the joint base call, unfused rescale) gives PEFT's numbers."""
+    from peft.tuners.lora import LoraLayer
+
+    model = _model(shaped_models["bias"], quant, dropout=0.1)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.get_base_layer().register_forward_hook(lambda *a: calls.append(1))
+            m.lora_B["default"].register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    ids = _ids()
+    for mode in ("lowrank", "full"):
+        dora.disable_fast_dora(model)
+        ref = _step(model, ids, seed=5)
+        dora.enable_fast_dora(model, mode)
+        calls.clear()
+        got = _step(model, ids, seed=5)
+        assert len(calls) == 2 * N_LAYERS  # every hook still ran
+        if mode == "full":
+            _assert_same(ref, got)
+        else:
+            assert (ref[0] - got[0]).abs().max() > 1e-4  # different dropout semantics
+    dora.disable_fast_dora(model)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        dora.enable_fast_dora(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_full_dropout_matches_peft_with_the_same_masks(shaped_models):
     model = _model(shaped_models["h96"], "nf4", dropout=0.1)
     model.train()
