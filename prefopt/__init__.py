@@ -39,5 +39,19 @@ def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, ou
                         report_to=report_to)
 
 
+def enable_fast_dora(peft_model, dropout="lowrank"):
+    """Route a PEFT model's DoRA layers through prefopt's exact low-rank forward (see prefopt.dora)."""
+    from .dora import enable_fast_dora as _enable
+
+    return _enable(peft_model, dropout)
+
+
+def disable_fast_dora(peft_model):
+    """Give a PEFT model's DoRA layers back to PEFT's own forward."""
+    from .dora import disable_fast_dora as _disable
+
+    return _disable(peft_model)
+
+
 __all__ = ["DataError", "PrefoptError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "run",
-           "merge", "train_stage", "__version__"]
+           "merge", "train_stage", "enable_fast_dora", "disable_fast_dora", "__version__"]

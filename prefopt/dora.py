@@ -328,7 +328,11 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     parts = [rows]
     if full:
         parts.append(xd.reshape(-1, in_features).to(rows.dtype))
-    ride_along = norm is None and quantized != "Int8Params"
+    # W A^T: a plain frozen Linear multiplies A directly (no copy of x); 8-bit dequantizes (LLM.int8 would
+    # quantize the A rows); 4-bit and anything behind hooks gets the A rows appended to its own base call.
+    direct = norm is None and (quantized == "Int8Params"
+                               or (quantized != "Params4bit" and _can_ride_along_outside_autograd(base)))
+    ride_along = norm is None and not direct
     if ride_along:
         parts.append(lora_a.weight.detach().to(rows.dtype))
     if ride_along and _can_ride_along_outside_autograd(base):
@@ -345,8 +349,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if ride_along:
                 if bias is not None:
                     wa = wa - bias.to(wa.dtype)
-            else:  # int8: dequantize for the r rows instead of quantizing them into LLM.int8's matmul
+            elif quantized == "Int8Params":
                 wa = lora_a.weight.detach().float() @ _dequantized(base).float().t()
+            else:
+                wa = torch.nn.functional.linear(lora_a.weight.detach().to(base.weight.dtype), base.weight)
             norm = _norm_from_parts(_base_norm2(self, base), wa, lora_a.weight, lora_b.weight, scaling)
             STATS["norms"] += 1
             norm = norm.to(xl.dtype)

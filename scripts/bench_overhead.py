@@ -86,7 +86,8 @@ def recipe(model: Path, steps: int) -> dict:
     return {
         "name": "bench", "seed": 0,
         "model": {"name_or_path": str(model), "quantization": "nf4", "dtype": "float32"},
-        "adapter": {"method": "dora", "r": 16, "alpha": 16, "dropout": 0.05},
+        # PEFT's DoRA forward on both sides: this measures the framework's overhead (bench_dora.py the forward)
+        "adapter": {"method": "dora", "r": 16, "alpha": 16, "dropout": 0.05, "dora_impl": "peft"},
         "stages": [
             {"name": "sft", "type": "sft", "data": {"path": str(data / "sft.jsonl"), "eval_fraction": 0.1}, "train": train},
             {"name": "dpo", "type": "dpo", "data": {"path": str(data / "prefs.jsonl"), "eval_fraction": 0.15},
