@@ -9,10 +9,17 @@ per output row i, with W frozen,
 
 - ||W_i||^2 is a constant, computed once per layer from the dequantized weight (and again only if the
   base weight object changes);
-- W A^T (out x r) is what the base layer computes for r extra input rows: the r rows of A (detached)
-  ride along in the batch of the existing (4-bit) base matmul and are split off again - no separate
-  dequantization (8-bit bases dequantize for these r rows: LLM.int8 would quantize them);
-- A A^T is r x r; the rest is O(out r^2).
+- W A^T (out x r) is what the base layer computes for r extra input rows: on a 4-bit base the r rows of A
+  (detached) ride along in the batch of the existing base matmul and are split off again - no separate
+  dequantization, and no gradient is computed for them; a plain frozen Linear multiplies A directly; an
+  8-bit base dequantizes for these r rows (LLM.int8 would quantize them);
+- A A^T is r x r; the rest is O(out r^2);
+- the norm is cached until a weight it depends on changes (version counters), so it is computed once per
+  optimizer step, not once per micro-batch, recomputation or frozen-reference forward.
+
+The output is PEFT's result + (scale - 1) base_result + scale s B A x with scale = m / ||W + s BA||, computed
+as one fused pass, scale * base(x) + x A^T (s scale B)^T (+ bias (1 - scale)), with scale folded into the
+r-wide factor: the same number of full-size passes as LoRA's own addition, plus the magnitude gradient.
 
 The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. Nothing about the adapter
 changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
@@ -325,17 +332,22 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
     n = rows.shape[0]
-    parts = [rows]
-    if full:
-        parts.append(xd.reshape(-1, in_features).to(rows.dtype))
     # W A^T: a plain frozen Linear multiplies A directly (no copy of x); 8-bit dequantizes (LLM.int8 would
     # quantize the A rows); 4-bit and anything behind hooks gets the A rows appended to its own base call.
-    direct = norm is None and (quantized == "Int8Params"
-                               or (quantized != "Params4bit" and _can_ride_along_outside_autograd(base)))
+    # Only a 4-bit base (one dequantization per call) gains from sharing a call: elsewhere `full` dropout's
+    # second input gets a call of its own.
+    plain = quantized != "Params4bit" and _can_ride_along_outside_autograd(base)
+    direct = norm is None and (quantized == "Int8Params" or plain)
     ride_along = norm is None and not direct
+    parts = [rows]
+    if full and not (plain or quantized == "Int8Params"):
+        parts.append(xd.reshape(-1, in_features).to(rows.dtype))
     if ride_along:
         parts.append(lora_a.weight.detach().to(rows.dtype))
-    if ride_along and _can_ride_along_outside_autograd(base):
+    if len(parts) == 1:
+        result = base(rows)
+        base_d = base(xd.reshape(-1, in_features).to(rows.dtype)) if full else None
+    elif ride_along and _can_ride_along_outside_autograd(base):
         a_rows = parts.pop()
         out, wa = _RideAlong.apply(torch.cat(parts) if len(parts) > 1 else rows, a_rows, base)
         result, base_d = (out[:n], out[n:]) if full else (out, None)
