@@ -175,12 +175,11 @@ def _base_norm2(module, base) -> torch.Tensor:
 
 def _norm_from_parts(w2, wa, lora_a, lora_b, scaling) -> torch.Tensor:
     """||W + s B A|| per row from ||W||^2, W A^T (given as r x out) and the low-rank factors, in fp32."""
-    wa = wa.detach().float()
-    a = lora_a.detach().float()
-    b = lora_b.detach().float()
+    f32 = torch.float32
+    wa, a, b = (t if t.dtype == f32 else t.float() for t in (wa, lora_a, lora_b))  # (called under no_grad)
     # 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  B_i . (2s (W A^T)_i + s^2 (B A A^T)_i)
     t = torch.addmm(wa.t(), b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)
-    return (w2 + (b * t).sum(1)).clamp_min_(0).sqrt_()
+    return torch.linalg.vecdot(b, t).add_(w2).clamp_min_(0).sqrt_()
 
 
 class _Rows(torch.autograd.Function):
@@ -336,7 +335,8 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # quantize the A rows); 4-bit and anything behind hooks gets the A rows appended to its own base call.
     # Only a 4-bit base (one dequantization per call) gains from sharing a call: elsewhere `full` dropout's
     # second input gets a call of its own.
-    plain = quantized != "Params4bit" and _can_ride_along_outside_autograd(base)
+    shortcut_ok = _can_ride_along_outside_autograd(base)
+    plain = quantized != "Params4bit" and shortcut_ok
     direct = norm is None and (quantized == "Int8Params" or plain)
     ride_along = norm is None and not direct
     parts = [rows]
@@ -347,7 +347,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if len(parts) == 1:
         result = base(rows)
         base_d = base(xd.reshape(-1, in_features).to(rows.dtype)) if full else None
-    elif ride_along and _can_ride_along_outside_autograd(base):
+    elif ride_along and shortcut_ok:
         a_rows = parts.pop()
         out, wa = _RideAlong.apply(torch.cat(parts) if len(parts) > 1 else rows, a_rows, base)
         result, base_d = (out[:n], out[n:]) if full else (out, None)
@@ -372,17 +372,17 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
     torch_result_dtype = result.dtype
     scale = (magnitude / norm).view(1, -1)
-    h = lora_a(xd.reshape(-1, in_features)) * scaling  # s on the r-wide side: cheaper
+    h = lora_a(xd.reshape(-1, in_features))
     # PEFT's result + (scale - 1) * base_result + scale * s * lora_result is scale * (W x + s B A x - ... ) + bias
     # [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]. With scale folded into B (out x r) and the
     # bias term into the low-rank matmul, it is one fused pass over the output, as LoRA's own addition.
     r = base_d if full else result
-    if _plain_linear(lora_b):
-        w_b = (lora_b.weight * scale.view(-1, 1)).to(h.dtype)
+    if _plain_linear(lora_b):  # s and scale folded into B (out x r): no full-size pass for either
+        w_b = (lora_b.weight * (scale.view(-1, 1) * scaling)).to(h.dtype)
         v_b = None if bias is None else (bias.detach() * (1 - scale.view(-1))).to(h.dtype)
         combined = _ScaleAdd.apply(r, scale, torch.nn.functional.linear(h, w_b, v_b))
     else:
-        combined = _rescale(r, lora_b(h), scale, bias)
+        combined = _rescale(r, lora_b(h * scaling), scale, bias)
     result = (result - base_d) + combined if full else combined
     if convert:
         result = result.to(torch_result_dtype)
