@@ -227,31 +227,46 @@ def _dropout_active(module, dropout) -> bool:
     return True
 
 
-class _RideAlong(torch.autograd.Function):
-    """(base(x), base(A)) from one base call on [x; A], with the A rows outside autograd: the backward is the
-    base layer's input gradient for the x rows only (frozen nn.Linear or bitsandbytes 4-bit weights)."""
+class _Shared4bit(torch.autograd.Function):
+    """One dequantization of a frozen 4-bit weight serves base(x) (and base(xd)) and W A^T, as the base layer's
+    own matmul would: out = x W^T + bias in the layer's compute dtype. Backward: the input gradients only
+    (W is frozen), from a fresh dequantization as bitsandbytes does; no gradient work for the A rows."""
 
     @staticmethod
-    def forward(ctx, x, a_rows, base):
-        ctx.base, ctx.x_dtype = base, x.dtype
-        out = base(torch.cat([x, a_rows]))
-        n = x.shape[0]
-        wa = out[n:]
-        ctx.mark_non_differentiable(wa)
-        return out[:n], wa
+    def forward(ctx, a_rows, base, *xs):
+        import bitsandbytes as bnb
+
+        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
+        if not base.compute_type_is_set:
+            base.set_compute_type(xs[0])
+            base.compute_type_is_set = True
+        dtype = base.compute_dtype or xs[0].dtype
+        w = base.weight
+        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        outs = [torch.nn.functional.linear(x.to(dtype), deq, bias).to(x.dtype) for x in xs]
+        wat = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
+        ctx.base, ctx.x_dtypes = base, [x.dtype for x in xs]
+        ctx.mark_non_differentiable(wat)
+        return (*outs, wat)
 
     @staticmethod
-    def backward(ctx, g, _):
+    def backward(ctx, *grads):
+        import bitsandbytes as bnb
+
         base = ctx.base
         w = base.weight
-        if type(w).__name__ == "Params4bit":
-            import bitsandbytes as bnb
-
+        out = [None, None]
+        deq = None
+        for g, dt in zip(grads[:-1], ctx.x_dtypes):
+            if g is None:
+                out.append(None)
+                continue
             dtype = base.compute_dtype or g.dtype
-            grad = g.to(dtype) @ bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
-        else:
-            grad = g.to(w.dtype) @ w
-        return grad.to(ctx.x_dtype), None, None
+            if deq is None:
+                deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+            out.append((g.to(dtype) @ deq).to(dt))
+        return tuple(out)
 
 
 def _can_ride_along_outside_autograd(base) -> bool:
@@ -326,10 +341,11 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if len(parts) == 1:
         result = base(rows)
         base_d = base(xd.reshape(-1, in_features).to(rows.dtype)) if full else None
-    elif ride_along and shortcut_ok:
+    elif ride_along and shortcut_ok:  # 4-bit: W A^T from the same dequantization, no copy of x
         a_rows = parts.pop()
-        out, wa = _RideAlong.apply(torch.cat(parts) if len(parts) > 1 else rows, a_rows, base)
-        result, base_d = (out[:n], out[n:]) if full else (out, None)
+        outs = _Shared4bit.apply(a_rows, base, *parts)
+        result, base_d, wat = (outs[0], outs[1], outs[2]) if full else (outs[0], None, outs[1])
+        wa = None
     else:
         out = base(torch.cat(parts) if len(parts) > 1 else rows)
         result, base_d = _Rows.apply(out, n, full) if len(parts) > 1 else (out, None)
@@ -338,7 +354,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if norm is None:
         with torch.no_grad():
             # W A^T as out x r: W @ A^T, not A @ W^T (BLAS is several times slower with only r output rows)
-            if ride_along:
+            if ride_along and wa is None:
+                pass  # _Shared4bit gave W A^T itself
+            elif ride_along:
                 wat = wa.t() if bias is None else (wa - bias.to(wa.dtype)).t()
             elif quantized == "Int8Params":
                 wat = _dequantized(base).float() @ lora_a.weight.detach().float().t()
