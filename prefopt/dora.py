@@ -9,10 +9,11 @@ per output row i, with W frozen,
 
 - ||W_i||^2 is a constant, computed once per layer from the dequantized weight (and again only if the
   base weight object changes);
-- W A^T (out x r) is what the base layer computes for r extra input rows: on a 4-bit base the r rows of A
-  (detached) ride along in the batch of the existing base matmul and are split off again - no separate
-  dequantization, and no gradient is computed for them; a plain frozen Linear multiplies A directly; an
-  8-bit base dequantizes for these r rows (LLM.int8 would quantize them);
+- W A^T (out x r) is what the base layer computes for r extra input rows: on a 4-bit base it comes from the
+  same dequantization as the layer's own matmul (no second dequantization, no copy of the input, no gradient
+  work for it); behind forward hooks the r rows of A (detached) ride along in the batch of the base call and
+  are split off again; a plain frozen Linear multiplies A directly; an 8-bit base dequantizes for these r
+  rows (LLM.int8 would quantize them);
 - A A^T is r x r; the rest is O(out r^2);
 - the norm is cached until a weight it depends on changes (version counters), so it is computed once per
   optimizer step, not once per micro-batch, recomputation or frozen-reference forward.
@@ -269,8 +270,9 @@ class _Shared4bit(torch.autograd.Function):
         return tuple(out)
 
 
-def _can_ride_along_outside_autograd(base) -> bool:
-    """The base layers whose input gradient _RideAlong knows, called with no hooks to miss and no autocast."""
+def _shortcut_ok(base) -> bool:
+    """Base layers the shortcuts may use directly (4-bit: _Shared4bit; Linear: W @ A^T): frozen weights, no
+    hooks to miss, no autocast."""
     w = base.weight
     if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
         return False
@@ -326,10 +328,11 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     n = rows.shape[0]
     # W A^T: a plain frozen Linear multiplies A directly (no copy of x); 8-bit dequantizes (LLM.int8 would
-    # quantize the A rows); 4-bit and anything behind hooks gets the A rows appended to its own base call.
+    # quantize the A rows); 4-bit shares its one dequantization (_Shared4bit); behind hooks the A rows are
+    # appended to the layer's own base call.
     # Only a 4-bit base (one dequantization per call) gains from sharing a call: elsewhere `full` dropout's
     # second input gets a call of its own.
-    shortcut_ok = _can_ride_along_outside_autograd(base)
+    shortcut_ok = _shortcut_ok(base)
     plain = quantized != "Params4bit" and shortcut_ok
     direct = norm is None and (quantized == "Int8Params" or plain)
     ride_along = norm is None and not direct
