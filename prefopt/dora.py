@@ -31,7 +31,7 @@ Adapter dropout has two published semantics (`dropout=`):
 - "lowrank": dropout on the low-rank branch only, out = scale * (base(x) + s B A dropout(x)), as torchtune's
   DoRALinear; no second base matmul.
 - "full": the DoRA paper's / PEFT's out = base(x) + (scale - 1) base(dropout(x)) + scale s B A dropout(x),
-  bit-for-bit PEFT's semantics; the dropped-out rows ride in the same base call.
+  bit-for-bit PEFT's semantics; on a 4-bit base the second product shares the one dequantization.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def _dropout_active(module, dropout) -> bool:
 
 
 class _Shared4bit(torch.autograd.Function):
-    """One dequantization of a frozen 4-bit weight serves base(x) (and base(xd)) and W A^T, as the base layer's
-    own matmul would: out = x W^T + bias in the layer's compute dtype. Backward: the input gradients only
+    """One dequantization of a frozen 4-bit weight serves base(x), base(xd) for `full` dropout and, when the
+    norm is due, W A^T (a_rows=None skips it), as the base layer's own matmul would: out = x W^T + bias in the layer's compute dtype. Backward: the input gradients only
     (W is frozen), from a fresh dequantization as bitsandbytes does; no gradient work for the A rows."""
 
     @staticmethod
@@ -246,8 +246,10 @@ class _Shared4bit(torch.autograd.Function):
         deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         outs = [torch.nn.functional.linear(x.to(dtype), deq, bias).to(x.dtype) for x in xs]
-        wat = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
         ctx.base, ctx.x_dtypes = base, [x.dtype for x in xs]
+        if a_rows is None:
+            return tuple(outs)
+        wat = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
         ctx.mark_non_differentiable(wat)
         return (*outs, wat)
 
@@ -259,7 +261,7 @@ class _Shared4bit(torch.autograd.Function):
         w = base.weight
         out = [None, None]
         deq = None
-        for g, dt in zip(grads[:-1], ctx.x_dtypes):
+        for g, dt in zip(grads, ctx.x_dtypes):  # (a trailing W A^T grad, if any, is ignored by zip)
             if g is None:
                 out.append(None)
                 continue
@@ -327,44 +329,32 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
     n = rows.shape[0]
-    # W A^T: a plain frozen Linear multiplies A directly (no copy of x); 8-bit dequantizes (LLM.int8 would
-    # quantize the A rows); 4-bit shares its one dequantization (_Shared4bit); behind hooks the A rows are
-    # appended to the layer's own base call.
-    # Only a 4-bit base (one dequantization per call) gains from sharing a call: elsewhere `full` dropout's
-    # second input gets a call of its own.
+    xs = [rows, xd.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
+    a_rows = lora_a.weight.detach().to(rows.dtype) if norm is None else None
     shortcut_ok = _shortcut_ok(base)
-    plain = quantized != "Params4bit" and shortcut_ok
-    direct = norm is None and (quantized == "Int8Params" or plain)
-    ride_along = norm is None and not direct
-    parts = [rows]
-    if full and not (plain or quantized == "Int8Params"):
-        parts.append(xd.reshape(-1, in_features).to(rows.dtype))
-    if ride_along:
-        parts.append(lora_a.weight.detach().to(rows.dtype))
-    if len(parts) == 1:
-        result = base(rows)
-        base_d = base(xd.reshape(-1, in_features).to(rows.dtype)) if full else None
-    elif ride_along and shortcut_ok:  # 4-bit: W A^T from the same dequantization, no copy of x
-        a_rows = parts.pop()
-        outs = _Shared4bit.apply(a_rows, base, *parts)
-        result, base_d, wat = (outs[0], outs[1], outs[2]) if full else (outs[0], None, outs[1])
-        wa = None
+    wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
+    if quantized == "Params4bit" and shortcut_ok and (a_rows is not None or full):
+        # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
+        outs = _Shared4bit.apply(a_rows, base, *xs)
+        ys, wat = (outs[:-1], outs[-1]) if a_rows is not None else (outs, None)
+    elif a_rows is not None and not shortcut_ok:
+        # behind hooks or autocast the layer makes its own call: the A rows ride along in its batch
+        out = base(torch.cat([*xs, a_rows]))
+        ys = _Rows.apply(out, n, full)[: len(xs)]
+        tail = out[len(xs) * n :]
     else:
-        out = base(torch.cat(parts) if len(parts) > 1 else rows)
-        result, base_d = _Rows.apply(out, n, full) if len(parts) > 1 else (out, None)
-        wa = out[n * (2 if full else 1) :]
+        ys = [base(x_) for x_ in xs]
+    result, base_d = ys[0], (ys[1] if full else None)
     bias = base.bias
     if norm is None:
         with torch.no_grad():
             # W A^T as out x r: W @ A^T, not A @ W^T (BLAS is several times slower with only r output rows)
-            if ride_along and wa is None:
-                pass  # _Shared4bit gave W A^T itself
-            elif ride_along:
-                wat = wa.t() if bias is None else (wa - bias.to(wa.dtype)).t()
-            elif quantized == "Int8Params":
-                wat = _dequantized(base).float() @ lora_a.weight.detach().float().t()
-            else:
-                wat = base.weight @ lora_a.weight.detach().to(base.weight.dtype).t()
+            if tail is not None:
+                wat = tail.t() if bias is None else (tail - bias.to(tail.dtype)).t()
+            elif wat is None and quantized == "Int8Params":  # LLM.int8 would quantize the A rows
+                wat = _dequantized(base).float() @ a_rows.float().t()
+            elif wat is None:
+                wat = base.weight @ a_rows.to(base.weight.dtype).t()
             norm = _norm_from_parts(_base_norm2(self, base), wat, lora_a.weight, lora_b.weight, scaling)
             STATS["norms"] += 1
             norm = norm.to(xl.dtype)
