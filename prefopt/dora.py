@@ -206,16 +206,18 @@ class _Rows(torch.autograd.Function):
 
 
 def _plan(module, args, kwargs):
-    """The adapter to run fast, or None to hand the call to PEFT's forward."""
-    if args or any(v is not None for v in kwargs.values()):
+    """The adapter to run fast, or None to hand the call to PEFT's forward. (Runs on every forward of every
+    adapted layer: submodules are read from `_modules` directly, not through nn.Module.__getattr__.)"""
+    if args or (kwargs and any(v is not None for v in kwargs.values())):
         return None
     if module.disable_adapters or module.merged:
         return None
-    active = [a for a in module.active_adapters if a in module.lora_A]
+    loras = module._modules["lora_A"]._modules
+    active = [a for a in module.active_adapters if a in loras]
     if len(active) != 1:
         return None
     name = active[0]
-    if not _is_dora_variant(module.lora_variant.get(name)) or module.lora_B[name].bias is not None:
+    if not _is_dora_variant(module.lora_variant.get(name)) or module._modules["lora_B"]._modules[name].bias is not None:
         return None
     return name
 
@@ -272,6 +274,125 @@ class _Shared4bit(torch.autograd.Function):
         return tuple(out)
 
 
+class _DoraLinear(torch.autograd.Function):
+    """The whole adapted layer, base matmul included, as one autograd node (no dropout, or `lowrank` dropout):
+
+        out = scale * base(x) + xd A^T (s scale B)^T + bias (1 - scale),    scale = m / norm (norm detached)
+
+    for a frozen plain-Linear or 4-bit base (one dequantization serves base(x) and, when the norm is due,
+    W A^T) and plain-Linear lora_A / lora_B. `xd` is the (dropped-out) low-rank input, or None when it is `x`
+    itself; `norm` is the cached norm, or None to compute it here from `w2` = ||W_i||^2 (it is then returned
+    too, as a second, non-differentiable output). The backward is written out: the gradients autograd gives
+    for the same expression with the norm constant, in one node instead of a dozen, and with no pass over the
+    output that the expression does not need (per layer and step these fixed costs are what DoRA adds to LoRA
+    at small widths)."""
+
+    @staticmethod
+    def forward(ctx, x, xd, a, b, m, base, norm, w2, scaling):
+        w = base.weight
+        four_bit = type(w).__name__ == "Params4bit"
+        if four_bit:
+            import bitsandbytes as bnb
+
+            bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
+            if not base.compute_type_is_set:
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            dtype = base.compute_dtype or x.dtype
+            w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+            if w.dtype != dtype:
+                w = w.to(dtype)
+        else:
+            dtype = x.dtype
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        r = torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), w, bias)
+        if r.dtype != x.dtype:
+            r = r.to(x.dtype)
+        ct = a.dtype  # PEFT runs the low-rank branch in the adapter's dtype
+        xl = x if xd is None else xd
+        if xl.dtype != ct:
+            xl = xl.to(ct)
+        computed = norm is None
+        if computed:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
+            wat = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).t()
+            norm = _norm_from_parts(w2, wat, a, b, scaling)
+            if norm.dtype != ct:
+                norm = norm.to(ct)
+            STATS["norms"] += 1
+        scale = m / norm
+        ss = scale * scaling
+        h = torch.nn.functional.linear(xl, a)
+        w_b = b * ss.unsqueeze(1)
+        if w_b.dtype != ct:
+            w_b = w_b.to(ct)
+        # PEFT's base bias stays out of the rescaling: + bias (1 - scale), folded into the low-rank matmul
+        lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias * (1 - scale)).to(ct))
+        out = torch.addcmul(lin, r, scale if scale.dtype == lin.dtype else scale.to(lin.dtype))
+        if out.dtype != r.dtype:
+            out = out.to(r.dtype)
+        ctx.base, ctx.four_bit, ctx.dtype, ctx.scaling, ctx.same = base, four_bit, dtype, scaling, xd is None
+        ctx.xd_dtype = None if xd is None else xd.dtype
+        ctx.save_for_backward(xl, h, r, a, b, w_b, scale, ss, norm)
+        if computed:
+            ctx.mark_non_differentiable(norm)
+            return out, norm
+        return out
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        xl, h, r, a, b, w_b, scale, ss, norm = ctx.saved_tensors
+        need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+        base = ctx.base
+        gc = g if g.dtype == h.dtype else g.to(h.dtype)
+        grad_x = grad_xd = grad_a = grad_b = grad_m = None
+        if need_b or need_m:
+            grad_wb = gc.t() @ h  # out x r
+            if need_b:
+                grad_b = grad_wb * ss.unsqueeze(1)
+                if grad_b.dtype != b.dtype:
+                    grad_b = grad_b.to(b.dtype)
+            if need_m:
+                # d out / d scale: the rescaled base output, the low-rank term through w_b, and -bias
+                gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == r.dtype else (gc * r.to(gc.dtype)).sum(0)
+                if gs.dtype != scale.dtype:
+                    gs = gs.to(scale.dtype)
+                gs = gs.add_(torch.linalg.vecdot(grad_wb, b if b.dtype == grad_wb.dtype else b.to(grad_wb.dtype))
+                             .to(scale.dtype), alpha=ctx.scaling)
+                if base.bias is not None:
+                    gs = gs.sub_(base.bias.to(scale.dtype) * gc.sum(0).to(scale.dtype))
+                grad_m = gs.div_(norm)
+        need_h = need_a or need_xd or (need_x and ctx.same)
+        grad_h = gc @ w_b if need_h else None  # n x r
+        if need_a:
+            grad_a = grad_h.t() @ xl
+            if grad_a.dtype != a.dtype:
+                grad_a = grad_a.to(a.dtype)
+        if need_x:
+            w = base.weight
+            if ctx.four_bit:
+                import bitsandbytes as bnb
+
+                w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+                if w.dtype != ctx.dtype:
+                    w = w.to(ctx.dtype)
+            gb = g * (scale if scale.dtype == g.dtype else scale.to(g.dtype))
+            grad_x = (gb if gb.dtype == ctx.dtype else gb.to(ctx.dtype)) @ w
+            if ctx.same:
+                if grad_x.dtype == grad_h.dtype and a.dtype == grad_h.dtype:
+                    grad_x = grad_x.addmm_(grad_h, a)
+                else:
+                    grad_x = grad_x + (grad_h @ a).to(grad_x.dtype)
+            if grad_x.dtype != g.dtype:
+                grad_x = grad_x.to(g.dtype)
+        if need_xd:
+            grad_xd = grad_h @ a
+            if grad_xd.dtype != ctx.xd_dtype:
+                grad_xd = grad_xd.to(ctx.xd_dtype)
+        return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
+
+
 def _shortcut_ok(base) -> bool:
     """Base layers the shortcuts may use directly (4-bit: _Shared4bit; Linear: W @ A^T): frozen weights, no
     hooks to miss, no autocast."""
@@ -287,8 +408,12 @@ def _shortcut_ok(base) -> bool:
     return type(base) is nn.Linear and kind in ("Parameter", "Tensor")
 
 
+def _hookless(m) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None)
+
+
 def _plain_linear(m) -> bool:
-    return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+    return type(m) is nn.Linear and m.bias is None and _hookless(m)
 
 
 def _rescale(r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
@@ -305,33 +430,46 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         STATS["fallback"] += 1
         return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
     STATS["fast"] += 1
-    base = self.get_base_layer()
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    dropout = self.lora_dropout[name]
+    mods = self._modules
+    base = mods["base_layer"]
+    while "base_layer" in base._modules:  # as PEFT's get_base_layer, for nested tuner layers
+        base = base._modules["base_layer"]
+    lora_a, lora_b = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
+    mag = mods["lora_magnitude_vector"]._modules[name]
+    dropout = mods["lora_dropout"]._modules[name]
     scaling = self.scaling[name]
-    magnitude = self.lora_magnitude_vector[name].weight
-    quantized = type(base.weight).__name__
+    a_w, b_w, magnitude, base_w = lora_a.weight, lora_b.weight, mag.weight, base.weight
+    quantized = type(base_w).__name__
     # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
     convert = not (quantized in ("Params4bit", "Int8Params") and torch.is_autocast_enabled())
 
     drop = _dropout_active(self, dropout)
     full = drop and self._prefopt_dora_dropout == "full"
-    xl = self._cast_input_dtype(x, lora_a.weight.dtype) if convert else x
+    xl = self._cast_input_dtype(x, a_w.dtype) if convert else x
     xd = dropout(xl) if drop else xl
 
     # The norm is cached until a weight it depends on changes (their version counters move with every in-place
     # update, e.g. an optimizer step): so it is computed once per optimizer step under gradient accumulation,
     # once for DPO's frozen "ref" copy, not again in gradient checkpointing's recomputation, once in eval.
-    key = (_weight_key(lora_a.weight), _weight_key(lora_b.weight), _weight_key(base.weight), float(scaling), xl.dtype)
+    key = (_weight_key(a_w), _weight_key(b_w), _weight_key(base_w), float(scaling), xl.dtype)
     hit = self._prefopt_norm_cache.get(name)
     norm = hit[1] if hit is not None and hit[0] == key else None
 
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
+    shortcut_ok = _shortcut_ok(base)
+    if not full and shortcut_ok and _plain_linear(lora_a) and _plain_linear(lora_b) and _hookless(mag):
+        # the common case, one autograd node for the whole layer
+        xd_rows = xd.reshape(-1, in_features) if drop else None
+        w2 = _base_norm2(self, base) if norm is None else None
+        outs = _DoraLinear.apply(rows, xd_rows, a_w, b_w, magnitude, base, norm, w2, scaling)
+        if norm is None:
+            outs, norm = outs
+            self._prefopt_norm_cache[name] = (key, norm)
+        return outs.reshape(*x.shape[:-1], outs.shape[-1])
     n = rows.shape[0]
     xs = [rows, xd.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
     a_rows = lora_a.weight.detach().to(rows.dtype) if norm is None else None
-    shortcut_ok = _shortcut_ok(base)
     wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
     if quantized == "Params4bit" and shortcut_ok and (a_rows is not None or full):
         # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
