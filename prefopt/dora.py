@@ -377,8 +377,15 @@ class _DoraLinear(torch.autograd.Function):
                 w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
                 if w.dtype != ctx.dtype:
                     w = w.to(ctx.dtype)
-            gb = g * (scale if scale.dtype == g.dtype else scale.to(g.dtype))
-            grad_x = (gb if gb.dtype == ctx.dtype else gb.to(ctx.dtype)) @ w
+            # (g * scale) @ W: the scale goes on whichever is smaller, g (n x out) or W (out x in; on a 4-bit
+            # base the fresh dequantization, in place)
+            sc = scale.to(ctx.dtype).unsqueeze(1)
+            if g.shape[0] > w.shape[1]:
+                w = w.mul_(sc) if ctx.four_bit else w * sc
+                grad_x = (g if g.dtype == ctx.dtype else g.to(ctx.dtype)) @ w
+            else:
+                gb = g * (scale if scale.dtype == g.dtype else scale.to(g.dtype))
+                grad_x = (gb if gb.dtype == ctx.dtype else gb.to(ctx.dtype)) @ w
             if ctx.same:
                 if grad_x.dtype == grad_h.dtype and a.dtype == grad_h.dtype:
                     grad_x = grad_x.addmm_(grad_h, a)
@@ -399,7 +406,7 @@ def _shortcut_ok(base) -> bool:
     w = base.weight
     if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
         return False
-    if getattr(base, "_hf_hook", None) is not None:
+    if base.__dict__.get("_hf_hook") is not None:  # accelerate's hook (a plain attribute)
         return False
     kind = type(w).__name__
     if kind == "Params4bit":
@@ -409,11 +416,11 @@ def _shortcut_ok(base) -> bool:
 
 
 def _hookless(m) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None)
+    return not (m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("_hf_hook") is not None)
 
 
 def _plain_linear(m) -> bool:
-    return type(m) is nn.Linear and m.bias is None and _hookless(m)
+    return type(m) is nn.Linear and m._parameters.get("bias") is None and _hookless(m)
 
 
 def _rescale(r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
