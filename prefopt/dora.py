@@ -100,7 +100,7 @@ def enable_fast_dora(model: nn.Module, dropout: str = "lowrank") -> int:
             continue  # PEFT's path handles transposed (Conv1D-style) weights
         module.__class__ = _fast_class(type(module))
         module._prefopt_dora_dropout = dropout
-        module._prefopt_norm_cache = {}
+        module._prefopt_plans, module._prefopt_cur = {}, None
         _base_norm2(module, module.get_base_layer())  # ||W_i||^2 now, from weights nothing has touched yet
         n += 1
     return n
@@ -112,7 +112,7 @@ def disable_fast_dora(model: nn.Module) -> int:
     for module in model.modules():
         if getattr(type(module), _FAST, False):
             module.__class__ = type(module)._prefopt_peft_class
-            for attr in ("_prefopt_dora_dropout", "_prefopt_norm_cache", "_prefopt_w2"):
+            for attr in ("_prefopt_dora_dropout", "_prefopt_plans", "_prefopt_cur", "_prefopt_w2"):
                 module.__dict__.pop(attr, None)
             n += 1
     return n
@@ -122,9 +122,8 @@ def clear_norm_cache(model: nn.Module) -> None:
     """Forget every cached weight norm. Only needed after changing adapter weights behind autograd's back
     (`param.data.copy_(...)` and the like do not move the version counters the cache is keyed on)."""
     for m in model.modules():
-        cache = m.__dict__.get("_prefopt_norm_cache")
-        if cache is not None:
-            cache.clear()
+        for plan in m.__dict__.get("_prefopt_plans", {}).values():
+            plan.key = None
 
 
 def fast_dora_layers(model: nn.Module) -> int:
@@ -174,13 +173,15 @@ def _base_norm2(module, base) -> torch.Tensor:
     return w2
 
 
-def _norm_from_parts(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
-    """||W + s B A|| per row from ||W||^2, W A^T (out x r) and the low-rank factors, in fp32."""
+def _inv_norm(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
+    """1 / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors, in four small
+    kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic)."""
     f32 = torch.float32
     wat, a, b = (t if t.dtype == f32 else t.float() for t in (wat, lora_a, lora_b))  # (called under no_grad)
-    # 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  B_i . (2s (W A^T)_i + s^2 (B A A^T)_i)
-    t = torch.addmm(wat, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)
-    return torch.linalg.vecdot(b, t).add_(w2).clamp_min_(0).sqrt_()
+    # ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  ||W_i||^2 + 2s B_i . (W A^T + (s/2) B A A^T)_i
+    t = torch.addmm(wat, b, a @ a.t(), alpha=scaling / 2)
+    n2 = torch.baddbmm(w2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), alpha=2 * scaling).view(-1)
+    return n2.clamp_min_(0).rsqrt_()
 
 
 class _Rows(torch.autograd.Function):
@@ -277,18 +278,18 @@ class _Shared4bit(torch.autograd.Function):
 class _DoraLinear(torch.autograd.Function):
     """The whole adapted layer, base matmul included, as one autograd node (no dropout, or `lowrank` dropout):
 
-        out = scale * base(x) + xd A^T (s scale B)^T + bias (1 - scale),    scale = m / norm (norm detached)
+        out = base(x) s' / s + xd A^T (s' B)^T + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
 
-    for a frozen plain-Linear or 4-bit base (one dequantization serves base(x) and, when the norm is due,
-    W A^T) and plain-Linear lora_A / lora_B. `xd` is the (dropped-out) low-rank input, or None when it is `x`
-    itself; `norm` is the cached norm, or None to compute it here from `w2` = ||W_i||^2 (it is then returned
-    too, as a second, non-differentiable output). The backward is written out: the gradients autograd gives
-    for the same expression with the norm constant, in one node instead of a dozen, and with no pass over the
-    output that the expression does not need (per layer and step these fixed costs are what DoRA adds to LoRA
-    at small widths)."""
+    (s' = s * scale: PEFT's scale = m / norm, times the LoRA scaling), for a frozen plain-Linear or 4-bit base
+    (one dequantization serves base(x) and, when the norm is due, W A^T) and plain-Linear lora_A / lora_B.
+    `xd` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
+    computed here and cached on `plan` under that key; otherwise the plan's cached norm is used. The backward
+    is written out: the gradients autograd gives for the same expression with the norm constant, in one node
+    instead of a dozen, and no pass over the output the expression does not need. (Per layer and step such
+    fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
 
     @staticmethod
-    def forward(ctx, x, xd, a, b, m, base, norm, w2, scaling):
+    def forward(ctx, x, xd, a, b, m, base, plan, key, s):
         w = base.weight
         four_bit = type(w).__name__ == "Params4bit"
         if four_bit:
@@ -314,37 +315,32 @@ class _DoraLinear(torch.autograd.Function):
         xl = x if xd is None else xd
         if xl.dtype != ct:
             xl = xl.to(ct)
-        computed = norm is None
-        if computed:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
+        if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
             wat = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).t()
-            norm = _norm_from_parts(w2, wat, a, b, scaling)
-            if norm.dtype != ct:
-                norm = norm.to(ct)
+            inv = _inv_norm(plan.w2, wat, a, b, s)
+            plan.key, plan.inv, plan.inv_s = key, inv, inv * s
             STATS["norms"] += 1
-        scale = m / norm
-        ss = scale * scaling
+        inv = plan.inv
+        ss = m * plan.inv_s  # s * scale
         h = torch.nn.functional.linear(xl, a)
         w_b = b * ss.unsqueeze(1)
         if w_b.dtype != ct:
             w_b = w_b.to(ct)
         # PEFT's base bias stays out of the rescaling: + bias (1 - scale), folded into the low-rank matmul
-        lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias * (1 - scale)).to(ct))
-        out = torch.addcmul(lin, r, scale if scale.dtype == lin.dtype else scale.to(lin.dtype))
+        lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias - bias * (ss / s)).to(ct))
+        out = torch.addcmul(lin, r, ss if ss.dtype == lin.dtype else ss.to(lin.dtype), value=1 / s)
         if out.dtype != r.dtype:
             out = out.to(r.dtype)
-        ctx.base, ctx.four_bit, ctx.dtype, ctx.scaling, ctx.same = base, four_bit, dtype, scaling, xd is None
-        ctx.xd_dtype = None if xd is None else xd.dtype
-        ctx.save_for_backward(xl, h, r, a, b, w_b, scale, ss, norm)
-        if computed:
-            ctx.mark_non_differentiable(norm)
-            return out, norm
+        ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same = base, four_bit, dtype, s, xd is None
+        ctx.xd_dtype, ctx.m_dtype = (None if xd is None else xd.dtype), m.dtype
+        ctx.save_for_backward(xl, h, r, a, b, w_b, ss, inv)
         return out
 
     @staticmethod
-    def backward(ctx, g, *_):
-        xl, h, r, a, b, w_b, scale, ss, norm = ctx.saved_tensors
+    def backward(ctx, g):
+        xl, h, r, a, b, w_b, ss, inv = ctx.saved_tensors
         need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        base = ctx.base
+        base, s = ctx.base, ctx.s
         gc = g if g.dtype == h.dtype else g.to(h.dtype)
         grad_x = grad_xd = grad_a = grad_b = grad_m = None
         if need_b or need_m:
@@ -354,15 +350,14 @@ class _DoraLinear(torch.autograd.Function):
                 if grad_b.dtype != b.dtype:
                     grad_b = grad_b.to(b.dtype)
             if need_m:
-                # d out / d scale: the rescaled base output, the low-rank term through w_b, and -bias
-                gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == r.dtype else (gc * r.to(gc.dtype)).sum(0)
-                if gs.dtype != scale.dtype:
-                    gs = gs.to(scale.dtype)
-                gs = gs.add_(torch.linalg.vecdot(grad_wb, b if b.dtype == grad_wb.dtype else b.to(grad_wb.dtype))
-                             .to(scale.dtype), alpha=ctx.scaling)
+                # dL/dm = inv (sum_n g r  +  s grad_wb . B  [- bias sum_n g]), per output row, in fp32
+                f32 = inv.dtype
+                gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == f32 == r.dtype else \
+                    torch.linalg.vecdot(g.to(f32), r.to(f32), dim=0)
                 if base.bias is not None:
-                    gs = gs.sub_(base.bias.to(scale.dtype) * gc.sum(0).to(scale.dtype))
-                grad_m = gs.div_(norm)
+                    gs = gs - base.bias.to(f32) * g.to(f32).sum(0)
+                gm = torch.baddbmm(gs.view(-1, 1, 1), grad_wb.to(f32).unsqueeze(1), b.to(f32).unsqueeze(2), alpha=s)
+                grad_m = gm.view(-1).mul_(inv)
         need_h = need_a or need_xd or (need_x and ctx.same)
         grad_h = gc @ w_b if need_h else None  # n x r
         if need_a:
@@ -379,8 +374,9 @@ class _DoraLinear(torch.autograd.Function):
                     w = w.to(ctx.dtype)
             # (g * scale) @ W: the scale goes on whichever is smaller, g (n x out) or W (out x in; on a 4-bit
             # base the fresh dequantization, in place)
-            sc = scale.to(ctx.dtype).unsqueeze(1)
+            scale = ss * (1 / s)
             if g.shape[0] > w.shape[1]:
+                sc = scale.to(ctx.dtype).unsqueeze(1)
                 w = w.mul_(sc) if ctx.four_bit else w * sc
                 grad_x = (g if g.dtype == ctx.dtype else g.to(ctx.dtype)) @ w
             else:
@@ -397,6 +393,8 @@ class _DoraLinear(torch.autograd.Function):
             grad_xd = grad_h @ a
             if grad_xd.dtype != ctx.xd_dtype:
                 grad_xd = grad_xd.to(ctx.xd_dtype)
+        if grad_m is not None and grad_m.dtype != ctx.m_dtype:
+            grad_m = grad_m.to(ctx.m_dtype)
         return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
 
 
@@ -431,52 +429,94 @@ def _rescale(r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> 
     return torch.addcmul(bias.detach() * (1 - scale), y, scale)
 
 
-def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _plan(self, args, kwargs)
+class _Plan:
+    """One adapter of one layer, resolved for the hot path: the modules its forward reads, and the cached
+    inverse norm with the key it was computed under. Every forward of every adapted layer starts here, and on
+    a small machine the Python objects a forward touches cost as much as its small kernels (after the layer's
+    large matmuls they are out of cache), so the hot path reads these slots rather than walking PEFT's
+    ModuleDicts and properties."""
+
+    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv", "inv_s",
+                 "w2")
+
+    def __init__(self, name, base, lora_a, lora_b, mag, dropout):
+        self.name, self.base, self.lora_a, self.lora_b, self.mag, self.dropout = name, base, lora_a, lora_b, mag, dropout
+        self.active = self.key = self.inv = self.inv_s = self.w2 = None
+        # the one-node path reads these modules' weights itself: plain Linear low-rank factors without biases
+        self.fusable = _plain_linear(lora_a) and _plain_linear(lora_b)
+
+
+def _resolve(module, args, kwargs):
+    """The plan for the active adapter (made on first use, or when its modules were replaced), or None to hand
+    the call to PEFT's forward. Runs when the active adapter, disabled or merged state changed since the last
+    forward (or the call has extra arguments)."""
+    name = _plan(module, args, kwargs)
     if name is None:
-        STATS["fallback"] += 1
-        return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
-    STATS["fast"] += 1
-    mods = self._modules
+        return None
+    mods = module._modules
     base = mods["base_layer"]
     while "base_layer" in base._modules:  # as PEFT's get_base_layer, for nested tuner layers
         base = base._modules["base_layer"]
-    lora_a, lora_b = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
-    mag = mods["lora_magnitude_vector"]._modules[name]
-    dropout = mods["lora_dropout"]._modules[name]
-    scaling = self.scaling[name]
-    a_w, b_w, magnitude, base_w = lora_a.weight, lora_b.weight, mag.weight, base.weight
-    quantized = type(base_w).__name__
-    # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
-    convert = not (quantized in ("Params4bit", "Int8Params") and torch.is_autocast_enabled())
+    parts = (base, mods["lora_A"]._modules[name], mods["lora_B"]._modules[name],
+             mods["lora_magnitude_vector"]._modules[name], mods["lora_dropout"]._modules[name])
+    plans = module.__dict__.setdefault("_prefopt_plans", {})
+    p = plans.get(name)
+    if p is None or (p.base, p.lora_a, p.lora_b, p.mag, p.dropout) != parts:
+        p = plans[name] = _Plan(name, *parts)
+    p.active = module._active_adapter
+    module._prefopt_cur = p
+    return p
 
-    drop = _dropout_active(self, dropout)
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    p = self.__dict__.get("_prefopt_cur")
+    if args or kwargs or p is None or p.active is not self._active_adapter or self._disable_adapters or \
+            self.merged_adapters:
+        p = _resolve(self, args, kwargs)
+        if p is None:
+            STATS["fallback"] += 1
+            return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
+    STATS["fast"] += 1
+    base, lora_a, lora_b, dropout = p.base, p.lora_a, p.lora_b, p.dropout
+    base_w, a_w, b_w = base._parameters["weight"], lora_a._parameters["weight"], lora_b._parameters["weight"]
+    magnitude = p.mag._parameters["weight"]
+    scaling = self.scaling[p.name]
+    drop = self.training and _dropout_active(self, dropout)
     full = drop and self._prefopt_dora_dropout == "full"
-    xl = self._cast_input_dtype(x, a_w.dtype) if convert else x
-    xd = dropout(xl) if drop else xl
-
     # The norm is cached until a weight it depends on changes (their version counters move with every in-place
     # update, e.g. an optimizer step): so it is computed once per optimizer step under gradient accumulation,
     # once for DPO's frozen "ref" copy, not again in gradient checkpointing's recomputation, once in eval.
-    key = (_weight_key(a_w), _weight_key(b_w), _weight_key(base_w), float(scaling), xl.dtype)
-    hit = self._prefopt_norm_cache.get(name)
-    norm = hit[1] if hit is not None and hit[0] == key else None
-
+    key = (a_w._version, b_w._version, base_w._version, id(a_w), id(b_w), id(base_w), a_w.data_ptr(),
+           b_w.data_ptr(), base_w.data_ptr(), scaling)
+    fresh = p.key == key
+    shortcut_ok = _shortcut_ok(base)
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
-    shortcut_ok = _shortcut_ok(base)
-    if not full and shortcut_ok and _plain_linear(lora_a) and _plain_linear(lora_b) and _hookless(mag):
+    if not full and shortcut_ok and p.fusable and _hookless(lora_a) and _hookless(lora_b) and _hookless(p.mag):
         # the common case, one autograd node for the whole layer
-        xd_rows = xd.reshape(-1, in_features) if drop else None
-        w2 = _base_norm2(self, base) if norm is None else None
-        outs = _DoraLinear.apply(rows, xd_rows, a_w, b_w, magnitude, base, norm, w2, scaling)
-        if norm is None:
-            outs, norm = outs
-            self._prefopt_norm_cache[name] = (key, norm)
-        return outs.reshape(*x.shape[:-1], outs.shape[-1])
+        xd = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
+        if not fresh:
+            p.w2 = _base_norm2(self, base)
+        out = _DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, scaling)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling)
+
+
+def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling):
+    """Every other case: `full` dropout, hooked or autocast base layers, 8-bit bases, low-rank factors that are
+    not plain Linear layers. The base call is shared or left to the layer; autograd does the rest."""
+    base, lora_a, lora_b, dropout = p.base, p.lora_a, p.lora_b, p.dropout
+    base_w, a_w, b_w = base.weight, lora_a.weight, lora_b.weight
+    magnitude = p.mag.weight
+    quantized = type(base_w).__name__
+    # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
+    convert = not (quantized in ("Params4bit", "Int8Params") and torch.is_autocast_enabled())
+    xl = self._cast_input_dtype(x, a_w.dtype) if convert else x
+    xd = dropout(xl) if drop else xl
+    in_features = x.shape[-1]
     n = rows.shape[0]
     xs = [rows, xd.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
-    a_rows = lora_a.weight.detach().to(rows.dtype) if norm is None else None
+    a_rows = None if fresh else a_w.detach().to(rows.dtype)
     wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
     if quantized == "Params4bit" and shortcut_ok and (a_rows is not None or full):
         # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
@@ -491,7 +531,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ys = [base(x_) for x_ in xs]
     result, base_d = ys[0], (ys[1] if full else None)
     bias = base.bias
-    if norm is None:
+    if not fresh:
         with torch.no_grad():
             # W A^T as out x r: W @ A^T, not A @ W^T (BLAS is several times slower with only r output rows)
             if tail is not None:
@@ -499,21 +539,20 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             elif wat is None and quantized == "Int8Params":  # LLM.int8 would quantize the A rows
                 wat = _dequantized(base).float() @ a_rows.float().t()
             elif wat is None:
-                wat = base.weight @ a_rows.to(base.weight.dtype).t()
-            norm = _norm_from_parts(_base_norm2(self, base), wat, lora_a.weight, lora_b.weight, scaling)
+                wat = base_w @ a_rows.to(base_w.dtype).t()
+            inv = _inv_norm(_base_norm2(self, base), wat, a_w, b_w, scaling)
+            p.key, p.inv, p.inv_s = key, inv, inv * scaling
             STATS["norms"] += 1
-            norm = norm.to(xl.dtype)
-        self._prefopt_norm_cache[name] = (key, norm)
 
     torch_result_dtype = result.dtype
-    scale = (magnitude / norm).view(1, -1)
+    scale = (magnitude * p.inv.to(xl.dtype)).view(1, -1)
     h = lora_a(xd.reshape(-1, in_features))
     # PEFT's result + (scale - 1) * base_result + scale * s * lora_result is scale * (W x + s B A x - ... ) + bias
     # [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]. With scale folded into B (out x r) and the
     # bias term into the low-rank matmul, it is one fused pass over the output, as LoRA's own addition.
     r = base_d if full else result
     if _plain_linear(lora_b):  # s and scale folded into B (out x r): no full-size pass for either
-        w_b = (lora_b.weight * (scale.view(-1, 1) * scaling)).to(h.dtype)
+        w_b = (b_w * (scale.view(-1, 1) * scaling)).to(h.dtype)
         v_b = None if bias is None else (bias.detach() * (1 - scale.view(-1))).to(h.dtype)
         combined = torch.addcmul(torch.nn.functional.linear(h, w_b, v_b), r, scale)
     else:

@@ -85,7 +85,7 @@ def _fast_calls(fn):
 def test_matches_peft_forward_and_gradients(shaped_models, shape, quant):
     model = _model(shaped_models[shape], quant)
     model.train()
-    ids = _ids()
+    ids = _ids(4, 33)  # 132 rows: more than most layers' in_features, fewer than the down projections'
     ref = _step(model, ids)
     assert dora.enable_fast_dora(model) == N_LAYERS
     got, fast, fallback = _fast_calls(lambda: _step(model, ids))
@@ -295,7 +295,15 @@ def test_falls_back_to_peft_where_it_must(shaped_models):
             out["both"] = model(input_ids=ids).logits
             model.base_model.set_adapter("other")
             out["other"] = model(input_ids=ids).logits
+            other_b = [p for n, p in model.named_parameters() if "lora_B.other" in n]
+            saved = [p.clone() for p in other_b]
+            for p in other_b:  # an update of "other" only (each adapter has its own cache), undone below
+                p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
+            out["other updated"] = model(input_ids=ids).logits
+            for p, v in zip(other_b, saved):
+                p.copy_(v)
             model.base_model.set_adapter("default")
+            out["default again"] = model(input_ids=ids).logits
             model.merge_adapter()
             out["merged"] = model(input_ids=ids).logits
             model.unmerge_adapter()
@@ -305,8 +313,9 @@ def test_falls_back_to_peft_where_it_must(shaped_models):
     ref = outputs()
     dora.enable_fast_dora(model)
     got, fast, fallback = _fast_calls(outputs)
-    assert fast == 3 * N_LAYERS  # default, other, unmerged
+    assert fast == 5 * N_LAYERS  # default, other (twice), default again, unmerged
     assert fallback == 3 * N_LAYERS  # disabled, both, merged
+    assert not torch.allclose(ref["other updated"], ref["other"])
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
     # mixed-adapter batches reach PEFT, which refuses them for DoRA (last: PEFT leaves its hooks behind)
