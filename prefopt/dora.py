@@ -22,6 +22,13 @@ The output is PEFT's result + (scale - 1) base_result + scale s B A x with scale
 as one fused pass, scale * base(x) + x A^T (s scale B)^T (+ bias (1 - scale)), with scale folded into the
 r-wide factor: the same number of full-size passes as LoRA's own addition, plus the magnitude gradient.
 
+In the common case (no dropout or `lowrank` dropout; a frozen plain-Linear or 4-bit base and plain-Linear
+factors, none behind hooks; no autocast) the whole layer, base matmul included, is one autograd node with a
+written-out backward (`_DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
+per-layer work: small kernels, autograd nodes and the Python around them (which, after a layer's large
+matmuls, runs out of cache). So the hot path resolves each adapter's modules once (`_Plan`), and the norm
+takes four small kernels after W A^T. Everything else takes the general path, with autograd.
+
 The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. Nothing about the adapter
 changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
 adapters are plain PEFT adapters, and anything this path does not handle (several active adapters, mixed
@@ -399,8 +406,8 @@ class _DoraLinear(torch.autograd.Function):
 
 
 def _shortcut_ok(base) -> bool:
-    """Base layers the shortcuts may use directly (4-bit: _Shared4bit; Linear: W @ A^T): frozen weights, no
-    hooks to miss, no autocast."""
+    """Base layers whose weight may be used directly (_DoraLinear, _Shared4bit, W @ A^T): frozen weights,
+    no hooks to miss, no autocast."""
     w = base.weight
     if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
         return False
