@@ -180,15 +180,16 @@ def _base_norm2(module, base) -> torch.Tensor:
     return w2
 
 
-def _inv_norm(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
-    """1 / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors, in four small
+def _inv_norm_s(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
+    """s / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors: five small
     kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic)."""
     f32 = torch.float32
     wat, a, b = (t if t.dtype == f32 else t.float() for t in (wat, lora_a, lora_b))  # (called under no_grad)
-    # ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  ||W_i||^2 + 2s B_i . (W A^T + (s/2) B A A^T)_i
+    # ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  ||W_i||^2 + 2s B_i . (W A^T + (s/2) B A A^T)_i,
+    # divided by s^2 (so that its rsqrt is s / norm)
     t = torch.addmm(wat, b, a @ a.t(), alpha=scaling / 2)
-    n2 = torch.baddbmm(w2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), alpha=2 * scaling).view(-1)
-    return n2.clamp_min_(0).rsqrt_()
+    n2 = torch.baddbmm(w2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), beta=1 / scaling**2, alpha=2 / scaling)
+    return n2.view(-1).clamp_min_(0).rsqrt_()
 
 
 class _Rows(torch.autograd.Function):
@@ -324,11 +325,10 @@ class _DoraLinear(torch.autograd.Function):
             xl = xl.to(ct)
         if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
             wat = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).t()
-            inv = _inv_norm(plan.w2, wat, a, b, s)
-            plan.key, plan.inv, plan.inv_s = key, inv, inv * s
+            plan.key, plan.inv_s = key, _inv_norm_s(plan.w2, wat, a, b, s)
             STATS["norms"] += 1
-        inv = plan.inv
-        ss = m * plan.inv_s  # s * scale
+        inv_s = plan.inv_s
+        ss = m * inv_s  # s * scale
         h = torch.nn.functional.linear(xl, a)
         w_b = b * ss.unsqueeze(1)
         if w_b.dtype != ct:
@@ -340,12 +340,12 @@ class _DoraLinear(torch.autograd.Function):
             out = out.to(r.dtype)
         ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same = base, four_bit, dtype, s, xd is None
         ctx.xd_dtype, ctx.m_dtype = (None if xd is None else xd.dtype), m.dtype
-        ctx.save_for_backward(xl, h, r, a, b, w_b, ss, inv)
+        ctx.save_for_backward(xl, h, r, a, b, w_b, ss, inv_s)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xl, h, r, a, b, w_b, ss, inv = ctx.saved_tensors
+        xl, h, r, a, b, w_b, ss, inv_s = ctx.saved_tensors
         need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
         base, s = ctx.base, ctx.s
         gc = g if g.dtype == h.dtype else g.to(h.dtype)
@@ -357,14 +357,15 @@ class _DoraLinear(torch.autograd.Function):
                 if grad_b.dtype != b.dtype:
                     grad_b = grad_b.to(b.dtype)
             if need_m:
-                # dL/dm = inv (sum_n g r  +  s grad_wb . B  [- bias sum_n g]), per output row, in fp32
-                f32 = inv.dtype
+                # dL/dm = (s / norm) (sum_n g r / s  +  grad_wb . B  [- bias sum_n g / s]), per row, in fp32
+                f32 = inv_s.dtype
                 gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == f32 == r.dtype else \
                     torch.linalg.vecdot(g.to(f32), r.to(f32), dim=0)
                 if base.bias is not None:
                     gs = gs - base.bias.to(f32) * g.to(f32).sum(0)
-                gm = torch.baddbmm(gs.view(-1, 1, 1), grad_wb.to(f32).unsqueeze(1), b.to(f32).unsqueeze(2), alpha=s)
-                grad_m = gm.view(-1).mul_(inv)
+                gm = torch.baddbmm(gs.view(-1, 1, 1), grad_wb.to(f32).unsqueeze(1), b.to(f32).unsqueeze(2),
+                                   beta=1 / s)
+                grad_m = gm.view(-1).mul_(inv_s)
         need_h = need_a or need_xd or (need_x and ctx.same)
         grad_h = gc @ w_b if need_h else None  # n x r
         if need_a:
@@ -438,17 +439,16 @@ def _rescale(r: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias) -> 
 
 class _Plan:
     """One adapter of one layer, resolved for the hot path: the modules its forward reads, and the cached
-    inverse norm with the key it was computed under. Every forward of every adapted layer starts here, and on
+    inverse norm (times s) with the key it was computed under. Every forward of every adapted layer starts here, and on
     a small machine the Python objects a forward touches cost as much as its small kernels (after the layer's
     large matmuls they are out of cache), so the hot path reads these slots rather than walking PEFT's
     ModuleDicts and properties."""
 
-    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv", "inv_s",
-                 "w2")
+    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s", "w2")
 
     def __init__(self, name, base, lora_a, lora_b, mag, dropout):
         self.name, self.base, self.lora_a, self.lora_b, self.mag, self.dropout = name, base, lora_a, lora_b, mag, dropout
-        self.active = self.key = self.inv = self.inv_s = self.w2 = None
+        self.active = self.key = self.inv_s = self.w2 = None
         # the one-node path reads these modules' weights itself: plain Linear low-rank factors without biases
         self.fusable = _plain_linear(lora_a) and _plain_linear(lora_b)
 
@@ -547,12 +547,11 @@ def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scal
                 wat = _dequantized(base).float() @ a_rows.float().t()
             elif wat is None:
                 wat = base_w @ a_rows.to(base_w.dtype).t()
-            inv = _inv_norm(_base_norm2(self, base), wat, a_w, b_w, scaling)
-            p.key, p.inv, p.inv_s = key, inv, inv * scaling
+            p.key, p.inv_s = key, _inv_norm_s(_base_norm2(self, base), wat, a_w, b_w, scaling)
             STATS["norms"] += 1
 
     torch_result_dtype = result.dtype
-    scale = (magnitude * p.inv.to(xl.dtype)).view(1, -1)
+    scale = (magnitude * (p.inv_s * (1 / scaling)).to(xl.dtype)).view(1, -1)
     h = lora_a(xd.reshape(-1, in_features))
     # PEFT's result + (scale - 1) * base_result + scale * s * lora_result is scale * (W x + s B A x - ... ) + bias
     # [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]. With scale folded into B (out x r) and the
