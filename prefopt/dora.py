@@ -335,7 +335,11 @@ class _DoraLinear(torch.autograd.Function):
             w_b = w_b.to(ct)
         # PEFT's base bias stays out of the rescaling: + bias (1 - scale), folded into the low-rank matmul
         lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias - bias * (ss / s)).to(ct))
-        out = torch.addcmul(lin, r, ss if ss.dtype == lin.dtype else ss.to(lin.dtype), value=1 / s)
+        ssl = ss if ss.dtype == lin.dtype else ss.to(lin.dtype)
+        if lin.dtype == torch.promote_types(lin.dtype, r.dtype):  # into lin's own buffer: no new n x out tensor
+            out = lin.addcmul_(r, ssl, value=1 / s)
+        else:
+            out = torch.addcmul(lin, r, ssl, value=1 / s)
         if out.dtype != r.dtype:
             out = out.to(r.dtype)
         ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same = base, four_bit, dtype, s, xd is None

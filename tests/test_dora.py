@@ -398,3 +398,19 @@ def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_mod
         torch.testing.assert_close(fast_ad[k], peft_ad[k], rtol=1e-4, atol=1e-5, msg=k)
     # lowrank is a different (documented) dropout semantics: it trains, to a different adapter
     assert max((low_ad[k] - peft_ad[k]).abs().max().item() for k in peft_ad) > 1e-4
+
+
+def test_second_backward_through_the_same_graph(shaped_models):
+    """retain_graph=True works as with PEFT: the one-node backward leaves its saved tensors intact."""
+    model = _model(shaped_models["h64"], "nf4")
+    dora.enable_fast_dora(model)
+    model.train()
+    ids = _ids()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, first[n], rtol=0, atol=0, msg=n)
