@@ -47,13 +47,13 @@ def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, dev
     return model, opt
 
 
-def time_steps(model, opt, ids, steps: int, accum: int = 1) -> float:
+def time_steps(model, opt, ids, steps: int, accum: int = 1, clock=time.perf_counter) -> float:
     """ms per optimizer step; each step runs `accum` micro-batches (forward + backward) and one AdamW step."""
     import torch
 
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
         for _ in range(accum):
             loss = model(input_ids=ids, labels=ids).loss
@@ -61,7 +61,21 @@ def time_steps(model, opt, ids, steps: int, accum: int = 1) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
-    return (time.perf_counter() - t0) / steps * 1000
+    return (clock() - t0) / steps * 1000
+
+
+def _cpu_counters():
+    """(steal, total) jiffies of this machine's CPUs (Linux /proc/stat), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+# wall: elapsed time. cpu: this process's CPU time over all threads (not counting time a virtual machine's CPUs
+# were taken away by the host, which on a shared CPU box can swing wall-clock ratios by 10-20%); CPU only.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
@@ -93,7 +107,7 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
                 (model, opt), mode = variants[name]
                 if mode:
                     dora.enable_fast_dora(model, mode)
-                times[name].append(time_steps(model, opt, ids, args.steps, args.accum))
+                times[name].append(time_steps(model, opt, ids, args.steps, args.accum, CLOCKS[args.clock]))
         # best of the rounds (noise on a shared machine only ever adds time), and the median over rounds of the
         # ratio to LoRA's time in the same round (slow drifts of the machine's speed cancel in it)
         ref = min(times["lora"])
@@ -118,6 +132,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="training steps per variant per round")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     ap.add_argument("--dtype", default=None, help="model/compute dtype (default float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or the process's CPU time (CPU runs on a shared machine; see CLOCKS)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -129,12 +145,13 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads",
            "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers, "batch": f"{args.batch}x{args.seq}",
-           "accum": args.accum}
+           "accum": args.accum, "clock": args.clock}
     import peft
 
     env["peft"] = peft.__version__
     print("bench_dora:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
+    before = _cpu_counters()
     with tempfile.TemporaryDirectory() as tmp:
         for width in args.widths:
             path = build_tiny_model(Path(tmp) / f"w{width}", ROOT / "data" / "demo", hidden_size=width,
@@ -146,6 +163,10 @@ def main() -> None:
                     print(f"  hidden {width:5d}  {quant:4s}  dropout {row['dropout']:<4g}  {row['variant']:21s} "
                           f"{row['ms_per_step']:8.1f} ms/step  {row['ratio_to_lora']:.3f}x LoRA  "
                           f"(paired median: {row['paired_median_ratio']:.3f}x)", flush=True)
+    after = _cpu_counters()
+    if before and after and after[1] > before[1]:  # a virtual machine's CPUs taken away by the host: wall-time noise
+        env["steal_pct"] = round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+        print(f"bench_dora: steal {env['steal_pct']}% of CPU time during the run", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
 
