@@ -24,7 +24,7 @@ r-wide factor: the same number of full-size passes as LoRA's own addition, plus 
 
 In the common case (no dropout or `lowrank` dropout; a frozen plain-Linear or 4-bit base and plain-Linear
 factors, none behind hooks; no autocast) the whole layer, base matmul included, is one autograd node with a
-written-out backward (`_DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
+written-out backward (`dora_ops.DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
 per-layer work: small kernels, autograd nodes and the Python around them (which, after a layer's large
 matmuls, runs out of cache). So the hot path resolves each adapter's modules once (`_Plan`), and the norm
 takes four small kernels after W A^T. Everything else takes the general path, with autograd.
@@ -47,6 +47,8 @@ import sys
 
 import torch
 from torch import nn
+
+from .dora_ops import DoraLinear, Rows, Shared4bit, dequantize_4bit, inv_norm_s
 
 DROPOUT_MODES = ("lowrank", "full")
 _FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
@@ -151,9 +153,7 @@ def _dequantized(base) -> torch.Tensor:
     w = base.weight
     kind = type(w).__name__
     if kind == "Params4bit":
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        return dequantize_4bit(base)
     if kind == "Int8Params":
         import bitsandbytes as bnb
 
@@ -180,41 +180,7 @@ def _base_norm2(module, base) -> torch.Tensor:
     return w2
 
 
-def _inv_norm_s(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
-    """s / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors: five small
-    kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic)."""
-    f32 = torch.float32
-    wat, a, b = (t if t.dtype == f32 else t.float() for t in (wat, lora_a, lora_b))  # (called under no_grad)
-    # ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  ||W_i||^2 + 2s B_i . (W A^T + (s/2) B A A^T)_i,
-    # divided by s^2 (so that its rsqrt is s / norm)
-    t = torch.addmm(wat, b, a @ a.t(), alpha=scaling / 2)
-    n2 = torch.baddbmm(w2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), beta=1 / scaling**2, alpha=2 / scaling)
-    return n2.view(-1).clamp_min_(0).rsqrt_()
-
-
-class _Rows(torch.autograd.Function):
-    """Split a tensor's leading rows into [0, n) and [n, 2n) (or an empty second part); the remaining rows
-    (the ride-along A rows) get a zero gradient. Same as slicing, with one pass fewer in backward."""
-
-    @staticmethod
-    def forward(ctx, t, n, two):
-        ctx.shape, ctx.n = t.shape, n
-        ctx.set_materialize_grads(False)
-        return t.narrow(0, 0, n), t.narrow(0, n, n if two else 0)
-
-    @staticmethod
-    def backward(ctx, g1, g2):
-        n, (rows, cols) = ctx.n, ctx.shape
-        ref = g1 if g1 is not None else g2
-        parts = [g1 if g1 is not None else ref.new_zeros(n, cols)]
-        if g2 is not None:
-            parts.append(g2)
-        used = sum(p.shape[0] for p in parts)
-        parts.append(ref.new_zeros(rows - used, cols))
-        return torch.cat(parts), None, None
-
-
-def _plan(module, args, kwargs):
+def _active_dora_adapter(module, args, kwargs):
     """The adapter to run fast, or None to hand the call to PEFT's forward. (Runs on every forward of every
     adapted layer: submodules are read from `_modules` directly, not through nn.Module.__getattr__.)"""
     if args or (kwargs and any(v is not None for v in kwargs.values())):
@@ -239,179 +205,8 @@ def _dropout_active(module, dropout) -> bool:
     return True
 
 
-class _Shared4bit(torch.autograd.Function):
-    """One dequantization of a frozen 4-bit weight serves base(x), base(xd) for `full` dropout and, when the
-    norm is due, W A^T (a_rows=None skips it), as the base layer's own matmul would: out = x W^T + bias in the layer's compute dtype. Backward: the input gradients only
-    (W is frozen), from a fresh dequantization as bitsandbytes does; no gradient work for the A rows."""
-
-    @staticmethod
-    def forward(ctx, a_rows, base, *xs):
-        import bitsandbytes as bnb
-
-        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
-        if not base.compute_type_is_set:
-            base.set_compute_type(xs[0])
-            base.compute_type_is_set = True
-        dtype = base.compute_dtype or xs[0].dtype
-        w = base.weight
-        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        outs = [torch.nn.functional.linear(x.to(dtype), deq, bias).to(x.dtype) for x in xs]
-        ctx.base, ctx.x_dtypes = base, [x.dtype for x in xs]
-        if a_rows is None:
-            return tuple(outs)
-        wat = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
-        ctx.mark_non_differentiable(wat)
-        return (*outs, wat)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        import bitsandbytes as bnb
-
-        base = ctx.base
-        w = base.weight
-        out = [None, None]
-        deq = None
-        for g, dt in zip(grads, ctx.x_dtypes):  # (a trailing W A^T grad, if any, is ignored by zip)
-            if g is None:
-                out.append(None)
-                continue
-            dtype = base.compute_dtype or g.dtype
-            if deq is None:
-                deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
-            out.append((g.to(dtype) @ deq).to(dt))
-        return tuple(out)
-
-
-class _DoraLinear(torch.autograd.Function):
-    """The whole adapted layer, base matmul included, as one autograd node (no dropout, or `lowrank` dropout):
-
-        out = base(x) s' / s + xd A^T (s' B)^T + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
-
-    (s' = s * scale: PEFT's scale = m / norm, times the LoRA scaling), for a frozen plain-Linear or 4-bit base
-    (one dequantization serves base(x) and, when the norm is due, W A^T) and plain-Linear lora_A / lora_B.
-    `xd` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
-    computed here and cached on `plan` under that key; otherwise the plan's cached norm is used. The backward
-    is written out: the gradients autograd gives for the same expression with the norm constant, in one node
-    instead of a dozen, and no pass over the output the expression does not need. (Per layer and step such
-    fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
-
-    @staticmethod
-    def forward(ctx, x, xd, a, b, m, base, plan, key, s):
-        w = base.weight
-        four_bit = type(w).__name__ == "Params4bit"
-        if four_bit:
-            import bitsandbytes as bnb
-
-            bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
-            if not base.compute_type_is_set:
-                base.set_compute_type(x)
-                base.compute_type_is_set = True
-            dtype = base.compute_dtype or x.dtype
-            w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
-            if w.dtype != dtype:
-                w = w.to(dtype)
-        else:
-            dtype = x.dtype
-        bias = base.bias
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        r = torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), w, bias)
-        if r.dtype != x.dtype:
-            r = r.to(x.dtype)
-        ct = a.dtype  # PEFT runs the low-rank branch in the adapter's dtype
-        xl = x if xd is None else xd
-        if xl.dtype != ct:
-            xl = xl.to(ct)
-        if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
-            wat = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).t()
-            plan.key, plan.inv_s = key, _inv_norm_s(plan.w2, wat, a, b, s)
-            STATS["norms"] += 1
-        inv_s = plan.inv_s
-        ss = m * inv_s  # s * scale
-        h = torch.nn.functional.linear(xl, a)
-        w_b = b * ss.unsqueeze(1)
-        if w_b.dtype != ct:
-            w_b = w_b.to(ct)
-        # PEFT's base bias stays out of the rescaling: + bias (1 - scale), folded into the low-rank matmul
-        lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias - bias * (ss / s)).to(ct))
-        ssl = ss if ss.dtype == lin.dtype else ss.to(lin.dtype)
-        if lin.dtype == torch.promote_types(lin.dtype, r.dtype):  # into lin's own buffer: no new n x out tensor
-            out = lin.addcmul_(r, ssl, value=1 / s)
-        else:
-            out = torch.addcmul(lin, r, ssl, value=1 / s)
-        if out.dtype != r.dtype:
-            out = out.to(r.dtype)
-        ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same = base, four_bit, dtype, s, xd is None
-        ctx.xd_dtype, ctx.m_dtype = (None if xd is None else xd.dtype), m.dtype
-        ctx.save_for_backward(xl, h, r, a, b, w_b, ss, inv_s)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        xl, h, r, a, b, w_b, ss, inv_s = ctx.saved_tensors
-        need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        base, s = ctx.base, ctx.s
-        gc = g if g.dtype == h.dtype else g.to(h.dtype)
-        grad_x = grad_xd = grad_a = grad_b = grad_m = None
-        if need_b or need_m:
-            grad_wb = gc.t() @ h  # out x r
-            if need_b:
-                grad_b = grad_wb * ss.unsqueeze(1)
-                if grad_b.dtype != b.dtype:
-                    grad_b = grad_b.to(b.dtype)
-            if need_m:
-                # dL/dm = (s / norm) (sum_n g r / s  +  grad_wb . B  [- bias sum_n g / s]), per row, in fp32
-                f32 = inv_s.dtype
-                gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == f32 == r.dtype else \
-                    torch.linalg.vecdot(g.to(f32), r.to(f32), dim=0)
-                if base.bias is not None:
-                    gs = gs - base.bias.to(f32) * g.to(f32).sum(0)
-                gm = torch.baddbmm(gs.view(-1, 1, 1), grad_wb.to(f32).unsqueeze(1), b.to(f32).unsqueeze(2),
-                                   beta=1 / s)
-                grad_m = gm.view(-1).mul_(inv_s)
-        need_h = need_a or need_xd or (need_x and ctx.same)
-        grad_h = gc @ w_b if need_h else None  # n x r
-        if need_a:
-            grad_a = grad_h.t() @ xl
-            if grad_a.dtype != a.dtype:
-                grad_a = grad_a.to(a.dtype)
-        if need_x:
-            w = base.weight
-            if ctx.four_bit:
-                import bitsandbytes as bnb
-
-                w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
-                if w.dtype != ctx.dtype:
-                    w = w.to(ctx.dtype)
-            # (g * scale) @ W: the scale goes on whichever is smaller, g (n x out) or W (out x in; on a 4-bit
-            # base the fresh dequantization, in place)
-            scale = ss * (1 / s)
-            if g.shape[0] > w.shape[1]:
-                sc = scale.to(ctx.dtype).unsqueeze(1)
-                w = w.mul_(sc) if ctx.four_bit else w * sc
-                grad_x = (g if g.dtype == ctx.dtype else g.to(ctx.dtype)) @ w
-            else:
-                gb = g * (scale if scale.dtype == g.dtype else scale.to(g.dtype))
-                grad_x = (gb if gb.dtype == ctx.dtype else gb.to(ctx.dtype)) @ w
-            if ctx.same:
-                if grad_x.dtype == grad_h.dtype and a.dtype == grad_h.dtype:
-                    grad_x = grad_x.addmm_(grad_h, a)
-                else:
-                    grad_x = grad_x + (grad_h @ a).to(grad_x.dtype)
-            if grad_x.dtype != g.dtype:
-                grad_x = grad_x.to(g.dtype)
-        if need_xd:
-            grad_xd = grad_h @ a
-            if grad_xd.dtype != ctx.xd_dtype:
-                grad_xd = grad_xd.to(ctx.xd_dtype)
-        if grad_m is not None and grad_m.dtype != ctx.m_dtype:
-            grad_m = grad_m.to(ctx.m_dtype)
-        return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
-
-
 def _shortcut_ok(base) -> bool:
-    """Base layers whose weight may be used directly (_DoraLinear, _Shared4bit, W @ A^T): frozen weights,
+    """Base layers whose weight may be used directly (DoraLinear, Shared4bit, W @ A^T): frozen weights,
     no hooks to miss, no autocast."""
     w = base.weight
     if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
@@ -461,7 +256,7 @@ def _resolve(module, args, kwargs):
     """The plan for the active adapter (made on first use, or when its modules were replaced), or None to hand
     the call to PEFT's forward. Runs when the active adapter, disabled or merged state changed since the last
     forward (or the call has extra arguments)."""
-    name = _plan(module, args, kwargs)
+    name = _active_dora_adapter(module, args, kwargs)
     if name is None:
         return None
     mods = module._modules
@@ -508,7 +303,8 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         xd = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
         if not fresh:
             p.w2 = _base_norm2(self, base)
-        out = _DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, scaling)
+            STATS["norms"] += 1
+        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, scaling)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling)
 
@@ -531,12 +327,12 @@ def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scal
     wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
     if quantized == "Params4bit" and shortcut_ok and (a_rows is not None or full):
         # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
-        outs = _Shared4bit.apply(a_rows, base, *xs)
+        outs = Shared4bit.apply(a_rows, base, *xs)
         ys, wat = (outs[:-1], outs[-1]) if a_rows is not None else (outs, None)
     elif a_rows is not None and not shortcut_ok:
         # behind hooks or autocast the layer makes its own call: the A rows ride along in its batch
         out = base(torch.cat([*xs, a_rows]))
-        ys = _Rows.apply(out, n, full)[: len(xs)]
+        ys = Rows.apply(out, n, full)[: len(xs)]
         tail = out[len(xs) * n :]
     else:
         ys = [base(x_) for x_ in xs]
@@ -551,7 +347,7 @@ def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scal
                 wat = _dequantized(base).float() @ a_rows.float().t()
             elif wat is None:
                 wat = base_w @ a_rows.to(base_w.dtype).t()
-            p.key, p.inv_s = key, _inv_norm_s(_base_norm2(self, base), wat, a_w, b_w, scaling)
+            p.key, p.inv_s = key, inv_norm_s(_base_norm2(self, base), wat, a_w, b_w, scaling)
             STATS["norms"] += 1
 
     torch_result_dtype = result.dtype
