@@ -100,15 +100,18 @@ class Shared4bit(torch.autograd.Function):
 class DoraLinear(torch.autograd.Function):
     """The whole adapted layer, base matmul included, as one autograd node (no dropout, or `lowrank` dropout):
 
-        out = base(x) s' / s + xd A^T (s' B)^T + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
+        out = s' (base(x) / s + xd A^T B^T) + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
 
     (s' = s * scale: PEFT's scale = m / norm, times the LoRA scaling), for a frozen plain-Linear or 4-bit base
     (one dequantization serves base(x) and, when the norm is due, W A^T) and plain-Linear lora_A / lora_B.
     `xd` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
-    computed here and cached on `plan` under that key; otherwise the plan's cached norm is used. The backward
-    is written out: the gradients autograd gives for the same expression with the norm constant, in one node
-    instead of a dozen, and no pass over the output the expression does not need. (Per layer and step such
-    fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
+    computed here and cached on `plan` under that key; otherwise the plan's cached norm is used.
+
+    The unscaled sum u = base(x) / s + xd A^T B^T is accumulated into the base output's own buffer and kept for
+    the backward, where it gives the magnitude gradient in one pass: dL/dm = (s / norm) sum_n g (u - bias / s).
+    The backward is written out: the gradients autograd gives for the same expression with the norm constant,
+    in one node instead of a dozen, and no pass over the output the expression does not need. (Per layer and
+    step such fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
 
     @staticmethod
     def forward(ctx, x, xd, a, b, m, base, plan, key, s):
@@ -135,68 +138,79 @@ class DoraLinear(torch.autograd.Function):
         inv_s = plan.inv_s
         ss = m * inv_s  # s * scale
         h = torch.nn.functional.linear(xl, a)
-        w_b = b * ss.unsqueeze(1)
-        if w_b.dtype != ct:
-            w_b = w_b.to(ct)
-        # PEFT's base bias stays out of the rescaling: + bias (1 - scale), folded into the low-rank matmul
-        lin = torch.nn.functional.linear(h, w_b, None if bias is None else (bias - bias * (ss / s)).to(ct))
-        ssl = ss if ss.dtype == lin.dtype else ss.to(lin.dtype)
-        if lin.dtype == torch.promote_types(lin.dtype, r.dtype):  # into lin's own buffer: no new n x out tensor
-            out = lin.addcmul_(r, ssl, value=1 / s)
+        ud = torch.promote_types(r.dtype, ct)
+        bt = (b if b.dtype == ud else b.to(ud)).t()
+        if r.dtype == ud:  # u = r / s + h B^T into r's own buffer (fresh from the matmul above): no new tensor
+            u = r.addmm_(h if h.dtype == ud else h.to(ud), bt, beta=1 / s)
         else:
-            out = torch.addcmul(lin, r, ssl, value=1 / s)
-        if out.dtype != r.dtype:
-            out = out.to(r.dtype)
+            u = torch.addmm(r.to(ud), h if h.dtype == ud else h.to(ud), bt, beta=1 / s)
+        ssu = ss if ss.dtype == ud else ss.to(ud)
+        if bias is None:
+            out = u * ssu
+        else:  # PEFT's base bias stays out of the rescaling: + bias (1 - scale)
+            out = torch.addcmul((bias - bias * (ss / s)).to(ud), u, ssu)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same = base, four_bit, dtype, s, xd is None
         ctx.xd_dtype, ctx.m_dtype = (None if xd is None else xd.dtype), m.dtype
-        ctx.save_for_backward(xl, h, r, a, b, w_b, ss, inv_s)
+        ctx.save_for_backward(xl, h, u, a, b, ss, inv_s)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xl, h, r, a, b, w_b, ss, inv_s = ctx.saved_tensors
+        xl, h, u, a, b, ss, inv_s = ctx.saved_tensors
         need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        base, s = ctx.base, ctx.s
-        gc = g if g.dtype == h.dtype else g.to(h.dtype)
+        base, s, ct = ctx.base, ctx.s, h.dtype
         grad_x = grad_xd = grad_a = grad_b = grad_m = None
-        if need_b or need_m:
-            grad_wb = gc.t() @ h  # out x r
-            if need_b:
-                grad_b = grad_wb * ss.unsqueeze(1)
-                if grad_b.dtype != b.dtype:
-                    grad_b = grad_b.to(b.dtype)
-            if need_m:
-                # dL/dm = (s / norm) (sum_n g r / s  +  grad_wb . B  [- bias sum_n g / s]), per row, in fp32
-                f32 = inv_s.dtype
-                gs = torch.linalg.vecdot(g, r, dim=0) if g.dtype == f32 == r.dtype else \
-                    torch.linalg.vecdot(g.to(f32), r.to(f32), dim=0)
-                if base.bias is not None:
-                    gs = gs - base.bias.to(f32) * g.to(f32).sum(0)
-                gm = torch.baddbmm(gs.view(-1, 1, 1), grad_wb.to(f32).unsqueeze(1), b.to(f32).unsqueeze(2),
-                                   beta=1 / s)
-                grad_m = gm.view(-1).mul_(inv_s)
+        if need_m:  # dL/dm = (s / norm) sum_n g (u - bias / s), per row, in fp32
+            f32 = inv_s.dtype
+            gs = torch.linalg.vecdot(g, u, dim=0) if g.dtype == f32 == u.dtype else \
+                torch.linalg.vecdot(g.to(f32), u.to(f32), dim=0)
+            if base.bias is not None:
+                gs = gs.sub_(g.to(f32).sum(0).mul_(base.bias.to(f32)), alpha=1 / s)
+            grad_m = gs.mul_(inv_s)
+            if grad_m.dtype != ctx.m_dtype:
+                grad_m = grad_m.to(ctx.m_dtype)
         need_h = need_a or need_xd or (need_x and ctx.same)
-        grad_h = gc @ w_b if need_h else None  # n x r
+        if not (need_b or need_h or need_x):
+            return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
+        w = None
+        if need_x:
+            w = dequantize_4bit(base, ctx.dtype) if ctx.four_bit else base.weight
+        gss = None
+        if w is None or g.shape[0] <= w.shape[1]:
+            # the scale s' on g (n x out), once for every product that needs it
+            gss = g * (ss if ss.dtype == g.dtype else ss.to(g.dtype))
+            gl = gss if gss.dtype == ct else gss.to(ct)
+            grad_b = gl.t() @ h if need_b else None
+            grad_h = gl @ b if need_h else None
+        else:
+            # more rows than W has columns: the scale goes on W's rows (out x in; on a 4-bit base the fresh
+            # dequantization, in place) and on B (out x r) instead
+            sc = ss.to(ctx.dtype).unsqueeze(1)
+            w = w.mul_(sc) if ctx.four_bit else w * sc
+            gc = g if g.dtype == ct else g.to(ct)
+            ssc = ss.to(ct).unsqueeze(1)
+            grad_b = (gc.t() @ h).mul_(ssc) if need_b else None
+            grad_h = gc @ (b * ssc) if need_h else None
+        if grad_b is not None and grad_b.dtype != b.dtype:
+            grad_b = grad_b.to(b.dtype)
         if need_a:
             grad_a = grad_h.t() @ xl
             if grad_a.dtype != a.dtype:
                 grad_a = grad_a.to(a.dtype)
         if need_x:
-            w = dequantize_4bit(base, ctx.dtype) if ctx.four_bit else base.weight
-            # (g * scale) @ W: the scale goes on whichever is smaller, g (n x out) or W (out x in; on a 4-bit
-            # base the fresh dequantization, in place)
-            scale = ss * (1 / s)
-            if g.shape[0] > w.shape[1]:
-                sc = scale.to(ctx.dtype).unsqueeze(1)
-                w = w.mul_(sc) if ctx.four_bit else w * sc
-                grad_x = (g if g.dtype == ctx.dtype else g.to(ctx.dtype)) @ w
+            # (g s' / s) W [+ grad_h A]
+            gw = gss if gss is not None else g
+            if gw.dtype != ctx.dtype:
+                gw = gw.to(ctx.dtype)
+            if ctx.same and grad_h.dtype == ctx.dtype == a.dtype:
+                grad_x = (grad_h @ a).addmm_(gw, w, alpha=1 / s)
             else:
-                gb = g * (scale if scale.dtype == g.dtype else scale.to(g.dtype))
-                grad_x = (gb if gb.dtype == ctx.dtype else gb.to(ctx.dtype)) @ w
-            if ctx.same:
-                if grad_x.dtype == grad_h.dtype and a.dtype == grad_h.dtype:
-                    grad_x = grad_x.addmm_(grad_h, a)
-                else:
+                grad_x = torch.mm(gw, w)
+                if s != 1:
+                    grad_x = grad_x.mul_(1 / s)
+                if ctx.same:
                     grad_x = grad_x + (grad_h @ a).to(grad_x.dtype)
             if grad_x.dtype != g.dtype:
                 grad_x = grad_x.to(g.dtype)
@@ -204,6 +218,4 @@ class DoraLinear(torch.autograd.Function):
             grad_xd = grad_h @ a
             if grad_xd.dtype != ctx.xd_dtype:
                 grad_xd = grad_xd.to(ctx.xd_dtype)
-        if grad_m is not None and grad_m.dtype != ctx.m_dtype:
-            grad_m = grad_m.to(ctx.m_dtype)
         return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
