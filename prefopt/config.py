@@ -120,7 +120,8 @@ class TrainSection(_Section):
     max_length: int = Field(2048, gt=0, description="Truncate sequences (prompt + completion) to this many tokens.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...).")
+    optim: str = Field("adamw_torch_fused", description="transformers optimizer name (adamw_torch_fused, adamw_torch, "
+                       "paged_adamw_8bit, ...); the default, transformers' own, updates every tensor in one kernel.")
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     logging_steps: int = Field(10, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (null: once, at the end).")

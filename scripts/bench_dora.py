@@ -1,15 +1,15 @@
 """Training step time of LoRA, PEFT's DoRA and prefopt's fast DoRA, side by side in one process.
 
     python scripts/bench_dora.py [--widths 512 1024] [--quant nf4 none] [--dropouts 0 0.05] [--rounds 10] [--steps 1]
-                                 [--accum 1]
+                                 [--accum 1] [--clock wall|cpu] [--optim adamw_torch_fused|adamw_torch]
                                  [--json out.json]
 
 For each base (width x quantization) and adapter dropout (0 and 0.05) it builds the same random 4-layer
 Llama with a LoRA adapter and with a DoRA adapter (r=16, alpha=16, all-linear), then times full training
-steps (forward, backward, AdamW step) on a batch of 4 x 128 tokens. Variants are timed in interleaved
-rounds (order rotated each round), so machine noise hits them alike; printed: the best round's ms/step per
-variant, its ratio to LoRA's best at the same dropout, and the median over rounds of the ratio to LoRA's
-time in the same round. Targets on CPU: fast <= 1.05x LoRA (dropout 0), fast/lowrank <= 1.15x LoRA (dropout
+steps (forward, backward, AdamW step: the recipes' default, fused, unless --optim says otherwise) on a
+batch of 4 x 128 tokens. Variants are timed in interleaved rounds (order rotated each round), so machine
+noise hits them alike; printed: the best round's ms/step per variant, its ratio to LoRA's best at the same
+dropout, and the median over rounds of the ratio to LoRA's time in the same round. Targets on CPU: fast <= 1.05x LoRA (dropout 0), fast/lowrank <= 1.15x LoRA (dropout
 0.05), fast/full no slower than PEFT's DoRA.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, device: str):
+def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, device: str, optim: str = "adamw_torch_fused"):
     import torch
 
     from prefopt.models import attach_adapter, build_lora_config, load_base_model
@@ -43,7 +43,9 @@ def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, dev
             if "lora_B" in n:
                 p.copy_(0.01 * torch.randn(p.shape, generator=g).to(p))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # the optimizer a recipe's `train.optim` names (transformers builds torch's AdamW, fused or not, the same way)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                            fused=optim == "adamw_torch_fused")
     return model, opt
 
 
@@ -87,9 +89,10 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
     vocab = 500
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
     for p in args.dropouts:
-        lora = build(path, quant, dora=False, dropout=p, dtype=args.dtype, device=device)
-        peft = build(path, quant, dora=True, dropout=p, dtype=args.dtype, device=device)
-        fast = build(path, quant, dora=True, dropout=p, dtype=args.dtype, device=device)
+        kw = dict(dropout=p, dtype=args.dtype, device=device, optim=args.optim)
+        lora = build(path, quant, dora=False, **kw)
+        peft = build(path, quant, dora=True, **kw)
+        fast = build(path, quant, dora=True, **kw)
         variants = {"lora": (lora, None), "peft dora": (peft, None)}
         if p == 0:
             variants["prefopt dora"] = (fast, "lowrank")  # the two semantics coincide without dropout
@@ -121,6 +124,8 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
 
 
 def main() -> None:
+    from prefopt.config import TrainSection
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--quant", nargs="+", default=["nf4", "none"], choices=["nf4", "int8", "none"])
@@ -134,6 +139,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="model/compute dtype (default float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the process's CPU time (CPU runs on a shared machine; see CLOCKS)")
+    ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default=TrainSection().optim,
+                    help="the optimizer (default: the recipes' default); DoRA has 50%% more tensors to update")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -145,7 +152,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads",
            "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers, "batch": f"{args.batch}x{args.seq}",
-           "accum": args.accum, "clock": args.clock}
+           "accum": args.accum, "clock": args.clock, "optim": args.optim}
     import peft
 
     env["peft"] = peft.__version__

@@ -35,6 +35,15 @@ def test_defaults_follow_the_recipe_guide(tmp_path):
     assert (a.method, a.r, a.alpha, a.dropout, a.target_modules) == ("dora", 16, 16, 0.05, "all-linear")
     assert (t.learning_rate, t.scheduler, t.warmup_ratio) == (2e-4, "cosine", 0.05)
     assert r.model.quantization == "nf4"
+    # the optimizer updates every adapter tensor in one kernel (DoRA has 50% more tensors than LoRA), and the
+    # name reaches the trainer's config
+    from trl import SFTConfig
+
+    from prefopt.stages.common import training_args
+
+    assert t.optim == "adamw_torch_fused"
+    args = training_args(t, output_dir=tmp_path / "o", seed=0, report_to=[], run_name="x", has_eval=False)
+    assert SFTConfig(**args).optim == "adamw_torch_fused"
     assert DPOStage.model_fields["reference"].default == "previous_stage"
     # every field carries help text
     for model in (Recipe, DPOStage, type(a), type(t), type(r.model), type(r.stages[0].data), type(r.tracking)):
