@@ -1,16 +1,21 @@
 """Training step time of LoRA, PEFT's DoRA and prefopt's fast DoRA, side by side in one process.
 
     python scripts/bench_dora.py [--widths 512 1024] [--quant nf4 none] [--dropouts 0 0.05] [--rounds 10] [--steps 1]
-                                 [--accum 1] [--clock wall|cpu] [--optim adamw_torch_fused|adamw_torch]
+                                 [--warm 1] [--accum 1] [--clock wall|cpu] [--optim adamw_torch_fused|adamw_torch]
                                  [--json out.json]
 
 For each base (width x quantization) and adapter dropout (0 and 0.05) it builds the same random 4-layer
 Llama with a LoRA adapter and with a DoRA adapter (r=16, alpha=16, all-linear), then times full training
 steps (forward, backward, AdamW step: the recipes' default, fused, unless --optim says otherwise) on a
-batch of 4 x 128 tokens. Variants are timed in interleaved rounds (order rotated each round), so machine
-noise hits them alike; printed: the best round's ms/step per variant, its ratio to LoRA's best at the same
-dropout, and the median over rounds of the ratio to LoRA's time in the same round. Targets on CPU: fast <= 1.05x LoRA (dropout 0), fast/lowrank <= 1.15x LoRA (dropout
-0.05), fast/full no slower than PEFT's DoRA.
+batch of 4 x 128 tokens.
+
+Variants are timed in interleaved rounds, so machine noise hits them alike. The order is rotated each round
+and reversed every other round, and each timed step follows an untimed step of the same variant (--warm), as
+in training: a variant timed right after another one would be charged for the other's freed memory and
+evicted caches, and with a rotation alone each variant always follows the same one. Printed: the best
+round's ms/step per variant, its ratio to LoRA's best at the same dropout, and the median over rounds of the
+ratio to LoRA's time in the same round. Targets on CPU: fast <= 1.05x LoRA (dropout 0), fast/lowrank <= 1.15x
+LoRA (dropout 0.05), fast/full no slower than PEFT's DoRA.
 """
 
 from __future__ import annotations
@@ -106,10 +111,14 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
             time_steps(model, opt, ids, 1, args.accum)
         names = list(variants)
         for i in range(args.rounds):  # each round times every variant once, in a rotated order
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                (model, opt), mode = variants[name]
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in order if i % 2 == 0 else order[::-1]:  # (reversed every other round: no variant always
+                (model, opt), mode = variants[name]             # follows the same one)
                 if mode:
                     dora.enable_fast_dora(model, mode)
+                # untimed steps first: the timed step follows a step of the same model, as in training, not
+                # another variant's (whose freed memory and evicted caches would be charged to it)
+                time_steps(model, opt, ids, args.warm, args.accum)
                 times[name].append(time_steps(model, opt, ids, args.steps, args.accum, CLOCKS[args.clock]))
         # best of the rounds (noise on a shared machine only ever adds time), and the median over rounds of the
         # ratio to LoRA's time in the same round (slow drifts of the machine's speed cancel in it)
@@ -134,7 +143,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-    ap.add_argument("--steps", type=int, default=1, help="training steps per variant per round")
+    ap.add_argument("--steps", type=int, default=1, help="timed training steps per variant per round")
+    ap.add_argument("--warm", type=int, default=1, help="untimed training steps before them, per variant per round")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     ap.add_argument("--dtype", default=None, help="model/compute dtype (default float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
