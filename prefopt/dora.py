@@ -19,8 +19,8 @@ per output row i, with W frozen,
   optimizer step, not once per micro-batch, recomputation or frozen-reference forward.
 
 The output is PEFT's result + (scale - 1) base_result + scale s B A x with scale = m / ||W + s BA||, computed
-as one fused pass, scale * base(x) + x A^T (s scale B)^T (+ bias (1 - scale)), with scale folded into the
-r-wide factor: the same number of full-size passes as LoRA's own addition, plus the magnitude gradient.
+as scale * (base(x) + s x A^T B^T) (+ bias (1 - scale)) with one pass over the output besides the matmuls:
+the same number of full-size passes as LoRA's own addition, plus the magnitude gradient's reduction.
 
 In the common case (no dropout or `lowrank` dropout; a frozen plain-Linear or 4-bit base and plain-Linear
 factors, none behind hooks; no autocast) the whole layer, base matmul included, is one autograd node with a
