@@ -93,6 +93,18 @@ def adapter_precision_kept(model):
     clear_norm_cache(model)  # TRL filled DPO's "ref" copy with param.data.copy_, which no version counter sees
 
 
+def make_trainer(trainer_cls, config_cls, model, tokenizer, stage, data, out_dir: Path, method: dict, *, seed: int,
+                 report_to: list[str], run_name: str, callbacks=()):
+    """The stage's TRL trainer on the running adapter: prefopt's common arguments, then the method's options,
+    then the stage's trainer_kwargs (last wins)."""
+    base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
+                         run_name=run_name, has_eval=data.eval is not None)
+    args = make_config(config_cls, base, method, stage.trainer_kwargs)
+    with adapter_precision_kept(model):
+        return trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                           processing_class=tokenizer, callbacks=list(callbacks))
+
+
 def _finite(metrics: dict) -> dict:
     return {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in metrics.items()
             if isinstance(v, (int, float, str))}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import adapter_precision_kept, check_trainer_kwargs, make_config, train_and_save, training_args
+from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
 def check(stage, where: str) -> list[str]:
@@ -29,8 +29,6 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
     from trl import DPOConfig, DPOTrainer
 
     use_base_ref = stage.reference == "base"
-    base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
-                         run_name=run_name, has_eval=data.eval is not None)
     method = {
         "beta": stage.beta,
         "loss_type": [stage.loss_type],
@@ -38,16 +36,8 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
         # With a base reference we drop TRL's "ref" adapter first, then precompute (below).
         "precompute_ref_log_probs": stage.precompute_ref_log_probs and not use_base_ref,
     }
-    args = make_config(DPOConfig, base, method, stage.trainer_kwargs)
-    with adapter_precision_kept(model):
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
+    trainer = make_trainer(DPOTrainer, DPOConfig, model, tokenizer, stage, data, out_dir, method, seed=seed,
+                           report_to=report_to, run_name=run_name, callbacks=callbacks)
     if use_base_ref:
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in peft_model.peft_config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import adapter_precision_kept, check_trainer_kwargs, make_config, train_and_save, training_args
+from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
 def check(stage, where: str) -> list[str]:
@@ -17,17 +17,7 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
         callbacks=(), **_) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
-                         run_name=run_name, has_eval=data.eval is not None)
-    args = make_config(SFTConfig, base, {"max_length": stage.train.max_length, "packing": False},
-                       stage.trainer_kwargs)
-    with adapter_precision_kept(model):
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
+    method = {"max_length": stage.train.max_length, "packing": False}
+    trainer = make_trainer(SFTTrainer, SFTConfig, model, tokenizer, stage, data, out_dir, method, seed=seed,
+                           report_to=report_to, run_name=run_name, callbacks=callbacks)
     return train_and_save(trainer, out_dir, tokenizer)

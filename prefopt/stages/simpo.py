@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import adapter_precision_kept, check_trainer_kwargs, make_config, train_and_save, training_args
+from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -20,18 +20,8 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
         callbacks=(), **_) -> dict:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
-                         run_name=run_name, has_eval=data.eval is not None)
     method = {"loss_type": "simpo", "beta": stage.beta, "simpo_gamma": stage.gamma, "cpo_alpha": stage.cpo_alpha,
               "max_length": stage.train.max_length}
-    args = make_config(CPOConfig, base, method, stage.trainer_kwargs)
-    with adapter_precision_kept(model):
-        trainer = CPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
+    trainer = make_trainer(CPOTrainer, CPOConfig, model, tokenizer, stage, data, out_dir, method, seed=seed,
+                           report_to=report_to, run_name=run_name, callbacks=callbacks)
     return train_and_save(trainer, out_dir, tokenizer)
