@@ -27,7 +27,7 @@ factors, none behind hooks; no autocast) the whole layer, base matmul included, 
 written-out backward (`dora_ops.DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
 per-layer work: small kernels, autograd nodes and the Python around them (which, after a layer's large
 matmuls, runs out of cache). So the hot path resolves each adapter's modules once (`_Plan`), and the norm
-takes four small kernels after W A^T. Everything else takes the general path, with autograd.
+takes five small kernels after W A^T. Everything else takes the general path, with autograd.
 
 The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. Nothing about the adapter
 changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
@@ -243,11 +243,11 @@ class _Plan:
     large matmuls they are out of cache), so the hot path reads these slots rather than walking PEFT's
     ModuleDicts and properties."""
 
-    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s", "w2")
+    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s")
 
     def __init__(self, name, base, lora_a, lora_b, mag, dropout):
         self.name, self.base, self.lora_a, self.lora_b, self.mag, self.dropout = name, base, lora_a, lora_b, mag, dropout
-        self.active = self.key = self.inv_s = self.w2 = None
+        self.active = self.key = self.inv_s = None
         # the one-node path reads these modules' weights itself: plain Linear low-rank factors without biases
         self.fusable = _plain_linear(lora_a) and _plain_linear(lora_b)
 
@@ -301,10 +301,11 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not full and shortcut_ok and p.fusable and _hookless(lora_a) and _hookless(lora_b) and _hookless(p.mag):
         # the common case, one autograd node for the whole layer
         xd = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
+        w2 = None
         if not fresh:
-            p.w2 = _base_norm2(self, base)
+            w2 = _base_norm2(self, base)
             STATS["norms"] += 1
-        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, scaling)
+        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, w2, scaling)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling)
 

@@ -105,7 +105,8 @@ class DoraLinear(torch.autograd.Function):
     (s' = s * scale: PEFT's scale = m / norm, times the LoRA scaling), for a frozen plain-Linear or 4-bit base
     (one dequantization serves base(x) and, when the norm is due, W A^T) and plain-Linear lora_A / lora_B.
     `xd` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
-    computed here and cached on `plan` under that key; otherwise the plan's cached norm is used.
+    computed here from `w2` (||W_i||^2) and cached on `plan` under that key; otherwise the plan's cached norm
+    is used.
 
     The unscaled sum u = base(x) / s + xd A^T B^T is accumulated into the base output's own buffer and kept for
     the backward, where it gives the magnitude gradient in one pass: dL/dm = (s / norm) sum_n g (u - bias / s).
@@ -114,7 +115,7 @@ class DoraLinear(torch.autograd.Function):
     step such fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
 
     @staticmethod
-    def forward(ctx, x, xd, a, b, m, base, plan, key, s):
+    def forward(ctx, x, xd, a, b, m, base, plan, key, w2, s):
         w = base.weight
         four_bit = type(w).__name__ == "Params4bit"
         if four_bit:
@@ -134,7 +135,7 @@ class DoraLinear(torch.autograd.Function):
             xl = xl.to(ct)
         if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
             wat = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).t()
-            plan.key, plan.inv_s = key, inv_norm_s(plan.w2, wat, a, b, s)
+            plan.key, plan.inv_s = key, inv_norm_s(w2, wat, a, b, s)
         inv_s = plan.inv_s
         ss = m * inv_s  # s * scale
         h = torch.nn.functional.linear(xl, a)
@@ -173,7 +174,7 @@ class DoraLinear(torch.autograd.Function):
                 grad_m = grad_m.to(ctx.m_dtype)
         need_h = need_a or need_xd or (need_x and ctx.same)
         if not (need_b or need_h or need_x):
-            return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
+            return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None, None
         w = None
         if need_x:
             w = dequantize_4bit(base, ctx.dtype) if ctx.four_bit else base.weight
@@ -218,4 +219,4 @@ class DoraLinear(torch.autograd.Function):
             grad_xd = grad_h @ a
             if grad_xd.dtype != ctx.xd_dtype:
                 grad_xd = grad_xd.to(ctx.xd_dtype)
-        return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None
+        return grad_x, grad_xd, grad_a, grad_b, grad_m, None, None, None, None, None

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, device: str, optim: str = "adamw_torch_fused"):
+def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, device: str, optim: str):
     import torch
 
     from prefopt.models import attach_adapter, build_lora_config, load_base_model
