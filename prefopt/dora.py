@@ -15,7 +15,7 @@ per output row i, with W frozen,
   are split off again; a plain frozen Linear multiplies A directly; an 8-bit base dequantizes for these r
   rows (LLM.int8 would quantize them);
 - A A^T is r x r; the rest is O(out r^2);
-- the norm is cached until a weight it depends on changes (version counters), so it is computed once per
+- the norm is cached only where that is provably safe (see "Freshness" below), so it is computed once per
   optimizer step, not once per micro-batch, recomputation or frozen-reference forward.
 
 The output is PEFT's result + (scale - 1) base_result + scale s B A x with scale = m / ||W + s BA||, computed
@@ -23,8 +23,8 @@ as scale * (base(x) + s x A^T B^T) (+ bias (1 - scale)) with one pass over the o
 the same number of full-size passes as LoRA's own addition, plus the magnitude gradient's reduction.
 
 In the common case (no dropout or `lowrank` dropout; a frozen plain-Linear or 4-bit base and plain-Linear
-factors, none behind hooks; no autocast) the whole layer, base matmul included, is one autograd node with a
-written-out backward (`dora_ops.DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
+factors, none behind hooks; with or without autocast) the whole layer, base matmul included, is one autograd node
+with a written-out backward (`dora_ops.DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
 per-layer work: small kernels, autograd nodes and the Python around them (which, after a layer's large
 matmuls, runs out of cache). So the hot path resolves each adapter's modules once (`_Plan`), and the norm
 takes five small kernels after W A^T. Everything else takes the general path, with autograd.
@@ -33,6 +33,24 @@ The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. No
 changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
 adapters are plain PEFT adapters, and anything this path does not handle (several active adapters, mixed
 batches, merged or disabled adapters, fan_in_fan_out, lora_bias, non-Linear layers) runs PEFT's own forward.
+
+Freshness. The norm in use must be ||W + s B A|| of the current weights, whatever wrote them. Version counters
+alone cannot say so: fused AdamW and bitsandbytes' 8-bit optimizers update parameters without moving them. So
+every step of every torch optimizer stamps its parameters with a process-wide step number (torch's global
+optimizer step hook), and a cached norm is reused only when
+- the key matches: the same tensors (identity, storage), their version counters (in-place writes such as
+  load_state_dict or set_peft_model_state_dict) and their optimizer stamps (every optimizer step), and
+- nothing else can have written them: A and B are frozen (DPO's "ref" copy, inference) or stamped by an
+  optimizer (whose every step is seen), or the call is a recomputation inside a backward pass (gradient
+  checkpointing: no step can fall between a forward and its backward), or both this call and the cached one ran
+  without grad (eval, generation: nothing trained in between).
+A trainable adapter no optimizer has stepped yet (a user's own update loop writing through `.data`, say) is
+therefore recomputed on every training forward: slower, never stale. One write stays invisible: `.data` writes
+outside any optimizer to tensors an optimizer has stamped or to frozen ones; call `clear_norm_cache` after such a
+write (prefopt does, after TRL copies the adapter into DPO's "ref" adapter).
+
+Under torch.compile the layer runs PEFT's own forward (traced by Dynamo, same numbers), so nothing of this cache
+is baked into a graph.
 
 Adapter dropout has two published semantics (`dropout=`):
 - "lowrank": dropout on the low-rank branch only, out = scale * (base(x) + s B A dropout(x)), as torchtune's
@@ -53,8 +71,34 @@ from .dora_ops import DoraLinear, Rows, Shared4bit, dequantize_4bit, inv_norm_s
 DROPOUT_MODES = ("lowrank", "full")
 _FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
 _CLASSES: dict[type, type] = {}
-# per process: fast forwards taken, PEFT fallbacks, weight norms computed (not served from the cache)
-STATS = {"fast": 0, "fallback": 0, "norms": 0}
+# per process: fast forwards taken (of which one-node), PEFT fallbacks, weight norms computed (not from the cache)
+STATS = {"fast": 0, "one_node": 0, "fallback": 0, "norms": 0}
+_STAMP = "_prefopt_step"  # tensor attribute: the number of the last optimizer step that held this tensor
+_STEPS = [0]  # optimizer steps taken in this process
+_HOOK: list = []
+
+
+def _stamp_step(optimizer, args, kwargs) -> None:
+    """After every step of every torch optimizer (fused, foreach, bitsandbytes' 8-bit, Adafactor, a user's own
+    subclass): stamp its tensors, since fused kernels update them without moving their version counters."""
+    _STEPS[0] += 1
+    n = _STEPS[0]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.__dict__[_STAMP] = n
+
+
+def _watch_optimizers() -> None:
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(_stamp_step))
+
+
+def _in_backward() -> bool:
+    """Inside a backward pass (gradient checkpointing's recomputation runs there)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -100,6 +144,7 @@ def enable_fast_dora(model: nn.Module, dropout: str = "lowrank") -> int:
     from .models import harden_4bit_layers
 
     harden_4bit_layers(model)
+    _watch_optimizers()
     supported = _supported_classes()
     n = 0
     for module in model.modules():
@@ -128,8 +173,8 @@ def disable_fast_dora(model: nn.Module) -> int:
 
 
 def clear_norm_cache(model: nn.Module) -> None:
-    """Forget every cached weight norm. Only needed after changing adapter weights behind autograd's back
-    (`param.data.copy_(...)` and the like do not move the version counters the cache is keyed on)."""
+    """Forget every cached weight norm. Only needed after writing adapter weights through `.data` outside an
+    optimizer (no version counter or optimizer stamp sees such a write), e.g. TRL's copy into DPO's "ref" adapter."""
     for m in model.modules():
         for plan in m.__dict__.get("_prefopt_plans", {}).values():
             plan.key = None
@@ -207,9 +252,9 @@ def _dropout_active(module, dropout) -> bool:
 
 def _shortcut_ok(base) -> bool:
     """Base layers whose weight may be used directly (DoraLinear, Shared4bit, W @ A^T): frozen weights,
-    no hooks to miss, no autocast."""
+    no hooks to miss."""
     w = base.weight
-    if w.requires_grad or torch.is_autocast_enabled() or base._forward_hooks or base._forward_pre_hooks:
+    if w.requires_grad or base._forward_hooks or base._forward_pre_hooks:
         return False
     if base.__dict__.get("_hf_hook") is not None:  # accelerate's hook (a plain attribute)
         return False
@@ -243,11 +288,11 @@ class _Plan:
     large matmuls they are out of cache), so the hot path reads these slots rather than walking PEFT's
     ModuleDicts and properties."""
 
-    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s")
+    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s", "nograd")
 
     def __init__(self, name, base, lora_a, lora_b, mag, dropout):
         self.name, self.base, self.lora_a, self.lora_b, self.mag, self.dropout = name, base, lora_a, lora_b, mag, dropout
-        self.active = self.key = self.inv_s = None
+        self.active = self.key = self.inv_s = self.nograd = None
         # the one-node path reads these modules' weights itself: plain Linear low-rank factors without biases
         self.fusable = _plain_linear(lora_a) and _plain_linear(lora_b)
 
@@ -275,6 +320,8 @@ def _resolve(module, args, kwargs):
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # Dynamo traces PEFT's forward (see "Freshness" in the module's docstring)
+        return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
     p = self.__dict__.get("_prefopt_cur")
     if args or kwargs or p is None or p.active is not self._active_adapter or self._disable_adapters or \
             self.merged_adapters:
@@ -289,36 +336,45 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     scaling = self.scaling[p.name]
     drop = self.training and _dropout_active(self, dropout)
     full = drop and self._prefopt_dora_dropout == "full"
-    # The norm is cached until a weight it depends on changes (their version counters move with every in-place
-    # update, e.g. an optimizer step): so it is computed once per optimizer step under gradient accumulation,
-    # once for DPO's frozen "ref" copy, not again in gradient checkpointing's recomputation, once in eval.
-    key = (a_w._version, b_w._version, base_w._version, id(a_w), id(b_w), id(base_w), a_w.data_ptr(),
-           b_w.data_ptr(), base_w.data_ptr(), scaling)
-    fresh = p.key == key
+    # The norm is reused only where provably fresh (module docstring, "Freshness"): once per optimizer step under
+    # gradient accumulation, once for DPO's frozen "ref" copy, not again in gradient checkpointing's
+    # recomputation, once in eval.
+    a_stamp, b_stamp = a_w.__dict__.get(_STAMP), b_w.__dict__.get(_STAMP)
+    key = (a_w._version, b_w._version, base_w._version, a_stamp, b_stamp, id(a_w), id(b_w), id(base_w),
+           a_w.data_ptr(), b_w.data_ptr(), base_w.data_ptr(), scaling)
+    fresh = p.key == key and (
+        ((a_stamp is not None or not a_w.requires_grad) and (b_stamp is not None or not b_w.requires_grad))
+        or (p.nograd and not torch.is_grad_enabled()) or _in_backward())
+    if not fresh:
+        p.nograd = not torch.is_grad_enabled()
     shortcut_ok = _shortcut_ok(base)
+    dev = x.device.type
+    ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
     if not full and shortcut_ok and p.fusable and _hookless(lora_a) and _hookless(lora_b) and _hookless(p.mag):
         # the common case, one autograd node for the whole layer
+        STATS["one_node"] += 1
         xd = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
         w2 = None
         if not fresh:
             w2 = _base_norm2(self, base)
             STATS["norms"] += 1
-        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, w2, scaling)
+        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, w2, scaling, ac)
         return out.reshape(*x.shape[:-1], out.shape[-1])
-    return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling)
+    return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling, ac)
 
 
-def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling):
-    """Every other case: `full` dropout, hooked or autocast base layers, 8-bit bases, low-rank factors that are
-    not plain Linear layers. The base call is shared or left to the layer; autograd does the rest."""
+def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling, ac):
+    """Every other case: `full` dropout, hooked base layers, 8-bit bases, low-rank factors that are not plain
+    Linear layers. The base call is shared or left to the layer; autograd does the rest. Under autocast (`ac`) the
+    base calls are the layer's own (autocast picks their dtypes), as PEFT's are."""
     base, lora_a, lora_b, dropout = p.base, p.lora_a, p.lora_b, p.dropout
     base_w, a_w, b_w = base.weight, lora_a.weight, lora_b.weight
     magnitude = p.mag.weight
     quantized = type(base_w).__name__
     # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
-    convert = not (quantized in ("Params4bit", "Int8Params") and torch.is_autocast_enabled())
+    convert = not (quantized in ("Params4bit", "Int8Params") and ac is not None)
     xl = self._cast_input_dtype(x, a_w.dtype) if convert else x
     xd = dropout(xl) if drop else xl
     in_features = x.shape[-1]
@@ -326,11 +382,11 @@ def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scal
     xs = [rows, xd.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
     a_rows = None if fresh else a_w.detach().to(rows.dtype)
     wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
-    if quantized == "Params4bit" and shortcut_ok and (a_rows is not None or full):
+    if quantized == "Params4bit" and shortcut_ok and ac is None and (a_rows is not None or full):
         # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
         outs = Shared4bit.apply(a_rows, base, *xs)
         ys, wat = (outs[:-1], outs[-1]) if a_rows is not None else (outs, None)
-    elif a_rows is not None and not shortcut_ok:
+    elif a_rows is not None and (not shortcut_ok or ac is not None):
         # behind hooks or autocast the layer makes its own call: the A rows ride along in its batch
         out = base(torch.cat([*xs, a_rows]))
         ys = Rows.apply(out, n, full)[: len(xs)]

@@ -29,6 +29,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", DEMO_DATA)
 
 
+SHAPES = {  # hidden, intermediate, biases: in_features 96 and 200 are not multiples of 64
+    "h64": dict(hidden_size=64, intermediate_size=128),
+    "h96": dict(hidden_size=96, intermediate_size=200),
+    "bias": dict(hidden_size=80, intermediate_size=136, attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.fixture(scope="session")
+def shaped_models(tmp_path_factory):
+    """Tiny random Llamas (two decoder layers) of several shapes, for the DoRA tests."""
+    from demo_assets import build_tiny_model
+
+    root = tmp_path_factory.mktemp("dora-shapes")
+    return {k: build_tiny_model(root / k, DEMO_DATA, **v) for k, v in SHAPES.items()}
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
