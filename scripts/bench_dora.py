@@ -2,12 +2,19 @@
 
     python scripts/bench_dora.py [--widths 512 1024] [--quant nf4 none] [--dropouts 0 0.05] [--rounds 10] [--steps 1]
                                  [--warm 1] [--accum 1] [--clock wall|cpu] [--optim adamw_torch_fused|adamw_torch]
-                                 [--json out.json]
+                                 [--precision fp32 autocast] [--json out.json]
 
-For each base (width x quantization) and adapter dropout (0 and 0.05) it builds the same random 4-layer
-Llama with a LoRA adapter and with a DoRA adapter (r=16, alpha=16, all-linear), then times full training
+For each base (width x quantization), precision (plain, or under bf16 autocast: mixed precision as TRL runs it
+on a GPU, with CPU autocast as its stand-in here) and adapter dropout (0 and 0.05) it builds the same random
+4-layer Llama with a LoRA adapter and with a DoRA adapter (r=16, alpha=16, all-linear), then times full training
 steps (forward, backward, AdamW step: the recipes' default, fused, unless --optim says otherwise) on a
 batch of 4 x 128 tokens.
+
+It proves it times the real work before it reports: PEFT's DoRA and prefopt's start from the same weights and
+must give the same loss (1e-5 relative; bf16 autocast: 1e-2); every timed step of prefopt's DoRA must compute
+the weight norm exactly once per adapted layer (the norm is fresh after every optimizer step, never skipped);
+and at the end the norm each layer uses must equal ||W + s B A|| computed from scratch. Otherwise it stops
+without a figure.
 
 Variants are timed in interleaved rounds, so machine noise hits them alike. The order is rotated each round
 and reversed every other round, and each timed step follows an untimed step of the same variant (--warm), as
@@ -35,12 +42,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+class BenchError(RuntimeError):
+    """The benchmark did not measure what it claims to: no figure is reported."""
+
+
 def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, device: str, optim: str):
     import torch
 
     from prefopt.models import attach_adapter, build_lora_config, load_base_model
 
     base = load_base_model(str(path), quantization=quant, dtype=dtype)  # on the GPU when there is one
+    torch.manual_seed(0)  # lora_A's init: every variant starts from the same adapter
     model = attach_adapter(base, build_lora_config(r=16, alpha=16, dropout=dropout, use_dora=dora), dora_impl="peft")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an adapter that has trained a little: B != 0
@@ -54,21 +66,71 @@ def build(path: Path, quant: str, *, dora: bool, dropout: float, dtype: str, dev
     return model, opt
 
 
-def time_steps(model, opt, ids, steps: int, accum: int = 1, clock=time.perf_counter) -> float:
+def time_steps(model, opt, ids, steps: int, accum: int = 1, clock=time.perf_counter, autocast=False) -> float:
     """ms per optimizer step; each step runs `accum` micro-batches (forward + backward) and one AdamW step."""
+    import contextlib
+
     import torch
 
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    amp = (lambda: torch.autocast(ids.device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     sync()
     t0 = clock()
     for _ in range(steps):
         for _ in range(accum):
-            loss = model(input_ids=ids, labels=ids).loss
+            with amp():
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
     return (clock() - t0) / steps * 1000
+
+
+def check_same_start(models: dict, ids, autocast: bool, dtype: str) -> None:
+    """PEFT's DoRA and prefopt's, built from the same seed, give the same loss before any timing (dropout off)."""
+    import contextlib
+
+    import torch
+
+    losses = {}
+    for name, (model, mode) in models.items():
+        from prefopt import dora
+
+        if mode:
+            dora.enable_fast_dora(model, mode)
+        model.eval()
+        amp = torch.autocast(ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            losses[name] = model(input_ids=ids, labels=ids).loss.item()
+        model.train()
+    ref = losses.pop("peft dora")
+    tol = 1e-2 if autocast or dtype != "float32" else 1e-5  # bf16 rounding differs between the two orders of work
+    for name, loss in losses.items():
+        if abs(loss - ref) > tol * abs(ref):
+            raise BenchError(f"{name} loss {loss:.6f} != PEFT DoRA's {ref:.6f}: not the same computation")
+
+
+def check_fresh_norms(model, ids) -> None:
+    """After the last optimizer step, the norm each fast layer uses in the next forward is ||W + s B A|| of its
+    current weights."""
+    import torch
+
+    from prefopt import dora
+
+    with torch.no_grad():
+        model(input_ids=ids[:1, :8])
+    for m in model.modules():
+        plan = m.__dict__.get("_prefopt_cur")
+        if plan is None or plan.inv_s is None:
+            continue
+        w = dora._dequantized(plan.base).float()
+        a, b = plan.lora_a.weight.float(), plan.lora_b.weight.float()
+        s = m.scaling[plan.name]
+        want = torch.linalg.norm(w + s * b @ a, dim=1)
+        got = s / plan.inv_s.float()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+            raise BenchError(f"a layer's norm in use is stale: max |diff| {(got - want).abs().max().item():.3e}")
 
 
 def _cpu_counters():
@@ -93,7 +155,8 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
     rows = []
     vocab = 500
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
-    for p in args.dropouts:
+    for precision, p in [(pr, d) for pr in args.precision for d in args.dropouts]:
+        autocast = precision == "autocast"
         kw = dict(dropout=p, dtype=args.dtype, device=device, optim=args.optim)
         lora = build(path, quant, dora=False, **kw)
         peft = build(path, quant, dora=True, **kw)
@@ -104,11 +167,13 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
         else:
             variants["prefopt dora lowrank"] = (fast, "lowrank")
             variants["prefopt dora full"] = (fast, "full")
+        check_same_start({"peft dora": (peft[0], None), "prefopt dora": (fast[0], "lowrank")}, ids, autocast, args.dtype)
+        n_fast = dora.fast_dora_layers(fast[0])
         times: dict[str, list[float]] = {k: [] for k in variants}
         for name, ((model, opt), mode) in variants.items():  # warm up every variant once
             if mode:
                 dora.enable_fast_dora(model, mode)
-            time_steps(model, opt, ids, 1, args.accum)
+            time_steps(model, opt, ids, 1, args.accum, autocast=autocast)
         names = list(variants)
         for i in range(args.rounds):  # each round times every variant once, in a rotated order
             order = names[i % len(names):] + names[: i % len(names)]
@@ -118,15 +183,21 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
                     dora.enable_fast_dora(model, mode)
                 # untimed steps first: the timed step follows a step of the same model, as in training, not
                 # another variant's (whose freed memory and evicted caches would be charged to it)
-                time_steps(model, opt, ids, args.warm, args.accum)
-                times[name].append(time_steps(model, opt, ids, args.steps, args.accum, CLOCKS[args.clock]))
+                time_steps(model, opt, ids, args.warm, args.accum, autocast=autocast)
+                norms = dora.STATS["norms"]
+                times[name].append(time_steps(model, opt, ids, args.steps, args.accum, CLOCKS[args.clock], autocast))
+                if mode and dora.STATS["norms"] - norms != n_fast * args.steps:
+                    raise BenchError(f"{name}: {dora.STATS['norms'] - norms} weight norms computed in {args.steps} "
+                                     f"step(s) of {n_fast} DoRA layers; want exactly one per layer per step")
+        check_fresh_norms(fast[0], ids)
         # best of the rounds (noise on a shared machine only ever adds time), and the median over rounds of the
         # ratio to LoRA's time in the same round (slow drifts of the machine's speed cancel in it)
         ref = min(times["lora"])
         for name, t in times.items():
             ms = min(t)
             paired = statistics.median(a / b for a, b in zip(t, times["lora"]))
-            rows.append({"base": quant, "width": None, "dropout": p, "variant": name, "ms_per_step": round(ms, 1),
+            rows.append({"base": quant, "width": None, "precision": precision, "dropout": p, "variant": name,
+                         "ms_per_step": round(ms, 1),
                          "ratio_to_lora": round(ms / ref, 3), "paired_median_ratio": round(paired, 3)})
         del lora, peft, fast, variants
     return rows
@@ -151,6 +222,8 @@ def main() -> None:
                     help="wall time, or the process's CPU time (CPU runs on a shared machine; see CLOCKS)")
     ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default=TrainSection().optim,
                     help="the optimizer (default: the recipes' default); DoRA has 50%% more tensors to update")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "autocast"], choices=["fp32", "autocast"],
+                    help="plain (the model's dtype), or under bf16 autocast (the GPU's mixed precision)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -177,7 +250,8 @@ def main() -> None:
                 for row in bench_base(path, quant, args, device):
                     row["width"] = width
                     rows.append(row)
-                    print(f"  hidden {width:5d}  {quant:4s}  dropout {row['dropout']:<4g}  {row['variant']:21s} "
+                    print(f"  hidden {width:5d}  {quant:4s}  {row['precision']:8s}  dropout {row['dropout']:<4g}  "
+                          f"{row['variant']:21s} "
                           f"{row['ms_per_step']:8.1f} ms/step  {row['ratio_to_lora']:.3f}x LoRA  "
                           f"(paired median: {row['paired_median_ratio']:.3f}x)", flush=True)
     after = _cpu_counters()
