@@ -7,7 +7,9 @@ alone (fused AdamW, batch 2 x gradient accumulation 8, gradient checkpointing, c
 adapter dropout 0.05, held-out evaluation on; only `max_steps` is set, and W&B is off (it would add the same
 seconds to both). The two variants differ in `adapter.method` alone (dora | lora), alternate, each in a fresh
 `prefopt run` process, and the figure is the ratio of the medians of whole-process wall time (imports, model
-load, both stages, evaluation, saving). Target: DoRA <= 1.10x LoRA.
+load, both stages, evaluation, saving). Target: DoRA <= 1.10x LoRA. The processes' CPU time (user + system,
+all threads) is reported beside it: on a shared machine whose other load stretches wall time, it is the steadier
+figure.
 
 It checks that it timed real DoRA: each DoRA process must have computed the weight norm at least once per
 adapted layer per optimizer step (a stale norm, computed once and cached, is not DoRA's cost), and the LoRA
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +75,7 @@ def main() -> None:
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     times: dict[str, list[float]] = {"dora": [], "lora": []}
+    cpu: dict[str, list[float]] = {"dora": [], "lora": []}
     stats: dict[str, list[dict]] = {"dora": [], "lora": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -86,9 +90,12 @@ def main() -> None:
                 path.write_text(yaml.safe_dump(recipe(model, method, args.steps, args.quant, dtype)))
                 env["BENCH_STATS"] = str(tmp / f"{method}.stats.json")
                 t0 = time.perf_counter()
+                c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 proc = subprocess.run([sys.executable, "-c", RUN, str(path), "--output-dir", str(tmp / f"run-{i}-{method}")],
                                       env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
+                c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu_s = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
                 if proc.returncode != 0:
                     sys.exit(f"bench_run: {method} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 st = json.loads(Path(env["BENCH_STATS"]).read_text())
@@ -99,16 +106,20 @@ def main() -> None:
                 if method == "lora" and st["fast"] + st["fallback"]:
                     sys.exit("bench_run: the LoRA run went through DoRA layers")
                 times[method].append(wall)
+                cpu[method].append(cpu_s)
                 stats[method].append(st)
-                print(f"  rep {i}  {method}  {wall:6.1f} s  (norms computed {st['norms']}, "
+                print(f"  rep {i}  {method}  {wall:6.1f} s wall  {cpu_s:6.1f} s CPU  (norms computed {st['norms']}, "
                       f"{st['norms'] / (n_layers * steps):.2f} per layer per optimizer step)", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["dora"] / med["lora"]
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    ratio, ratio_cpu = med["dora"] / med["lora"], med_cpu["dora"] / med_cpu["lora"]
     print(f"bench_run: hidden {args.hidden} x {args.layers} layers, {args.quant}, {dtype}, SFT -> DPO, "
-          f"{args.steps} steps each (batch 2 x accum 8): DoRA {med['dora']:.1f} s, LoRA {med['lora']:.1f} s (medians of "
-          f"{args.reps}); ratio {ratio:.3f} (target <= 1.10)")
+          f"{args.steps} steps each (batch 2 x accum 8), medians of {args.reps}: wall DoRA {med['dora']:.1f} s, "
+          f"LoRA {med['lora']:.1f} s, ratio {ratio:.3f} (target <= 1.10); CPU time DoRA {med_cpu['dora']:.1f} s, "
+          f"LoRA {med_cpu['lora']:.1f} s, ratio {ratio_cpu:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"times": times, "stats": stats, "ratio": ratio, "args": vars(args)}))
+        Path(args.json).write_text(json.dumps({"wall": times, "cpu": cpu, "stats": stats, "ratio": ratio,
+                                               "ratio_cpu": ratio_cpu, "args": vars(args)}))
 
 
 if __name__ == "__main__":
