@@ -173,9 +173,9 @@ def test_writes_outside_an_optimizer_are_seen(shaped_models, tmp_path):
                                                rtol=1e-5, atol=1e-5, msg=f"{how} {mode}")
 
 
-def _autocast_step(model, ids):
+def _autocast_step(model, ids, dtype=torch.bfloat16):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
@@ -202,18 +202,18 @@ def _assert_bf16_grads_close(got, want, fp32):
     assert _cos(flat(got), flat(want)) >= 0.9999
 
 
-@pytest.mark.parametrize("shape", ["h96", "bias"])
+@pytest.mark.parametrize("shape,dtype", [("h96", torch.bfloat16), ("bias", torch.bfloat16), ("h96", torch.float16)])
 @pytest.mark.parametrize("quant", ["nf4", "none"])
-def test_bf16_autocast_matches_peft_on_the_one_node_path(shaped_models, quant, shape):
-    """fp32 adapters under CPU bf16 autocast (the stand-in for the GPU's mixed precision): the one-node path is
-    taken (its backward raised a dtype error before), its forward is close to PEFT's under the same autocast
-    and its gradients are PEFT's within bf16 rounding."""
+def test_bf16_autocast_matches_peft_on_the_one_node_path(shaped_models, quant, shape, dtype):
+    """fp32 adapters under CPU bf16 (and fp16) autocast, the stand-in for the GPU's mixed precision: the one-node
+    path is taken (its backward raised a dtype error before), its forward is close to PEFT's under the same
+    autocast and its gradients are PEFT's within bf16 rounding."""
     peft, fast = _pair(shaped_models[shape], quant)
     ids = _ids(4, 33)
     fp32 = _step(peft, ids)[1]
-    want = _autocast_step(peft, ids)
+    want = _autocast_step(peft, ids, dtype)
     before = dict(dora.STATS)
-    got = _autocast_step(fast, ids)
+    got = _autocast_step(fast, ids, dtype)
     assert dora.STATS["one_node"] - before["one_node"] == N_LAYERS
     assert dora.STATS["fallback"] == before["fallback"]
     assert (got[0] - want[0]).abs().max().item() < 0.02 * want[0].abs().max().item()
