@@ -15,6 +15,23 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
+def _bug(err: BaseException, run_dir=None) -> None:
+    """An error prefopt did not foresee: one line, and the full traceback in a log file (exit code 1)."""
+    import traceback
+
+    from .runfolder import log_path
+
+    path = log_path(run_dir)
+    try:
+        path.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        where = f"; full traceback in {path}"
+    except OSError:
+        where = ""
+    first = (str(err).strip().splitlines() or [""])[0]
+    click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
+    sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prefopt")
 def main() -> None:
@@ -40,6 +57,8 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     except KeyboardInterrupt:
         click.echo("prefopt: interrupted; finished stages are kept, re-run the same command to resume", err=True)
         sys.exit(130)
+    except Exception as e:
+        _bug(e, output_dir or (f"runs/{rec.name}" if "rec" in locals() else None))
     click.echo(f"run folder: {result.run_dir}")
     for s in result.stages:
         click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")
@@ -59,6 +78,8 @@ def plan(recipe: str, overrides: tuple[str, ...]) -> None:
         text = make_plan(rec)
     except PrefoptError as e:
         _fail(e)
+    except Exception as e:
+        _bug(e)
     click.echo(text)
 
 
@@ -101,6 +122,11 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
             raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
     except PrefoptError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        click.echo("prefopt: interrupted; nothing was written to the output folder", err=True)
+        sys.exit(130)
+    except Exception as e:
+        _bug(e, run_dir)
 
 
 if __name__ == "__main__":  # pragma: no cover

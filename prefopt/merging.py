@@ -339,6 +339,7 @@ def merge_adapter(
     verify_merge: bool = True,
     probe_rows: list[dict] | None = None,
     thresholds: Thresholds | None = None,
+    report_extra: dict | None = None,
     echo=print,
 ) -> dict:
     """Merge one adapter into its base; writes out_dir (whole or not at all) with merge_report.json.
@@ -387,13 +388,17 @@ def merge_adapter(
             "scale": adapter.scale,
             "out_dtype": out_dtype,
             **counts,
+            **(report_extra or {}),
         }
         if verify_merge:
             report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows, thresholds or Thresholds())
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        # swap in one rename; the old folder goes aside first (a temp name that run start-up clears)
+        aside = out_dir.with_name(f".{out_dir.name}.tmp-old-{os.getpid()}")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, aside)
         os.replace(tmp, out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     v = report.get("verification")
@@ -414,7 +419,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     """Merge a run folder's final adapter; probes are the last stage's held-out rows."""
     from .config import load_recipe
     from .data import load_stage_data
-    from .pipeline import read_manifest
+    from .runfolder import read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from . import runfolder
 from .config import PREFERENCE_TYPES, RecipeError, Recipe
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -57,28 +57,6 @@ class RunResult:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_manifest(run_dir: Path) -> dict | None:
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def adapter_hash(adapter_dir: Path) -> str:
-    from .data import file_hash
-
-    return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
 
 
 def preflight(recipe: Recipe) -> None:
@@ -135,11 +113,15 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
     from .data import file_hash, load_stage_data
 
-    preflight(recipe)
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
+                               fresh=fresh)
+    preflight(recipe)
+    if fresh:
+        runfolder.clear_for_fresh(run_dir)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    for name in runfolder.clean_temp(run_dir):
+        echo(f"prefopt: removed {name}, left behind by an interrupted run")
 
     recipe_dict = recipe.to_dict()
     old = read_manifest(run_dir) or {}
@@ -154,10 +136,16 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     }
     if old.get("merge"):
         manifest["merge"] = old["merge"]
-    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
     def save_manifest():
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+    save_manifest()  # first, so the folder is recognisably a prefopt run folder from here on
+    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
+    moved = runfolder.move_dropped_stages(run_dir, {recipe.stage_dirname(i) for i in range(len(recipe.stages))})
+    for name in moved:
+        echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
 
     for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
@@ -192,12 +180,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
         manifest["stages"].append(entry)
         was = old_stages.get(st.name)
-        if (
-            was
-            and was.get("status") == "done"
-            and was.get("inputs_hash") == inputs
-            and all((stage_dir / "adapter" / f).is_file() for f in ADAPTER_FILES)
-        ):
+        if runfolder.stage_done(was, inputs, stage_dir):
             entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at") if k in was})
             save_manifest()
             echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
@@ -221,7 +204,6 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
         prev_adapter = stage_dir / "adapter"
 
-    # Stages dropped from the recipe since the last run are not part of this run any more.
     save_manifest()
     if recipe.merge is not None:
         result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
@@ -230,23 +212,22 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
 
 def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
     """The recipe's merge section: merge the last adapter into runs/<name>/merged/ (redone when it changed)."""
-    from .merging import REPORT, Thresholds, merge_run
+    from .merging import Thresholds, merge_run
 
     mc = recipe.merge
-    out = run_dir / "merged"
+    out = run_dir / runfolder.MERGED
     key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"])
-    report_path = out / REPORT
-    if report_path.is_file() and manifest.get("merge", {}).get("inputs_hash") == key:
-        report = json.loads(report_path.read_text())
-        if report.get("verification", {}).get("passed", not mc.verify):
-            echo("prefopt: merge: done and unchanged, skipped")
-            return report
+    report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
+    if report is not None:
+        echo("prefopt: merge: done and unchanged, skipped")
+        return report
     thresholds = Thresholds(mc.max_rel_logit_diff, mc.mean_kl, mc.min_top1_agreement)
     manifest["merge"] = {"status": "running", "path": "merged", "inputs_hash": key}
     save_manifest()
     try:
         report = merge_run(run_dir, out, base_mode=mc.base, out_dtype=mc.dtype, overwrite=True,
-                           verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe)
+                           verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe,
+                           report_extra={"inputs_hash": key})
     except BaseException:
         manifest["merge"]["status"] = "failed"
         save_manifest()
