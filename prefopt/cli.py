@@ -50,6 +50,10 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     try:
         rec = load_recipe(recipe, list(overrides))
         from .pipeline import run as run_pipeline
+        from .runfolder import run_folder_of
+
+        # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
+        output_dir = output_dir or run_folder_of(recipe, rec.name)
 
         result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
     except PrefoptError as e:

@@ -59,20 +59,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def preflight(recipe: Recipe) -> None:
-    """Every problem that can be found before training: data rows, trainer_kwargs, loss types."""
-    from .data import check_recipe_data
-    from .stages import CHECKS
+def preflight(recipe: Recipe, echo=None):
+    """Every problem that can be found before a model loads (see prefopt.preflight); returns the checked data."""
+    from .preflight import preflight as _preflight
 
-    problems = []
-    for i, st in enumerate(recipe.stages):
-        problems += CHECKS[st.type](st, f"stages[{i}]")
-    try:
-        check_recipe_data(recipe)
-    except RecipeError as e:
-        problems += e.problems
-    if problems:
-        raise RecipeError(problems, recipe._source)
+    return _preflight(recipe, echo=echo)
 
 
 def adapter_note(recipe: Recipe) -> str:
@@ -111,12 +102,14 @@ def stage_notes(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
-    from .data import file_hash, load_stage_data
+    from .data import file_hash
 
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
                                fresh=fresh)
-    preflight(recipe)
+    # From here on the recipe is the self-contained one the run folder records (absolute paths, data hashes).
+    recipe = runfolder.self_contained(recipe)
+    checked = preflight(recipe, echo=echo)
     if fresh:
         runfolder.clear_for_fresh(run_dir)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
@@ -154,7 +147,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     prev_adapter: Path | None = None
     for i, st in enumerate(recipe.stages):
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
-        data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        data = checked.data[i]
         inputs = recipe.section_hash(
             st.model_dump(mode="json"),
             recipe_dict["model"],
@@ -171,7 +164,9 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             "adapter": str(Path("stages") / stage_dir.name / "adapter"),
             "starts_from": str(prev_adapter.relative_to(run_dir)) if prev_adapter else None,
             "inputs_hash": inputs,
-            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0},
+            # the rows the stage trains and evaluates on (after rows max_length would drop are left out)
+            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+                     **({"dropped_by_max_length": checked.dropped[i]} if checked.dropped[i] else {})},
             "metrics": {},
             "started_at": None,
             "ended_at": None,
@@ -181,19 +176,20 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         manifest["stages"].append(entry)
         was = old_stages.get(st.name)
         if runfolder.stage_done(was, inputs, stage_dir):
-            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at") if k in was})
+            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts") if k in was})
             save_manifest()
             echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
             result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", entry["metrics"], skipped=True))
             prev_adapter = stage_dir / "adapter"
             continue
 
-        entry.update(status="running", started_at=_now())
+        entry.update(status="running", started_at=_now(), attempts=(was or {}).get("attempts", 0) + 1)
         save_manifest()
         echo(f"prefopt: stage {i + 1}/{len(recipe.stages)} {st.name} ({st.type}): "
              f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
         try:
-            metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"])
+            metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
+                                          attempt=entry["attempts"])
         except BaseException:
             entry.update(status="failed", ended_at=_now())
             save_manifest()
@@ -238,7 +234,7 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
-                        run_id: str) -> dict:
+                        run_id: str, attempt: int = 1) -> dict:
     """Load the base, attach the running adapter, train, and move the finished folder into place."""
     import torch
     from transformers import set_seed
@@ -265,7 +261,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         recipe.tracking.wandb,
         run_dir=run_dir,
         group=f"{recipe.name}-{run_id}",
-        name=f"{recipe.name}/{st.name}",
+        # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"
+        name=f"{recipe.name}/{st.name}" + (f"#{attempt}" if attempt > 1 else ""),
         job_type=st.type,
         config=recipe.to_dict() | {"stage": st.name, "stage_index": i},
     ) as (report_to, log_summary):

@@ -57,6 +57,36 @@ def adapter_hash(adapter_dir: Path) -> str:
     return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
 
 
+def self_contained(recipe):
+    """A copy of the recipe that runs from anywhere: local data and model paths made absolute, each local data
+    file's content hash recorded (data.sha256 / eval_sha256, checked when the data is loaded)."""
+    from .config import looks_local, resolve_path
+    from .data import file_hash
+
+    r = recipe.model_copy(deep=True)
+    local = resolve_path(r.model.name_or_path, recipe._base_dir)
+    if local is not None:
+        r.model.name_or_path = str(local)
+    for st in r.stages:
+        for key, hkey in (("path", "sha256"), ("eval_path", "eval_sha256")):
+            p = getattr(st.data, key)
+            rp = resolve_path(p, recipe._base_dir) if p and looks_local(p) else None
+            if rp is not None and rp.is_file():
+                setattr(st.data, key, str(rp))
+                if getattr(st.data, hkey) is None:
+                    setattr(st.data, hkey, file_hash(str(rp)))
+    return r
+
+
+def run_folder_of(recipe_path, recipe_name: str) -> Path | None:
+    """The run folder a recipe file belongs to (it is that folder's recipe.yaml), else None."""
+    folder = Path(recipe_path).resolve().parent
+    m = read_manifest(folder)
+    if Path(recipe_path).name == RECIPE and m and m.get("recipe_name") == recipe_name:
+        return folder
+    return None
+
+
 def _is_temp(name: str) -> bool:
     # .merged.tmp-<pid>, .run.json.tmp-<pid>, .recipe.yaml.tmp-<pid>, .NN-name.tmp, .NN-name.old
     return name.startswith(".") and (".tmp" in name or name.endswith(".old"))
