@@ -1,0 +1,57 @@
+"""W&B tells the truth: a failed or interrupted stage ends its run with a non-zero exit code, a rerun is a new,
+distinctly named run in the same group, and the environment's WANDB_MODE wins over the recipe."""
+
+import json
+
+import pytest
+
+import prefopt
+from prefopt import recipe_from_dict
+from prefopt.stages import STAGES
+from conftest import chain_recipe
+
+
+def _runs(run_dir):
+    """(display name, exit code) of each offline W&B run, oldest first, from wandb's own files."""
+    out = []
+    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        blob = next(d.glob("run-*.wandb")).read_bytes()
+        log = (d / "logs" / "debug.log").read_text()
+        code = int(log.rsplit("got exitcode: ", 1)[1].split()[0])
+        out.append((blob, code))
+    return out
+
+
+@pytest.mark.parametrize("error, code", [(RuntimeError("boom"), 1), (KeyboardInterrupt(), 130)],
+                         ids=["failed", "interrupted"])
+def test_failed_stage_is_recorded_with_its_exit_code_and_rerun_gets_a_new_name(
+        tmp_path, tiny_model, small_data, monkeypatch, error, code):
+    raw = chain_recipe(tiny_model, small_data, None, wandb="offline")
+    out = tmp_path / "run"
+    real = STAGES["sft"]
+
+    def broken(*a, **k):
+        raise error
+
+    monkeypatch.setitem(STAGES, "sft", broken)
+    with pytest.raises(type(error)):
+        prefopt.run(recipe_from_dict(raw), output_dir=out)
+    monkeypatch.setitem(STAGES, "sft", real)
+    prefopt.run(recipe_from_dict(raw), output_dir=out)
+    (first, first_code), (second, second_code) = _runs(out)
+    assert (first_code, second_code) == (code, 0)
+    assert b"chain/sft" in first and b"chain/sft#2" not in first
+    assert b"chain/sft#2" in second
+    m = json.loads((out / "run.json").read_text())
+    assert m["stages"][0]["attempts"] == 2 and f"chain-{m['run_id']}".encode() in second
+
+
+def test_environment_wandb_mode_overrides_the_recipe(tmp_path, monkeypatch):
+    from prefopt.tracking import effective_mode
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert effective_mode("online") == ("offline", "env")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert effective_mode("offline") == ("disabled", "env")
+    monkeypatch.delenv("WANDB_MODE")
+    assert effective_mode("online") == ("online", "recipe")
