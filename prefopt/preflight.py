@@ -277,15 +277,13 @@ def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
 
 def prompt_lengths(rows, tokenizer) -> list[int]:
     """Tokens of each preference row's prompt as TRL tokenizes it (chat template with the generation prompt)."""
-    out = []
-    for row in rows:
-        p = row["prompt"]
-        if isinstance(p, list):
-            text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        else:
-            out.append(len(tokenizer(p)["input_ids"]))
-    return out
+    prompts = rows["prompt"] if hasattr(rows, "column_names") else [r["prompt"] for r in rows]
+    if prompts and isinstance(prompts[0], list):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(list(prompts))["input_ids"]
+    return [len(x) for x in ids]
 
 
 def drop_long_prompts(recipe: Recipe, i: int, data, tokenizer, config):

@@ -215,7 +215,9 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     dtype = torch_dtype(info["dtype"])
     quantized = info["quantization"] != "none"
     shards = Shards(base_dir)
-    base = _empty(base_dir, dtype)
+    # The weights are exactly the trained ones (rounded to the training dtype, or through the quantization round
+    # trip); the arithmetic is fp32 on both sides, so what is measured is the merge, not bf16 compute noise.
+    base = _empty(base_dir, torch.float32)
     head_key = _head_key(base, shards)
     model = PeftModel.from_pretrained(base, str(adapter_dir), low_cpu_mem_usage=True).eval()
     _load_adapter(model, adapter_dir, dev)
@@ -226,8 +228,8 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     def load(key, owner):
         t = shards.get(key).to(dev)
         if quantized and isinstance(owner, torch.nn.Linear) and t.dim() == 2:
-            return roundtrip(t, info).to(dtype)  # what the quantized layer computes with
-        return t.to(dtype)
+            return roundtrip(t, info)  # the values the quantized layer computes with
+        return t.to(dtype).to(torch.float32)
 
     out = {}
     use_dora = bool(model.peft_config["default"].use_dora)

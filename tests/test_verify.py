@@ -100,6 +100,15 @@ def test_run_folder_recipe_runs_from_anywhere(tmp_path, tiny_model, small_data, 
     assert recorded.stages[0].data.sha256
     again = prefopt.run(recorded, output_dir=out)
     assert [s.skipped for s in again.stages] == [True], "the recorded recipe is the same run"
+    # `prefopt run runs/x/recipe.yaml`, from another folder and without --output-dir, resumes runs/x
+    from click.testing import CliRunner
+
+    from prefopt.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(out / "recipe.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"run folder: {out}" in result.output and "(skipped, unchanged)" in result.output
+    assert not (tmp_path / "runs").exists()
     (data_dir / "sft.jsonl").write_text((data_dir / "sft.jsonl").read_text().replace("kind", "gentle"))
     with pytest.raises(prefopt.RecipeError, match=r"stages\[0\].data.sha256.*changed since the run"):
         prefopt.run(prefopt.load_recipe(out / "recipe.yaml"), output_dir=out)
