@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from . import runfolder
-from .config import PREFERENCE_TYPES, RecipeError, Recipe
+from .config import PREFERENCE_TYPES, Recipe
 from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
 
 

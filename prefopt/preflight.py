@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, DataError, PrefoptError, Recipe, RecipeError
+from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError
 
 
 @dataclass
@@ -350,4 +350,4 @@ def check_schedule(recipe: Recipe, i: int, config, n_rows: int) -> list[str]:
             "learned: raise epochs or max_steps, or lower warmup_ratio"]
 
 
-__all__ = ["Checked", "PrefoptError", "preflight"]
+__all__ = ["Checked", "preflight"]

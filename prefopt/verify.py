@@ -2,10 +2,11 @@
 model's device, in bounded memory.
 
 Neither model is ever whole in memory. Each is built weightless (meta device) and run block by block: a
-forward pre-hook reads one block's weights (the embedding, one decoder layer, the final norm) from the
-safetensors shards onto the device, and a forward hook frees them again. Only the final hidden states of
-the probe tokens are kept; logits are computed from them in slices of tokens and of the vocabulary. Peak memory
-is about one block plus the hidden states, whatever the model's size.
+forward pre-hook reads one block's weights (one decoder layer, the final norm) from the safetensors shards
+onto the device, and a forward hook frees them again; the input embedding is read row by row for the probe
+tokens only. Only the final hidden states of the probe tokens are kept; logits are computed from them with
+the output head read in slices of the vocabulary. Peak memory is about one decoder layer (in fp32) plus the
+hidden states, whatever the model's size.
 
 The reference is the forward prefopt trained with: the base as the training saw it (each quantized linear
 weight put through the same NF4/int8 round trip, which is what bitsandbytes' layer computes with) plus the
@@ -165,21 +166,57 @@ def _to_device(model, dev) -> None:
                 mod._buffers[name] = b.to(dev)
 
 
-def final_hidden(root, decoder, enc, load):
+class Matrix:
+    """A 2-D weight in the shards, read a slice of rows at a time (the embedding, the output head): never whole."""
+
+    def __init__(self, shards: Shards, key: str, cast):
+        from safetensors import safe_open
+
+        self.path, self.key, self.cast = str(shards.where[key]), key, cast
+        with safe_open(self.path, framework="pt") as f:
+            self.shape = tuple(f.get_slice(key).get_shape())
+
+    def __getitem__(self, rows: slice):
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return self.cast(f.get_slice(self.key)[rows])
+
+    def rows(self, ids):
+        """The rows of these token ids, read one by one from the memory-mapped file."""
+        import torch
+
+        from safetensors import safe_open
+
+        uniq = sorted(set(ids.flatten().tolist()))
+        with safe_open(self.path, framework="pt") as f:
+            sl = f.get_slice(self.key)
+            table = self.cast(torch.cat([sl[i:i + 1] for i in uniq]))
+        where = {t: j for j, t in enumerate(uniq)}
+        index = torch.tensor([where[t] for t in ids.flatten().tolist()], device=table.device)
+        return table[index].reshape(*ids.shape, table.shape[-1])
+
+
+def final_hidden(root, decoder, enc, load, embed: Matrix):
+    """Final hidden states (after the decoder's last norm) of the probe tokens; the input embeddings are read
+    row by row for the tokens present, every other block streamed."""
     import torch
 
+    embeds = embed.rows(enc["input_ids"])
     with streamed(root, decoder, load), torch.no_grad():
-        out = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        out = decoder(inputs_embeds=embeds, attention_mask=enc["attention_mask"], use_cache=False)
     return out.last_hidden_state.float()
 
 
+def _key_of(root, module) -> str:
+    return _prefix_of(root, module) + "weight"
+
+
 def _head_key(root, shards: Shards) -> str:
-    head = root.get_output_embeddings()
-    key = _prefix_of(root, head) + "weight"
+    key = _key_of(root, root.get_output_embeddings())
     if key in shards:
         return key
-    emb = root.get_input_embeddings()  # tied embeddings: the head is the embedding matrix
-    return _prefix_of(root, emb) + "weight"
+    return _key_of(root, root.get_input_embeddings())  # tied embeddings: the head is the embedding matrix
 
 
 # ---------------------------------------------------------------------------------------------- the two models
@@ -218,7 +255,6 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     # The weights are exactly the trained ones (rounded to the training dtype, or through the quantization round
     # trip); the arithmetic is fp32 on both sides, so what is measured is the merge, not bf16 compute noise.
     base = _empty(base_dir, torch.float32)
-    head_key = _head_key(base, shards)
     model = PeftModel.from_pretrained(base, str(adapter_dir), low_cpu_mem_usage=True).eval()
     _load_adapter(model, adapter_dir, dev)
     _to_device(model, dev)
@@ -231,19 +267,22 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
             return roundtrip(t, info)  # the values the quantized layer computes with
         return t.to(dtype).to(torch.float32)
 
+    def as_trained(t):  # embedding and head stay unquantized, in the training dtype
+        return t.to(dev).to(dtype).to(torch.float32)
+
+    embed = Matrix(shards, _key_of(base, base.get_input_embeddings()), as_trained)
+    head = Matrix(shards, _head_key(base, shards), as_trained)
     out = {}
     use_dora = bool(model.peft_config["default"].use_dora)
     if use_dora and dora_impl == "fast":
         from .dora import disable_fast_dora, enable_fast_dora
 
         enable_fast_dora(model, dora_dropout)
-        out["trained"] = final_hidden(root, decoder, enc, load)
+        out["trained"] = final_hidden(root, decoder, enc, load, embed)
         disable_fast_dora(model)
-        out["peft"] = final_hidden(root, decoder, enc, load)
+        out["peft"] = final_hidden(root, decoder, enc, load, embed)
     else:
-        out["trained"] = final_hidden(root, decoder, enc, load)
-    head = shards.get(head_key)
-    del model, base, root, decoder
+        out["trained"] = final_hidden(root, decoder, enc, load, embed)
     return out, head
 
 
@@ -254,13 +293,19 @@ def merged_hidden(out_dir: Path, enc, dev):
     shards = Shards(out_dir)
     root = _empty(out_dir, torch.float32)
     _to_device(root, dev)
-    hidden = final_hidden(root, root.get_decoder(), enc, lambda key, owner: shards.get(key).to(dev, torch.float32))
-    return hidden, shards.get(_head_key(root, shards))
+
+    def fp32(t):
+        return t.to(dev, torch.float32)
+
+    embed = Matrix(shards, _key_of(root, root.get_input_embeddings()), fp32)
+    hidden = final_hidden(root, root.get_decoder(), enc, lambda key, owner: fp32(shards.get(key)), embed)
+    return hidden, Matrix(shards, _head_key(root, shards), fp32)
 
 
 def compare(h_a, w_a, h_b, w_b, mask) -> dict:
     """max |Δlogit| (absolute and relative to max |logit|), mean KL(a || b), top-1 agreement over the real tokens,
-    logits computed from final hidden states in slices (never all tokens x vocab at once)."""
+    logits computed from final hidden states and head matrices (Matrix, or tensors) in slices of tokens and of
+    the vocabulary: never all tokens x vocab, never a whole head in fp32."""
     import torch
 
     h_a, h_b = h_a[mask], h_b[mask]
@@ -269,10 +314,8 @@ def compare(h_a, w_a, h_b, w_b, mask) -> dict:
     step_v = max(1, (1 << 26) // (4 * max(1, w_a.shape[1])))
     diff = top = kl_sum = agree = 0.0
     for i in range(0, n, step_t):
-        la = torch.cat([h_a[i:i + step_t] @ w_a[v:v + step_v].to(h_a.device, torch.float32).T
-                        for v in range(0, vocab, step_v)], dim=1)
-        lb = torch.cat([h_b[i:i + step_t] @ w_b[v:v + step_v].to(h_b.device, torch.float32).T
-                        for v in range(0, vocab, step_v)], dim=1).to(la.device)
+        la = torch.cat([h_a[i:i + step_t] @ w_a[v:v + step_v].T for v in range(0, vocab, step_v)], dim=1)
+        lb = torch.cat([h_b[i:i + step_t] @ w_b[v:v + step_v].T for v in range(0, vocab, step_v)], dim=1)
         diff = max(diff, (la - lb).abs().max().item())
         top = max(top, la.abs().max().item())
         pa, pb = la.log_softmax(-1), lb.log_softmax(-1)
