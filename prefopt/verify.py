@@ -104,32 +104,41 @@ def _prefix_of(root, module) -> str:
     raise ValueError("module not found in its model")
 
 
-def _blocks(root, decoder):
-    """The decoder's blocks in forward order, each with its checkpoint prefix (embedding, layers, norm)."""
-    import torch
-
-    base = _prefix_of(root, decoder)
-    for name, child in decoder.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            for j, layer in enumerate(child):
-                yield layer, f"{base}{name}.{j}."
-        elif any(True for _ in child.parameters()):
-            yield child, f"{base}{name}."
+def _units(root, decoder):
+    """The smallest modules that run as one and own weights the checkpoint holds: each linear layer (a PEFT
+    layer together with its base_layer, since fast DoRA reads the base weight itself), each norm; each with its
+    checkpoint prefix. The input embedding is left out (its rows are read directly, see Matrix.rows)."""
+    names = {m: n for n, m in root.named_modules()}
+    skip = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    seen = []
+    for m in decoder.modules():
+        if m is skip or not any(p.device.type == "meta" for p in m._parameters.values() if p is not None):
+            continue
+        name = names[m]
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parent = root.get_submodule(parent_name) if parent_name else root
+        unit = parent if getattr(parent, "base_layer", None) is m else m
+        if unit not in seen:
+            seen.append(unit)
+    return [(u, f"{names[u]}." if names[u] else "") for u in seen]
 
 
 def _checkpoint_key(prefix: str, param_name: str) -> str:
-    return prefix + param_name.replace(".base_layer.", ".")  # PEFT wraps an adapted Linear as <name>.base_layer
+    # PEFT wraps an adapted Linear as <name>.base_layer
+    return (prefix + param_name).replace(".base_layer.", ".")
 
 
 @contextmanager
 def streamed(root, decoder, load):
-    """Hooks that bring each block's meta parameters in through `load(key, module, param_name)` just before
-    the block runs, and drop them right after."""
+    """Hooks that bring each unit's meta parameters in through `load(key, owner_module)` just before the unit
+    runs, and drop them right after: one linear layer's weight in memory at a time."""
     from accelerate.utils import set_module_tensor_to_device
 
+    from .merging import _release_freed_memory
+
     handles = []
-    for block, prefix in _blocks(root, decoder):
-        names = [n for n, p in block.named_parameters() if p.device.type == "meta"]
+    for unit, prefix in _units(root, decoder):
+        names = [n for n, p in unit.named_parameters() if p.device.type == "meta"]
 
         def pre(mod, args, kwargs, names=names, prefix=prefix):
             for n in names:
@@ -142,12 +151,17 @@ def streamed(root, decoder, load):
                     plan.key = None
 
         def post(mod, args, kwargs, output, names=names):
+            big = sum(mod.get_parameter(n).numel() for n in names) >= (1 << 22)
             for n in names:
                 set_module_tensor_to_device(mod, n, "meta")
+            for m in mod.modules():
+                m.__dict__.pop("_prefopt_w2", None)
+            if big:  # hand large freed blocks back to the OS, so peak RSS is one layer, not the heap's high mark
+                _release_freed_memory()
             return output
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(post, with_kwargs=True))
+        handles.append(unit.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(unit.register_forward_hook(post, with_kwargs=True))
     try:
         yield
     finally:
