@@ -41,8 +41,10 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. stages.1.beta=0.2")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<name>/).")
-@click.option("--fresh", is_flag=True, help="Start over: delete the run folder's stages first.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/<name>/, or the run folder RECIPE belongs to when it is a run's recipe.yaml).")
+@click.option("--fresh", is_flag=True, help="Start over: remove what prefopt wrote in the run folder (only in a prefopt "
+              "run folder; other files are kept, a folder that is not one is refused).")
 def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool) -> None:
     """Run every stage of RECIPE in order, resuming a previous run of it."""
     from .config import load_recipe

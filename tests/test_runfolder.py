@@ -36,17 +36,26 @@ def tensors(folder: Path) -> dict:
 KILL_IN_MERGE = textwrap.dedent('''
     import os, signal, sys
     import prefopt, prefopt.merging as merging
-    real = merging.stream_merge
-    def killed(adapter, base_dir, out_dir, **kw):
-        real(adapter, base_dir, out_dir, **kw)   # the temp folder is full: now die as kill -9 would
-        os.kill(os.getpid(), signal.SIGKILL)
-    merging.stream_merge = killed
-    recipe = prefopt.load_recipe(sys.argv[1], overrides=sys.argv[3:])
+    point = sys.argv[3]
+    if point == "temp-written":
+        real = merging.stream_merge
+        def killed(adapter, base_dir, out_dir, **kw):
+            real(adapter, base_dir, out_dir, **kw)   # the temp folder is full: now die as kill -9 would
+            os.kill(os.getpid(), signal.SIGKILL)
+        merging.stream_merge = killed
+    else:  # merged/ swapped in, run.json not yet updated
+        real = merging.merge_adapter
+        def killed(*a, **kw):
+            real(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        merging.merge_adapter = killed
+    recipe = prefopt.load_recipe(sys.argv[1], overrides=sys.argv[4:])
     prefopt.run(recipe, output_dir=sys.argv[2])
 ''')
 
 
-def test_killed_merge_is_redone_and_equals_a_fresh_merge(tmp_path, tiny_model, small_data):
+@pytest.mark.parametrize("point", ["temp-written", "swapped-in"])
+def test_killed_merge_is_redone_and_equals_a_fresh_merge(tmp_path, tiny_model, small_data, point):
     raw = chain_recipe(tiny_model, small_data, "dpo")
     raw["merge"] = {"dtype": "bfloat16"}
     path = tmp_path / "r.yaml"
@@ -57,10 +66,11 @@ def test_killed_merge_is_redone_and_equals_a_fresh_merge(tmp_path, tiny_model, s
     assert json.loads((out / "run.json").read_text())["merge"]["status"] == "done"
 
     # the merge's inputs change (its dtype) and the merge is killed (-9) after writing its temp folder
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_MERGE, str(path), str(out), "merge.dtype=float32"],
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_MERGE, str(path), str(out), point, "merge.dtype=float32"],
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert list(out.glob(".merged.tmp-*")), "the kill left its temp folder"
+    if point == "temp-written":
+        assert list(out.glob(".merged.tmp-*")), "the kill left its temp folder"
     assert json.loads((out / "run.json").read_text())["merge"]["status"] == "running"
 
     lines = []
@@ -81,6 +91,8 @@ def test_killed_merge_is_redone_and_equals_a_fresh_merge(tmp_path, tiny_model, s
     prefopt.run(prefopt.load_recipe(path, ["merge.dtype=float32"]), output_dir=out, echo=lines.append)
     assert any("merge: done and unchanged, skipped" in s for s in lines)
 
+    if point != "temp-written":
+        return
     # a merge report that does not agree with run.json (e.g. merged/ replaced by hand) is not trusted
     report = json.loads((out / "merged" / "merge_report.json").read_text())
     report["inputs_hash"] = "something-else"
