@@ -212,7 +212,9 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
 
     mc = recipe.merge
     out = run_dir / runfolder.MERGED
-    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"])
+    # the merge's inputs: its section, the last stage's inputs and the adapter that stage actually wrote
+    final = run_dir / manifest["stages"][-1]["adapter"]
+    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"], adapter_hash(final))
     report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
     if report is not None:
         echo("prefopt: merge: done and unchanged, skipped")
