@@ -154,6 +154,19 @@ def resolve_base_dir(base: str) -> Path:
         raise MergeError(f"base '{base}': not a local folder and not downloadable ({str(e).splitlines()[0]})") from None
 
 
+def _large_blocks_from_the_os() -> None:
+    """Serve every allocation over 1 MiB by mmap, and so give it back to the OS when freed (glibc otherwise
+    raises that threshold as large blocks are freed, and later ones stay in the heap: the merge's peak RSS
+    then varied between 0.85 and 1.6 GB from run to run on the bench model; with this it is a steady 0.73 GB).
+    Process-wide, and harmless beyond the merge: big tensors are mmap'd by default before glibc adapts."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops the adapting)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up shard by shard)."""
     try:
@@ -309,6 +322,7 @@ def merge_adapter(
             raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it")
     adapter = read_adapter(adapter_dir)
     base_dir = resolve_base_dir(info["name_or_path"])
+    _large_blocks_from_the_os()
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
