@@ -10,6 +10,7 @@ with s = alpha / r (alpha / sqrt(r) with rsLoRA). W is the base weight as the ad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -154,17 +155,24 @@ def resolve_base_dir(base: str) -> Path:
         raise MergeError(f"base '{base}': not a local folder and not downloadable ({str(e).splitlines()[0]})") from None
 
 
-def _large_blocks_from_the_os() -> None:
-    """Serve every allocation over 1 MiB by mmap, and so give it back to the OS when freed (glibc otherwise
-    raises that threshold as large blocks are freed, and later ones stay in the heap: the merge's peak RSS
-    then varied between 0.85 and 1.6 GB from run to run on the bench model; with this it is a steady 0.73 GB).
-    Process-wide, and harmless beyond the merge: big tensors are mmap'd by default before glibc adapts."""
+@contextlib.contextmanager
+def _large_blocks_from_the_os():
+    """While merging, serve every allocation over 1 MiB by mmap, so it goes back to the OS when freed (glibc
+    otherwise raises that threshold as large blocks are freed, and later ones stay in the heap: the merge's
+    peak RSS then varied between 0.85 and 1.6 GB from run to run on the bench model; with this it is a steady
+    0.73 GB). Afterwards the threshold is set to glibc's own ceiling (32 MiB), where it adapts to anyway."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops the adapting)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        yield
+        return
+    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        mallopt(-3, 32 << 20)
 
 
 def _release_freed_memory() -> None:
@@ -322,12 +330,12 @@ def merge_adapter(
             raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it")
     adapter = read_adapter(adapter_dir)
     base_dir = resolve_base_dir(info["name_or_path"])
-    _large_blocks_from_the_os()
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
+        with _large_blocks_from_the_os():
+            counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
         _copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
         report = {
             "adapter": str(adapter_dir),
@@ -342,8 +350,10 @@ def merge_adapter(
             **(report_extra or {}),
         }
         if verify_merge:
-            report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows, thresholds or Thresholds(),
-                                            dora_impl=dora_impl, dora_dropout=dora_dropout)
+            with _large_blocks_from_the_os():
+                report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows,
+                                                thresholds or Thresholds(), dora_impl=dora_impl,
+                                                dora_dropout=dora_dropout)
             if report["verification"]["probe_source"] == "fixed prompts" and probe_note:
                 report["verification"]["probe_note"] = probe_note
                 echo(f"prefopt: merge: {probe_note}; verifying on {report['verification']['probes']} fixed prompts")
