@@ -3,7 +3,7 @@ random Llama of about 2 GB (bf16) in several shards, with a DoRA adapter (r=16, 
 
     python scripts/bench_merge.py [--layers 16] [--hidden 2048] [--shard-mb 400]
 
-Each merge runs in its own fresh process that reports its own peak RSS: prefopt's default merge (verification
+Each merge runs in its own fresh process that reports its own peak RSS (VmHWM; see peak_rss_mb): prefopt's default merge (verification
 on, as `prefopt merge` runs it), prefopt's merge with verification off, and PEFT's load-then-merge. Prints the
 peak RSS ratios (target for the default: <= 0.35 of PEFT's) and wall-time ratios, and checks the outputs agree.
 """
@@ -23,18 +23,34 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 PREFOPT = r'''
 import json, resource, sys, time
+
+def peak_rss_mb():
+    # VmHWM: this process's own high-water mark. ru_maxrss is not: Linux carries the parent's RSS at fork
+    # over into the child's ru_maxrss, which floored prefopt's figure at this script's own RSS.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 from prefopt.merging import merge_adapter
 adapter, base, out = sys.argv[1:4]
 report = merge_adapter(adapter, out, base=base, quantization="none", dtype="bfloat16", out_dtype="bfloat16",
                        verify_merge=sys.argv[4] == "verify", echo=lambda s: None)
 v = report.get("verification") or {}
-print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
                   "verification": {k: v.get(k) for k in ("passed", "max_rel_logit_diff", "mean_kl", "top1_agreement")}}))
 '''
 
 PEFT = r'''
 import json, resource, sys, time
+
+def peak_rss_mb():
+    # VmHWM: this process's own high-water mark. ru_maxrss is not: Linux carries the parent's RSS at fork
+    # over into the child's ru_maxrss, which floored prefopt's figure at this script's own RSS.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 import torch
 from peft import PeftModel
@@ -43,7 +59,7 @@ adapter, base, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size="400MB")
-print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}))
 '''
 
 
