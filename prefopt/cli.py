@@ -15,6 +15,23 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
+def _bug(err: BaseException, run_dir=None) -> None:
+    """An error prefopt did not foresee: one line, and the full traceback in a log file (exit code 1)."""
+    import traceback
+
+    from .runfolder import log_path
+
+    path = log_path(run_dir)
+    try:
+        path.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        where = f"; full traceback in {path}"
+    except OSError:
+        where = ""
+    first = (str(err).strip().splitlines() or [""])[0]
+    click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
+    sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prefopt")
 def main() -> None:
@@ -24,8 +41,10 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. stages.1.beta=0.2")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<name>/).")
-@click.option("--fresh", is_flag=True, help="Start over: delete the run folder's stages first.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/<name>/, or the run folder RECIPE belongs to when it is a run's recipe.yaml).")
+@click.option("--fresh", is_flag=True, help="Start over: remove what prefopt wrote in the run folder (only in a prefopt "
+              "run folder; other files are kept, a folder that is not one is refused).")
 def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool) -> None:
     """Run every stage of RECIPE in order, resuming a previous run of it."""
     from .config import load_recipe
@@ -33,6 +52,10 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     try:
         rec = load_recipe(recipe, list(overrides))
         from .pipeline import run as run_pipeline
+        from .runfolder import run_folder_of
+
+        # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
+        output_dir = output_dir or run_folder_of(recipe, rec.name)
 
         result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
     except PrefoptError as e:
@@ -40,6 +63,8 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     except KeyboardInterrupt:
         click.echo("prefopt: interrupted; finished stages are kept, re-run the same command to resume", err=True)
         sys.exit(130)
+    except Exception as e:
+        _bug(e, output_dir or (f"runs/{rec.name}" if "rec" in locals() else None))
     click.echo(f"run folder: {result.run_dir}")
     for s in result.stages:
         click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")
@@ -59,6 +84,8 @@ def plan(recipe: str, overrides: tuple[str, ...]) -> None:
         text = make_plan(rec)
     except PrefoptError as e:
         _fail(e)
+    except Exception as e:
+        _bug(e)
     click.echo(text)
 
 
@@ -101,6 +128,11 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
             raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
     except PrefoptError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        click.echo("prefopt: interrupted; nothing was written to the output folder", err=True)
+        sys.exit(130)
+    except Exception as e:
+        _bug(e, run_dir)
 
 
 if __name__ == "__main__":  # pragma: no cover

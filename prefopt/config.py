@@ -23,7 +23,13 @@ class PrefoptError(Exception):
 
 
 class DataError(PrefoptError):
-    """A data file that cannot be used: names the file, the row and what is wrong."""
+    """A data file that cannot be used: names the file, the row and what is wrong.
+
+    `key` is the stage's data key the problem belongs to (e.g. "eval_fraction"), when it is one key."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class RecipeError(PrefoptError):
@@ -107,6 +113,9 @@ class DataSection(_Section):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction held out for evaluation (seeded split).")
     eval_path: str | None = Field(None, description="A separate evaluation file; overrides eval_fraction.")
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the split).")
+    sha256: str | None = Field(None, description="Expected content hash of `path` (first 16 hex digits of its sha256); "
+                               "a run folder's recipe.yaml records it, and a changed file is refused.")
+    eval_sha256: str | None = Field(None, description="Expected content hash of `eval_path`, as `sha256`.")
 
 
 class TrainSection(_Section):
@@ -243,6 +252,16 @@ class Recipe(_Section):
         """A local model folder (relative to the cwd, else the recipe's folder), or the hub id as given."""
         local = resolve_path(self.model.name_or_path, self._base_dir)
         return str(local) if local is not None else self.model.name_or_path
+
+    def locate(self, *path) -> str:
+        """A key path as the user wrote it, with the YAML line of the key (or of its nearest written parent)."""
+        line = None
+        for cut in range(len(path), -1, -1):
+            line = self._lines.get(tuple(path[:cut]))
+            if line:
+                break
+        where = f" ({self._source} line {line})" if self._source and line else (f" (line {line})" if line else "")
+        return f"{_fmt_path(tuple(path))}{where}"
 
     def stage_dirname(self, index: int) -> str:
         return f"{index:02d}-{self.stages[index].name}"
@@ -471,14 +490,59 @@ def validate_recipe(raw: Any, *, source: str | None = None, text: str | None = N
     return recipe
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is recorded (PyYAML keeps the last
+    value silently). Same constructors, same types: only the duplicate check is added."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []  # (key, first line, second line), 1-based
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append((key, seen[key], line))
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str):
+    loader = _RecipeLoader(text)
+    try:
+        raw = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        by_line = {}
+        for p, line in _line_map(text).items():
+            by_line.setdefault(line, []).append(p)
+        problems = []
+        for key, first, second in loader.duplicates:
+            path = next((p for p in by_line.get(second, []) if p and p[-1] == key), (key,))
+            problems.append(f"{_fmt_path(path)}: duplicate key (lines {first} and {second}); YAML would silently keep "
+                            "the last value: keep one")
+        raise RecipeError(problems, source)
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: dict | list | None = None) -> Recipe:
     """Load and validate a recipe file; raises RecipeError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"])
-    text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"],
+                          str(path)) from None
+    try:
+        raw = _load_yaml(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -27,22 +27,32 @@ class StageData:
     files: list[str]
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; anything else is named by file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_local(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} row {i}: not valid JSON ({e.msg}); each line must be one JSON object")
+        for i, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} row {i}: not valid JSON ({e.msg}); each line must be one JSON object")
         return rows
     if suffix == ".json":
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})")
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -52,9 +62,9 @@ def _read_local(path: Path) -> list[dict]:
         return obj
     if suffix == ".csv":
         import csv
+        import io
 
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -180,21 +190,35 @@ def load_stage_data(stage, *, seed: int, base_dir: Path | None = None) -> StageD
 
     normalise = normalise_preference if stage.type in PREFERENCE_TYPES else normalise_sft
     rows, label = read_rows(stage.data.path, split=stage.data.split, base_dir=base_dir)
+    _check_hash(label, stage.data.sha256, "sha256")
     rows, fmt = normalise(rows, label)
     files = [label]
     train = Dataset.from_list(rows)
     eval_ds = None
     if stage.data.eval_path:
         erows, elabel = read_rows(stage.data.eval_path, split=stage.data.split, base_dir=base_dir)
+        _check_hash(elabel, stage.data.eval_sha256, "eval_sha256")
         eval_ds = Dataset.from_list(normalise(erows, elabel)[0])
         files.append(elabel)
     elif stage.data.eval_fraction > 0 and len(train) >= 2:
         n_eval = max(1, round(len(train) * stage.data.eval_fraction))
+        if n_eval >= len(train):
+            raise DataError(f"eval_fraction {stage.data.eval_fraction:g} of {len(train)} rows ({label}) holds out "
+                            f"{n_eval} and leaves no training row; lower it", key="eval_fraction")
         parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
         train, eval_ds = parts["train"], parts["test"]
     if stage.data.max_samples:
         train = train.select(range(min(stage.data.max_samples, len(train))))
     return StageData(train=train, eval=eval_ds, fmt=fmt, files=files)
+
+
+def data_problem(recipe, i: int, e: DataError) -> str:
+    """A stage's data error with its key path and line: stages[i].data (line N) or stages[i].data.<key>."""
+    if e.key:
+        return f"{recipe.locate('stages', i, 'data', e.key)}: {e}"
+    line = recipe._lines.get(("stages", i, "data", "path"))
+    where = f" ({recipe._source} line {line})" if recipe._source and line else ""
+    return f"stages[{i}].data{where}: {e}"
 
 
 def check_recipe_data(recipe) -> None:
@@ -204,11 +228,15 @@ def check_recipe_data(recipe) -> None:
         try:
             load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
         except DataError as e:
-            line = recipe._lines.get(("stages", i, "data", "path"))
-            where = f" ({recipe._source} line {line})" if recipe._source and line else ""
-            problems.append(f"stages[{i}].data{where}: {e}")
+            problems.append(data_problem(recipe, i, e))
     if problems:
         raise RecipeError(problems, recipe._source)
+
+
+def _check_hash(label: str, expected: str | None, key: str) -> None:
+    if expected and file_hash(label) != expected:
+        raise DataError(f"{label} changed since the run that recorded it (content hash {file_hash(label)}, recorded "
+                        f"{expected}); restore the file, or remove {key} to train on the new content", key=key)
 
 
 def file_hash(label: str) -> str:

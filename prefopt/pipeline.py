@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .config import PREFERENCE_TYPES, RecipeError, Recipe
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from . import runfolder
+from .config import PREFERENCE_TYPES, Recipe
+from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -59,42 +59,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def preflight(recipe: Recipe, echo=None):
+    """Every problem that can be found before a model loads (see prefopt.preflight); returns the checked data."""
+    from .preflight import preflight as _preflight
 
-
-def read_manifest(run_dir: Path) -> dict | None:
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def adapter_hash(adapter_dir: Path) -> str:
-    from .data import file_hash
-
-    return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
-
-
-def preflight(recipe: Recipe) -> None:
-    """Every problem that can be found before training: data rows, trainer_kwargs, loss types."""
-    from .data import check_recipe_data
-    from .stages import CHECKS
-
-    problems = []
-    for i, st in enumerate(recipe.stages):
-        problems += CHECKS[st.type](st, f"stages[{i}]")
-    try:
-        check_recipe_data(recipe)
-    except RecipeError as e:
-        problems += e.problems
-    if problems:
-        raise RecipeError(problems, recipe._source)
+    return _preflight(recipe, echo=echo)
 
 
 def adapter_note(recipe: Recipe) -> str:
@@ -133,13 +102,19 @@ def stage_notes(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
-    from .data import file_hash, load_stage_data
+    from .data import file_hash
 
-    preflight(recipe)
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
+                               fresh=fresh)
+    # From here on the recipe is the self-contained one the run folder records (absolute paths, data hashes).
+    recipe = runfolder.self_contained(recipe)
+    checked = preflight(recipe, echo=echo)
+    if fresh:
+        runfolder.clear_for_fresh(run_dir)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    for name in runfolder.clean_temp(run_dir):
+        echo(f"prefopt: removed {name}, left behind by an interrupted run")
 
     recipe_dict = recipe.to_dict()
     old = read_manifest(run_dir) or {}
@@ -154,10 +129,16 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     }
     if old.get("merge"):
         manifest["merge"] = old["merge"]
-    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
     def save_manifest():
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+    save_manifest()  # first, so the folder is recognisably a prefopt run folder from here on
+    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
+    moved = runfolder.move_dropped_stages(run_dir, {recipe.stage_dirname(i) for i in range(len(recipe.stages))})
+    for name in moved:
+        echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
 
     for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
@@ -166,7 +147,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     prev_adapter: Path | None = None
     for i, st in enumerate(recipe.stages):
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
-        data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        data = checked.data[i]
         inputs = recipe.section_hash(
             st.model_dump(mode="json"),
             recipe_dict["model"],
@@ -183,7 +164,9 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             "adapter": str(Path("stages") / stage_dir.name / "adapter"),
             "starts_from": str(prev_adapter.relative_to(run_dir)) if prev_adapter else None,
             "inputs_hash": inputs,
-            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0},
+            # the rows the stage trains and evaluates on (after rows max_length would drop are left out)
+            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+                     **({"dropped_by_max_length": checked.dropped[i]} if checked.dropped[i] else {})},
             "metrics": {},
             "started_at": None,
             "ended_at": None,
@@ -192,25 +175,21 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
         manifest["stages"].append(entry)
         was = old_stages.get(st.name)
-        if (
-            was
-            and was.get("status") == "done"
-            and was.get("inputs_hash") == inputs
-            and all((stage_dir / "adapter" / f).is_file() for f in ADAPTER_FILES)
-        ):
-            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at") if k in was})
+        if runfolder.stage_done(was, inputs, stage_dir):
+            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts") if k in was})
             save_manifest()
             echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
             result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", entry["metrics"], skipped=True))
             prev_adapter = stage_dir / "adapter"
             continue
 
-        entry.update(status="running", started_at=_now())
+        entry.update(status="running", started_at=_now(), attempts=(was or {}).get("attempts", 0) + 1)
         save_manifest()
         echo(f"prefopt: stage {i + 1}/{len(recipe.stages)} {st.name} ({st.type}): "
              f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
         try:
-            metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"])
+            metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
+                                          attempt=entry["attempts"])
         except BaseException:
             entry.update(status="failed", ended_at=_now())
             save_manifest()
@@ -221,7 +200,6 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
         prev_adapter = stage_dir / "adapter"
 
-    # Stages dropped from the recipe since the last run are not part of this run any more.
     save_manifest()
     if recipe.merge is not None:
         result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
@@ -230,23 +208,24 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
 
 def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
     """The recipe's merge section: merge the last adapter into runs/<name>/merged/ (redone when it changed)."""
-    from .merging import REPORT, Thresholds, merge_run
+    from .merging import Thresholds, merge_run
 
     mc = recipe.merge
-    out = run_dir / "merged"
-    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"])
-    report_path = out / REPORT
-    if report_path.is_file() and manifest.get("merge", {}).get("inputs_hash") == key:
-        report = json.loads(report_path.read_text())
-        if report.get("verification", {}).get("passed", not mc.verify):
-            echo("prefopt: merge: done and unchanged, skipped")
-            return report
+    out = run_dir / runfolder.MERGED
+    # the merge's inputs: its section, the last stage's inputs and the adapter that stage actually wrote
+    final = run_dir / manifest["stages"][-1]["adapter"]
+    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"], adapter_hash(final))
+    report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
+    if report is not None:
+        echo("prefopt: merge: done and unchanged, skipped")
+        return report
     thresholds = Thresholds(mc.max_rel_logit_diff, mc.mean_kl, mc.min_top1_agreement)
     manifest["merge"] = {"status": "running", "path": "merged", "inputs_hash": key}
     save_manifest()
     try:
         report = merge_run(run_dir, out, base_mode=mc.base, out_dtype=mc.dtype, overwrite=True,
-                           verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe)
+                           verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe,
+                           report_extra={"inputs_hash": key})
     except BaseException:
         manifest["merge"]["status"] = "failed"
         save_manifest()
@@ -257,7 +236,7 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
-                        run_id: str) -> dict:
+                        run_id: str, attempt: int = 1) -> dict:
     """Load the base, attach the running adapter, train, and move the finished folder into place."""
     import torch
     from transformers import set_seed
@@ -284,7 +263,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         recipe.tracking.wandb,
         run_dir=run_dir,
         group=f"{recipe.name}-{run_id}",
-        name=f"{recipe.name}/{st.name}",
+        # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"
+        name=f"{recipe.name}/{st.name}" + (f"#{attempt}" if attempt > 1 else ""),
         job_type=st.type,
         config=recipe.to_dict() | {"stage": st.name, "stage_index": i},
     ) as (report_to, log_summary):

@@ -22,18 +22,18 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
 
 
 def make_plan(recipe: Recipe) -> str:
-    from .data import load_stage_data
     from .pipeline import adapter_note, preflight, stage_notes
 
-    preflight(recipe)
+    checked = preflight(recipe)
     try:
         trainable, total = trainable_parameters(recipe)
         params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     except Exception as e:  # e.g. a hub id that cannot be reached: still show the rest
         params = f"unknown ({str(e).splitlines()[0]})"
-    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", f"# {adapter_note(recipe)}", "", "# stages"]
+    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", f"# {adapter_note(recipe)}", "",
+             *[f"# warning: {w}" for w in checked.warnings], "# stages"]
     for i, (st, note) in enumerate(zip(recipe.stages, stage_notes(recipe))):
-        data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        data = checked.data[i]
         n_eval = len(data.eval) if data.eval is not None else 0
         lines.append(f"{i:02d}-{note}")
         lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")

@@ -61,7 +61,14 @@ def test_sft_then_dpo_reference_is_the_sft_model(tmp_path, tiny_model, small_dat
     assert manifest["stages"][1]["reference"] == "previous_stage"
     assert "eval_rewards/accuracies" in manifest["stages"][1]["metrics"]["eval"]
     assert (run_dir / "recipe.yaml").is_file()
-    assert prefopt.load_recipe(run_dir / "recipe.yaml").to_dict() == recipe.to_dict()
+    # the run folder's recipe is the resolved one, plus each data file's content hash (checked on a rerun)
+    from prefopt.data import file_hash
+
+    recorded = prefopt.load_recipe(run_dir / "recipe.yaml").to_dict()
+    for st, path in zip(recorded["stages"], (small_data["sft"], small_data["prefs"])):
+        assert st["data"].pop("sha256") == file_hash(str(path))
+        st["data"]["sha256"] = None
+    assert recorded == recipe.to_dict()
 
     # W&B: one offline run per stage, grouped, holding the trainer's metrics; no key anywhere.
     runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -5,3 +5,5 @@ from . import dpo, orpo, sft, simpo
 
 STAGES = {"sft": sft.run, "dpo": dpo.run, "orpo": orpo.run, "simpo": simpo.run}
 CHECKS = {"sft": sft.check, "dpo": dpo.check, "orpo": orpo.check, "simpo": simpo.check}
+CONFIGS = {"sft": sft.config_class, "dpo": dpo.config_class, "orpo": orpo.config_class, "simpo": simpo.config_class}
+OPTIONS = {"sft": sft.options, "dpo": dpo.options, "orpo": orpo.options, "simpo": simpo.options}

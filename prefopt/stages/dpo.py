@@ -14,9 +14,25 @@ from pathlib import Path
 from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
-def check(stage, where: str) -> list[str]:
+def config_class():
     from trl import DPOConfig
 
+    return DPOConfig
+
+
+def options(stage) -> dict:
+    """DPOConfig's method options from the stage section."""
+    return {
+        "beta": stage.beta,
+        "loss_type": [stage.loss_type],
+        "max_length": stage.train.max_length,
+        # With a base reference we drop TRL's "ref" adapter first, then precompute (in run).
+        "precompute_ref_log_probs": stage.precompute_ref_log_probs and stage.reference != "base",
+    }
+
+
+def check(stage, where: str) -> list[str]:
+    DPOConfig = config_class()
     problems = check_trainer_kwargs(DPOConfig, stage.trainer_kwargs, where)
     known = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     if f"'{stage.loss_type}'" not in known:
@@ -29,14 +45,7 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
     from trl import DPOConfig, DPOTrainer
 
     use_base_ref = stage.reference == "base"
-    method = {
-        "beta": stage.beta,
-        "loss_type": [stage.loss_type],
-        "max_length": stage.train.max_length,
-        # With a base reference we drop TRL's "ref" adapter first, then precompute (below).
-        "precompute_ref_log_probs": stage.precompute_ref_log_probs and not use_base_ref,
-    }
-    trainer = make_trainer(DPOTrainer, DPOConfig, model, tokenizer, stage, data, out_dir, method, seed=seed,
+    trainer = make_trainer(DPOTrainer, DPOConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
     if use_base_ref:
         peft_model = trainer.accelerator.unwrap_model(trainer.model)

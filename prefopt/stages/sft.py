@@ -7,17 +7,25 @@ from pathlib import Path
 from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
-def check(stage, where: str) -> list[str]:
+def config_class():
     from trl import SFTConfig
 
-    return check_trainer_kwargs(SFTConfig, stage.trainer_kwargs, where)
+    return SFTConfig
+
+
+def options(stage) -> dict:
+    """SFTConfig's method options from the stage section."""
+    return {"max_length": stage.train.max_length, "packing": False}
+
+
+def check(stage, where: str) -> list[str]:
+    return check_trainer_kwargs(config_class(), stage.trainer_kwargs, where)
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
         callbacks=(), **_) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    method = {"max_length": stage.train.max_length, "packing": False}
-    trainer = make_trainer(SFTTrainer, SFTConfig, model, tokenizer, stage, data, out_dir, method, seed=seed,
+    trainer = make_trainer(SFTTrainer, SFTConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
     return train_and_save(trainer, out_dir, tokenizer)

@@ -1,0 +1,353 @@
+"""Every problem that can be found before a model loads, all at once, each with its key path and YAML line.
+
+`preflight(recipe)` is what `prefopt plan` and the start of `prefopt run` call. It reads the model's config and
+tokenizer (never its weights), builds each stage's TRL config as the stage will, loads and checks the data, and
+returns the data the stages then train on (so what was checked is what is trained on).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError
+
+
+@dataclass
+class Checked:
+    """What preflight found: each stage's data (rows max_length would drop already removed) and its notes."""
+
+    data: list = field(default_factory=list)  # StageData per stage
+    dropped: list = field(default_factory=list)  # per stage: {"train": n, "eval": n} rows dropped by max_length
+    warnings: list = field(default_factory=list)
+
+
+def preflight(recipe: Recipe, *, echo=None) -> Checked:
+    from .stages import CHECKS
+
+    problems: list[str] = []
+    configs = []
+    for i, st in enumerate(recipe.stages):
+        problems += CHECKS[st.type](st, f"stages[{i}]")
+        named = check_train_names(recipe, i)
+        typed = check_kwarg_types(recipe, i)
+        cfg, probs = build_trl_config(recipe, i) if not named else (None, [])
+        configs.append(None if typed else cfg)  # a config holding a wrong-typed value checks nothing further
+        problems += named + typed + probs
+    problems += check_wandb(recipe)
+    model_problems, tokenizer = check_model(recipe)
+    problems += model_problems
+
+    checked = Checked()
+    from .data import data_problem, load_stage_data
+
+    for i, st in enumerate(recipe.stages):
+        try:
+            data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        except DataError as e:
+            problems.append(data_problem(recipe, i, e))
+            checked.data.append(None)
+            checked.dropped.append({})
+            continue
+        dropped = {}
+        if st.type in PREFERENCE_TYPES and tokenizer is not None and configs[i] is not None:
+            data, dropped, probs, warns = drop_long_prompts(recipe, i, data, tokenizer, configs[i])
+            problems += probs
+            checked.warnings += warns
+        checked.data.append(data)
+        checked.dropped.append(dropped)
+        if configs[i] is not None and len(data.train):
+            problems += check_schedule(recipe, i, configs[i], len(data.train))
+    if problems:
+        raise RecipeError(problems, recipe._source)
+    for w in checked.warnings:
+        (echo or (lambda s: None))(f"prefopt: warning: {w}")
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- names and types
+
+
+def check_train_names(recipe: Recipe, i: int) -> list[str]:
+    """train.optim and train.scheduler against transformers' own enums."""
+    import difflib
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    tr = recipe.stages[i].train
+    problems = []
+    for key, value, enum in (("optim", tr.optim, OptimizerNames), ("scheduler", tr.scheduler, SchedulerType)):
+        names = [e.value for e in enum]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"one of {', '.join(names)}"
+            problems.append(f"{recipe.locate('stages', i, 'train', key)}: unknown {key} '{value}'; {hint}")
+    return problems
+
+
+def _field_types(config_cls) -> dict:
+    try:
+        return typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that cannot be resolved: fall back to the raw ones
+        return {f.name: f.type for f in fields(config_cls)}
+
+
+def check_kwarg_types(recipe: Recipe, i: int) -> list[str]:
+    """trainer_kwargs values against the TRL config's field types (transformers does not check most of them:
+    `label_smoothing: 'high'` would be kept, `eval_accumulation_steps: 'two'` would fail after training)."""
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    from .stages import CONFIGS
+
+    st = recipe.stages[i]
+    types = _field_types(CONFIGS[st.type]())
+    problems = []
+    for key, value in st.trainer_kwargs.items():
+        hint = types.get(key)
+        if hint is None or isinstance(hint, str):
+            continue
+        try:
+            ta = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # a type pydantic cannot describe: TRL's own check (build_trl_config) still runs
+            continue
+        try:
+            ta.validate_python(value)
+            if isinstance(value, str):  # "0.1" for a float would pass lax checking and fail inside TRL
+                ta.validate_python(value, strict=True)
+        except ValidationError:
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            problems.append(f"{recipe.locate('stages', i, 'trainer_kwargs', key)}: expects {shown}, got {value!r}")
+    return problems
+
+
+def build_trl_config(recipe: Recipe, i: int):
+    """The stage's TRL config built as the stage builds it (CPU, a temp output folder): its own checks, now."""
+    from .stages import CONFIGS, OPTIONS
+    from .stages.common import training_args
+
+    st = recipe.stages[i]
+    config_cls = CONFIGS[st.type]()
+    known = {f.name for f in fields(config_cls)}
+    with tempfile.TemporaryDirectory(prefix="prefopt-preflight-") as tmp:
+        base = training_args(st.train, output_dir=tmp, seed=recipe.seed, report_to=[], run_name=st.name,
+                             has_eval=True)
+        base.update(use_cpu=True, bf16=False)
+        kwargs = {k: v for k, v in st.trainer_kwargs.items() if k in known}
+        try:
+            return config_cls(**{**base, **OPTIONS[st.type](st), **kwargs}), []
+        except Exception as e:  # transformers/TRL raise ValueError, TypeError, KeyError, ... for bad settings
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            named = [k for k in kwargs if k in str(e)]
+            path = ("stages", i, "trainer_kwargs", named[0]) if named else ("stages", i, "train")
+            return None, [f"{recipe.locate(*path)}: trl's {config_cls.__name__} refuses it: {msg}"]
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+
+
+def check_wandb(recipe: Recipe) -> list[str]:
+    from .tracking import effective_mode, has_credentials
+
+    mode, source = effective_mode(recipe.tracking.wandb.mode)
+    if mode == "online" and not has_credentials():
+        via = " (WANDB_MODE=online in the environment overrides the recipe)" if source == "env" else ""
+        return [f"{recipe.locate('tracking', 'wandb', 'mode')}: online{via} needs W&B credentials and none were "
+                "found (no WANDB_API_KEY, no api.wandb.ai entry in ~/.netrc); run `wandb login`, or use mode: "
+                "offline (sync later) or disabled"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model(recipe: Recipe):
+    """The model folder, its target modules (on a weightless copy) and the chat template; returns the
+    problems and the tokenizer (None when the model cannot be read without a network)."""
+    m = recipe.model
+    path = recipe.model_path()
+    local = Path(path)
+    where = recipe.locate("model", "name_or_path")
+    if not local.exists():
+        if not _HUB_ID.match(m.name_or_path) or m.name_or_path.startswith((".", "/", "~")):
+            return [f"{where}: folder not found: {m.name_or_path} (looked in the current folder and beside the "
+                    "recipe)"], None
+        if not _in_hub_cache(m.name_or_path, m.revision):
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                return [f"{where}: '{m.name_or_path}' is not a local folder and not in the hub cache, and "
+                        "HF_HUB_OFFLINE is set"], None
+            return [], None  # a hub id we cannot check without the network: loading it will say
+    else:
+        if not local.is_dir():
+            return [f"{where}: {path} is a file; give the model's folder"], None
+        missing = []
+        if not (local / "config.json").is_file():
+            missing.append("config.json")
+        if not list(local.glob("*.safetensors")):
+            missing.append("*.safetensors weights (prefopt loads safetensors only)")
+        if missing:
+            return [f"{where}: {path} has no {' and no '.join(missing)}"], None
+    problems, tokenizer = [], None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as e:
+        return [f"{where}: cannot read the model's config.json: {str(e).splitlines()[0]}"], None
+    problems += check_target_modules(recipe, cfg)
+    try:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(path, chat_template=None, revision=m.revision,
+                                   trust_remote_code=m.trust_remote_code)
+    except Exception as e:
+        return problems + [f"{where}: cannot load the tokenizer: {str(e).splitlines()[0]}"], None
+    probs = check_chat_template(recipe, tokenizer)
+    return problems + probs, (None if probs else tokenizer)
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def check_target_modules(recipe: Recipe, cfg) -> list[str]:
+    """Each target_modules entry must name a module of the model (PEFT's matching), checked on the meta device."""
+    tm = recipe.adapter.target_modules
+    if tm == "all-linear":
+        return []
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
+    out = model.get_output_embeddings()
+    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not out]
+    where = recipe.locate("adapter", "target_modules")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if isinstance(tm, str):
+        if not any(re.fullmatch(tm, n) for n in names):
+            return [f"{where}: the pattern {tm!r} matches no linear module of the model (they are named "
+                    f"{', '.join(leaves)}, e.g. {names[0] if names else '-'})"]
+        return []
+    missing = [t for t in tm if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        return [f"{where}: {', '.join(repr(t) for t in missing)} {'matches' if len(missing) == 1 else 'match'} no "
+                f"module of the model; its linear modules are {', '.join(leaves)}"]
+    return []
+
+
+def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
+    """Compile the chat template the stages will use and render it on a conversation."""
+    from .models import CHATML_TEMPLATE
+
+    ct = recipe.model.chat_template
+    if ct == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif ct:
+        tokenizer.chat_template = ct
+    convo = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
+    try:
+        tokenizer.apply_chat_template(convo, tokenize=False)
+        tokenizer.apply_chat_template(convo[:1], tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        whose = "" if ct else " (the tokenizer's own; set model.chat_template to replace it)"
+        line = getattr(e, "lineno", None)
+        at = f" at template line {line}" if line else ""
+        return [f"{recipe.locate('model', 'chat_template')}: the chat template{whose} does not render{at}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- data-dependent
+
+
+def prompt_lengths(rows, tokenizer) -> list[int]:
+    """Tokens of each preference row's prompt as TRL tokenizes it (chat template with the generation prompt)."""
+    prompts = rows["prompt"] if hasattr(rows, "column_names") else [r["prompt"] for r in rows]
+    if prompts and isinstance(prompts[0], list):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(list(prompts))["input_ids"]
+    return [len(x) for x in ids]
+
+
+def drop_long_prompts(recipe: Recipe, i: int, data, tokenizer, config):
+    """Rows whose prompt alone fills max_length: DPO drops them, ORPO/SimPO would train on an empty answer.
+    prefopt drops them itself (and counts them); all of them -> error."""
+    st = recipe.stages[i]
+    max_length = getattr(config, "max_length", None)
+    if max_length is None or getattr(config, "truncation_mode", "keep_start") == "keep_end":
+        return data, {}, [], []
+    dropped, problems, warnings = {}, [], []
+    for split in ("train", "eval"):
+        ds = getattr(data, split)
+        if ds is None or not len(ds):
+            continue
+        lengths = prompt_lengths(ds, tokenizer)
+        keep = [j for j, n in enumerate(lengths) if n < max_length]
+        dropped[split] = len(ds) - len(keep)
+        if not dropped[split]:
+            continue
+        key = ("stages", i, "trainer_kwargs", "max_length") if "max_length" in st.trainer_kwargs else \
+            ("stages", i, "train", "max_length")
+        if not keep and split == "train":
+            problems.append(f"{recipe.locate(*key)}: every one of the {len(ds)} training rows has a prompt of "
+                            f"{max_length} tokens or more (longest {max(lengths)}), so none would train; raise "
+                            "max_length or shorten the prompts")
+            continue
+        warnings.append(f"stage {st.name}: {dropped[split]} of {len(ds)} {split} rows have a prompt of {max_length} "
+                        f"tokens or more (max_length) and are left out")
+        setattr(data, split, ds.select(keep) if keep else None)
+    return data, dropped, problems, warnings
+
+
+def check_schedule(recipe: Recipe, i: int, config, n_rows: int) -> list[str]:
+    """At least one optimizer step at a learning rate above 0, computed as the Trainer computes it."""
+    import torch
+    from transformers import get_scheduler
+
+    bs, ga = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    batches = math.ceil(n_rows / bs)
+    per_epoch = max(batches // ga + int(batches % ga > 0), 1)
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * per_epoch)
+    st = recipe.stages[i]
+    key = ("stages", i, "train", "max_steps" if st.train.max_steps > 0 else "epochs")
+    if steps <= 0:
+        return [f"{recipe.locate(*key)}: no optimizer step ({n_rows} rows, batch {bs} x {ga}); raise it"]
+    if config.lr_scheduler_type == "reduce_lr_on_plateau":
+        return []
+    warmup = config.get_warmup_steps(steps)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=config.learning_rate)
+    try:
+        sched = get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=steps,
+                              scheduler_specific_kwargs=config.lr_scheduler_kwargs or {})
+    except Exception as e:
+        return [f"{recipe.locate('stages', i, 'train', 'scheduler')}: transformers cannot build it: "
+                f"{str(e).splitlines()[0]}"]
+    for _ in range(min(steps, 5000)):
+        if opt.param_groups[0]["lr"] > 0:
+            return []
+        opt.step()
+        sched.step()
+    return [f"{recipe.locate(*key)}: {steps} optimizer step{'s' if steps != 1 else ''} ({n_rows} rows, batch {bs} x "
+            f"{ga}), every one at learning rate 0 ({warmup} warmup step{'s' if warmup != 1 else ''}); nothing would be "
+            "learned: raise epochs or max_steps, or lower warmup_ratio"]
+
+
+__all__ = ["Checked", "preflight"]

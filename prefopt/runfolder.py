@@ -1,0 +1,234 @@
+"""The run folder's format: what prefopt writes there, the manifest, atomic writes, temp clean-up, and what
+"done" means. pipeline, merging and cli import this module; it imports none of them.
+
+runs/<name>/
+  run.json                        manifest (version, recipe name and hash, run id; per stage: status, adapter,
+                                  inputs hash, rows trained on, metrics, times; the merge's status and inputs hash)
+  recipe.yaml                     resolved recipe: every default, absolute data/model paths, data hashes
+  stages/NN-<name>/adapter/       PEFT adapter (safetensors, DoRA magnitude included) + tokenizer
+  stages/NN-<name>/log_history.json
+  merged/                         the merged checkpoint and merge_report.json (recipe `merge:` or `prefopt merge`)
+  dropped/NN-<name>/              stages a later version of the recipe no longer has
+  wandb/  logs/                   W&B files; tracebacks of unexpected errors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import PrefoptError
+
+MANIFEST = "run.json"
+RECIPE = "recipe.yaml"
+MERGED = "merged"
+MERGE_REPORT = "merge_report.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# Everything prefopt itself writes at the top of a run folder; `--fresh` removes these and nothing else.
+OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs")
+
+
+class RunFolderError(PrefoptError):
+    """An output folder prefopt must not write into (or clear) as asked."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def adapter_hash(adapter_dir: Path) -> str:
+    from .data import file_hash
+
+    return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
+
+
+def self_contained(recipe):
+    """A copy of the recipe that runs from anywhere: local data and model paths made absolute, each local data
+    file's content hash recorded (data.sha256 / eval_sha256, checked when the data is loaded)."""
+    from .config import looks_local, resolve_path
+    from .data import file_hash
+
+    r = recipe.model_copy(deep=True)
+    local = resolve_path(r.model.name_or_path, recipe._base_dir)
+    if local is not None:
+        r.model.name_or_path = str(local)
+    for st in r.stages:
+        for key, hkey in (("path", "sha256"), ("eval_path", "eval_sha256")):
+            p = getattr(st.data, key)
+            rp = resolve_path(p, recipe._base_dir) if p and looks_local(p) else None
+            if rp is not None and rp.is_file():
+                setattr(st.data, key, str(rp))
+                if getattr(st.data, hkey) is None:
+                    setattr(st.data, hkey, file_hash(str(rp)))
+    return r
+
+
+def run_folder_of(recipe_path, recipe_name: str) -> Path | None:
+    """The run folder a recipe file belongs to (it is that folder's recipe.yaml), else None."""
+    folder = Path(recipe_path).resolve().parent
+    m = read_manifest(folder)
+    if Path(recipe_path).name == RECIPE and m and m.get("recipe_name") == recipe_name:
+        return folder
+    return None
+
+
+def _is_temp(name: str) -> bool:
+    # .merged.tmp-<pid>, .run.json.tmp-<pid>, .recipe.yaml.tmp-<pid>, .NN-name.tmp, .NN-name.old
+    return name.startswith(".") and (".tmp" in name or name.endswith(".old"))
+
+
+def _owned(name: str) -> bool:
+    return name in OWNED or _is_temp(name)
+
+
+def is_run_folder(run_dir: Path) -> bool:
+    """A folder prefopt wrote: a readable run.json, or nothing but prefopt's own entries (a run killed
+    before its first manifest)."""
+    run_dir = Path(run_dir)
+    m = read_manifest(run_dir)
+    if m is not None and "run_id" in m:
+        return True
+    entries = [p.name for p in run_dir.iterdir()]
+    return bool(entries) and all(_owned(n) for n in entries)
+
+
+def clean_temp(run_dir: Path) -> list[str]:
+    """Remove temp folders and files an interrupted run or merge left behind; returns their names."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "stages"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if _is_temp(p.name):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(str(p.relative_to(run_dir)))
+    return removed
+
+
+def check_output_dir(run_dir: Path, *, recipe_name: str, stages: list[tuple[str, str]], fresh: bool) -> None:
+    """Refuse an output folder that holds something other than this recipe's run (before anything is written).
+
+    `stages` is the recipe's (name, type) list. Another recipe's run is refused unless --fresh; a folder that is
+    not a prefopt run folder is refused always (even --fresh deletes only what prefopt writes).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --output-dir")
+    if not any(run_dir.iterdir()):
+        return
+    if not is_run_folder(run_dir):
+        what = "--fresh deletes only a prefopt run folder's own files, so nothing was deleted" if fresh else \
+            "prefopt writes its run into an empty folder or a previous run of the same recipe"
+        raise RunFolderError(f"{run_dir}: not a prefopt run folder (no run.json, and it holds other files); {what}; "
+                             "choose another --output-dir")
+    if fresh:
+        return
+    old = read_manifest(run_dir) or {}
+    why = _different_recipe(old, recipe_name, stages)
+    if why:
+        raise RunFolderError(f"{run_dir} holds another recipe's run ({why}); pass --fresh to replace it, or "
+                             "--output-dir to write this run elsewhere")
+
+
+def _different_recipe(old: dict, recipe_name: str, stages: list[tuple[str, str]]) -> str | None:
+    if not old:
+        return None
+    if old.get("recipe_name") not in (None, recipe_name):
+        return f"recipe '{old['recipe_name']}', this one is '{recipe_name}'"
+    before = [(s.get("name"), s.get("type")) for s in old.get("stages", [])]
+    if not before:
+        return None
+    types = dict(before)
+    for name, typ in stages:
+        if name in types and types[name] != typ:
+            return f"stage '{name}' was {types[name]}, now {typ}"
+    kept = [n for n, _ in before if n in dict(stages)]
+    if not kept:
+        return f"stages {', '.join(n for n, _ in before)}; this recipe has {', '.join(n for n, _ in stages)}"
+    if kept != [n for n, _ in stages if n in types]:
+        return f"stages were in the order {', '.join(kept)}"
+    return None
+
+
+def clear_for_fresh(run_dir: Path) -> None:
+    """--fresh: remove what prefopt writes in a run folder (check_output_dir has refused anything else)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if _owned(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def move_dropped_stages(run_dir: Path, keep: set[str]) -> list[str]:
+    """Stage folders the recipe no longer has (by folder name) leave stages/ for dropped/; returns their names."""
+    stages_dir = Path(run_dir) / "stages"
+    moved = []
+    if not stages_dir.is_dir():
+        return moved
+    for p in sorted(stages_dir.iterdir()):
+        if p.name.startswith(".") or p.name in keep or not p.is_dir():
+            continue
+        dest = Path(run_dir) / "dropped" / p.name
+        dest.parent.mkdir(exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(p, dest)
+        moved.append(p.name)
+    return moved
+
+
+def stage_done(entry: dict | None, inputs_hash: str, stage_dir: Path) -> bool:
+    """A stage is done when run.json says so with the same inputs, and its adapter files are in place."""
+    return bool(entry) and entry.get("status") == "done" and entry.get("inputs_hash") == inputs_hash and all(
+        (stage_dir / "adapter" / f).is_file() for f in ADAPTER_FILES)
+
+
+def merge_done(run_dir: Path, manifest: dict, key: str, *, verify: bool) -> dict | None:
+    """merged/ counts as done only when run.json says the merge is done with these inputs AND merged/'s own
+    report agrees (same inputs hash; verified and passed when verification is asked). Returns the report."""
+    m = manifest.get("merge") or {}
+    if m.get("status") != "done" or m.get("inputs_hash") != key:
+        return None
+    path = Path(run_dir) / MERGED / MERGE_REPORT
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(report, dict) or report.get("inputs_hash") != key:
+        return None
+    v = report.get("verification")
+    if verify and not (v and v.get("passed")):
+        return None
+    return report
+
+
+def log_path(run_dir: Path | None) -> Path:
+    """Where an unexpected error's traceback goes: the run folder's logs/ when there is one, else a temp file."""
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if run_dir is not None and Path(run_dir).is_dir() and is_run_folder(Path(run_dir)):
+        d = Path(run_dir) / "logs"
+        d.mkdir(exist_ok=True)
+        return d / f"error-{stamp}-{os.getpid()}.log"
+    return Path(tempfile.gettempdir()) / f"prefopt-error-{stamp}-{os.getpid()}.log"

@@ -1,0 +1,182 @@
+"""Every knowable error surfaces in `prefopt plan` (and at the start of `prefopt run`): exit code 2, the key
+path and its YAML line, no traceback, no model weights loaded."""
+
+import json
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from prefopt.cli import main
+from conftest import chain_recipe
+
+
+@pytest.fixture()
+def no_weights(monkeypatch):
+    """Any attempt to load model weights fails the test."""
+    import transformers
+
+    import prefopt.models
+
+    def refuse(*a, **k):
+        raise AssertionError("preflight loaded model weights")
+
+    monkeypatch.setattr(prefopt.models, "load_base_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def plan(path, *args):
+    result = CliRunner().invoke(main, ["plan", str(path), *args])
+    return result, result.output + (result.stderr if hasattr(result, "stderr") else "")
+
+
+def _set(raw, dotted, value):
+    node = raw
+    parts = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    for p in parts[:-1]:
+        node = node.setdefault(p, {}) if isinstance(node, dict) else node[p]
+    node[parts[-1]] = value
+
+
+def _bad_utf8(raw, data, tmp_path):
+    lines = data["sft"].read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"kind", b"k\xe9nd", 1).replace(b"the", b"th\xe9", 1)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"".join(lines))
+    raw["stages"][0]["data"]["path"] = str(bad)
+
+
+def _epochs_tiny(raw, data, tmp_path):
+    tr = raw["stages"][0]["train"]
+    tr.update(max_steps=-1, epochs=0.0001, warmup_ratio=0.05)
+
+
+CASES = {
+    # name: (change to the recipe dict, key path the message must name, more text it must hold)
+    "unknown optim": (lambda r, d, t: _set(r, "stages.0.train.optim", "adamw_turbo"),
+                      "stages[0].train.optim", "unknown optim 'adamw_turbo'"),
+    "unknown scheduler": (lambda r, d, t: _set(r, "stages.1.train.scheduler", "cosine_fancy"),
+                          "stages[1].train.scheduler", "unknown scheduler"),
+    "label_smoothing a string": (lambda r, d, t: _set(r, "stages.1.trainer_kwargs", {"label_smoothing": "high"}),
+                                 "stages[1].trainer_kwargs.label_smoothing", "got 'high'"),
+    "eval_accumulation_steps a string": (
+        lambda r, d, t: _set(r, "stages.0.trainer_kwargs", {"eval_accumulation_steps": "two"}),
+        "stages[0].trainer_kwargs.eval_accumulation_steps", "got 'two'"),
+    "dpo max_length a string": (lambda r, d, t: _set(r, "stages.1.trainer_kwargs", {"max_length": "long"}),
+                                "stages[1].trainer_kwargs.max_length", "got 'long'"),
+    "target_modules match nothing": (lambda r, d, t: _set(r, "adapter.target_modules", ["q_proj", "qkv_proj"]),
+                                     "adapter.target_modules", "'qkv_proj' matches no module"),
+    "chat template syntax error": (
+        lambda r, d, t: _set(r, "model.chat_template", "{% for m in messages %}{{ m['content'] }"),
+        "model.chat_template", "does not render"),
+    "model folder missing": (lambda r, d, t: _set(r, "model.name_or_path", str(t / "models" / "nope")),
+                             "model.name_or_path", "folder not found"),
+    "eval_fraction leaves no training row": (lambda r, d, t: _set(r, "stages.0.data.eval_fraction", 0.99),
+                                             "stages[0].data.eval_fraction", "leaves no training row"),
+    "epochs so small the only step has lr 0": (_epochs_tiny, "stages[0].train.epochs", "learning rate 0"),
+    "data file not UTF-8": (_bad_utf8, "stages[0].data", "latin1.jsonl line 3: not UTF-8"),
+    "every preference row dropped by max_length": (lambda r, d, t: _set(r, "stages.1.train.max_length", 4),
+                                                   "stages[1].train.max_length", "none would train"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_names_the_key_with_exit_2(case, tmp_path, tiny_model, small_data, no_weights):
+    change, key, text = CASES[case]
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    change(raw, small_data, tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    t0 = time.perf_counter()
+    result, out = plan(path)
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out
+    assert f"{key} (" in out or f"{key}:" in out, out
+    assert text in out, out
+    assert f"{path} line " in out, "the YAML line is named"
+    assert time.perf_counter() - t0 < 30
+
+
+def test_duplicate_yaml_key_names_both_lines(tmp_path, tiny_model, small_data, no_weights):
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    text = yaml.safe_dump(raw, sort_keys=False)
+    text = text.replace("    learning_rate: 0.003\n", "    learning_rate: 0.003\n    epochs: 2\n    learning_rate: 0.1\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    lines = text.splitlines()
+    first, second = [n + 1 for n, s in enumerate(lines) if s.strip() == "learning_rate: 0.003" or
+                     s.strip() == "learning_rate: 0.1"][:2]
+    result, out = plan(path)
+    assert result.exit_code == 2 and "Traceback" not in out, out
+    assert f"stages[0].train.learning_rate: duplicate key (lines {first} and {second})" in out, out
+
+
+def test_wandb_online_without_credentials(tmp_path, tiny_model, small_data, no_weights, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo", wandb="online"), sort_keys=False))
+    result, out = plan(path)
+    assert result.exit_code == 2 and "Traceback" not in out, out
+    assert "tracking.wandb.mode (" in out and "needs W&B credentials" in out, out
+    # the environment's WANDB_MODE overrides the recipe, both ways
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result, out = plan(path)
+    assert result.exit_code == 0, out
+    quiet = tmp_path / "q.yaml"
+    quiet.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo", wandb="offline"), sort_keys=False))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    result, out = plan(quiet)
+    assert result.exit_code == 2 and "WANDB_MODE=online in the environment" in out, out
+
+
+def test_every_problem_at_once_and_run_refuses_before_writing(tmp_path, tiny_model, small_data, no_weights):
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    _set(raw, "stages.0.train.optim", "adamw_turbo")
+    _set(raw, "adapter.target_modules", ["qkv"])
+    _set(raw, "stages.1.trainer_kwargs", {"label_smoothing": "high"})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = CliRunner().invoke(main, ["run", str(path), "--output-dir", str(tmp_path / "run")])
+    out = result.output + getattr(result, "stderr", "")
+    assert result.exit_code == 2 and "3 problems" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_some_rows_over_max_length_warn_and_are_left_out(tmp_path, tiny_model, small_data, no_weights):
+    from prefopt import recipe_from_dict
+    from prefopt.preflight import preflight, prompt_lengths
+    from prefopt.models import load_tokenizer
+
+    rows = [json.loads(s) for s in small_data["prefs"].read_text().splitlines()]
+    tok = load_tokenizer(str(tiny_model))
+    lengths = sorted(prompt_lengths(rows, tok))
+    cut = lengths[len(lengths) // 2]
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    _set(raw, "stages.1.train.max_length", cut)
+    _set(raw, "stages.1.data.eval_fraction", 0)
+    seen = []
+    checked = preflight(recipe_from_dict(raw), echo=seen.append)
+    n_long = sum(n >= cut for n in lengths)
+    assert 0 < n_long < len(rows)
+    assert len(checked.data[1].train) == len(rows) - n_long
+    assert checked.dropped[1] == {"train": n_long}
+    assert any(f"{n_long} of {len(rows)} train rows" in s for s in seen), seen
+
+
+def test_an_unexpected_error_is_one_line_and_a_log(tmp_path, tiny_model, small_data, monkeypatch):
+    import prefopt.plan
+
+    def broken(recipe):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(prefopt.plan, "make_plan", broken)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo"), sort_keys=False))
+    result, out = plan(path)
+    assert result.exit_code == 1 and "Traceback" not in out
+    assert "unexpected error" in out and "ZeroDivisionError: a bug" in out
+    log = out.rsplit("full traceback in ", 1)[1].strip()
+    assert "Traceback" in open(log).read()

@@ -1,0 +1,180 @@
+"""Run folder integrity: a killed merge is redone, --fresh deletes only prefopt's files, another recipe's run is
+refused, dropped stages leave stages/, temp folders are cleared at start-up."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import prefopt
+from prefopt import PrefoptError, recipe_from_dict
+from conftest import chain_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "prefopt.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+def tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+KILL_IN_MERGE = textwrap.dedent('''
+    import os, signal, sys
+    import prefopt, prefopt.merging as merging
+    point = sys.argv[3]
+    if point == "temp-written":
+        real = merging.stream_merge
+        def killed(adapter, base_dir, out_dir, **kw):
+            real(adapter, base_dir, out_dir, **kw)   # the temp folder is full: now die as kill -9 would
+            os.kill(os.getpid(), signal.SIGKILL)
+        merging.stream_merge = killed
+    else:  # merged/ swapped in, run.json not yet updated
+        real = merging.merge_adapter
+        def killed(*a, **kw):
+            real(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        merging.merge_adapter = killed
+    recipe = prefopt.load_recipe(sys.argv[1], overrides=sys.argv[4:])
+    prefopt.run(recipe, output_dir=sys.argv[2])
+''')
+
+
+@pytest.mark.parametrize("point", ["temp-written", "swapped-in"])
+def test_killed_merge_is_redone_and_equals_a_fresh_merge(tmp_path, tiny_model, small_data, point):
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    raw["merge"] = {"dtype": "bfloat16"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    prefopt.run(prefopt.load_recipe(path), output_dir=out)
+    first = tensors(out / "merged")
+    assert json.loads((out / "run.json").read_text())["merge"]["status"] == "done"
+
+    # the merge's inputs change (its dtype) and the merge is killed (-9) after writing its temp folder
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_MERGE, str(path), str(out), point, "merge.dtype=float32"],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    if point == "temp-written":
+        assert list(out.glob(".merged.tmp-*")), "the kill left its temp folder"
+    assert json.loads((out / "run.json").read_text())["merge"]["status"] == "running"
+
+    lines = []
+    result = prefopt.run(prefopt.load_recipe(path, ["merge.dtype=float32"]), output_dir=out, echo=lines.append)
+    assert not any("merge: done and unchanged" in s for s in lines), lines
+    assert not list(out.glob(".merged.tmp-*")), "temp folders are cleared when a run starts"
+    assert result.merge_report["out_dtype"] == "float32"
+    redone = tensors(out / "merged")
+    assert all(t.dtype == torch.float32 for k, t in redone.items() if k.endswith("proj.weight"))
+    fresh = prefopt.merge(out, tmp_path / "fresh", out_dtype="float32", echo=lambda s: None)
+    assert fresh["verification"]["passed"]
+    again = tensors(tmp_path / "fresh")
+    assert redone.keys() == again.keys() and redone.keys() == first.keys()
+    for k in redone:
+        assert torch.equal(redone[k], again[k]), k
+    # and now it is done: the same command skips it
+    lines = []
+    prefopt.run(prefopt.load_recipe(path, ["merge.dtype=float32"]), output_dir=out, echo=lines.append)
+    assert any("merge: done and unchanged, skipped" in s for s in lines)
+
+    if point != "temp-written":
+        return
+    # a merge report that does not agree with run.json (e.g. merged/ replaced by hand) is not trusted
+    report = json.loads((out / "merged" / "merge_report.json").read_text())
+    report["inputs_hash"] = "something-else"
+    (out / "merged" / "merge_report.json").write_text(json.dumps(report))
+    lines = []
+    prefopt.run(prefopt.load_recipe(path, ["merge.dtype=float32"]), output_dir=out, echo=lines.append)
+    assert not any("merge: done and unchanged" in s for s in lines)
+
+    # the recipe loses its DPO stage: run.json forgets it, its folder leaves stages/
+    raw["stages"] = raw["stages"][:1]
+    raw.pop("merge")
+    path.write_text(yaml.safe_dump(raw))
+    result = prefopt.run(prefopt.load_recipe(path), output_dir=out)
+    m = json.loads((out / "run.json").read_text())
+    assert [s["name"] for s in m["stages"]] == ["sft"] and [s.skipped for s in result.stages] == [True]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["00-sft"]
+    assert (out / "dropped" / "01-dpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fresh_refuses_a_folder_that_is_not_a_run_folder(tmp_path, tiny_model, small_data):
+    raw = chain_recipe(tiny_model, small_data, None)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "mine"
+    (out / "notes").mkdir(parents=True)
+    (out / "thesis.tex").write_text("years of work")
+    (out / "notes" / "a.txt").write_text("more")
+    for extra in (["--fresh"], []):
+        proc = cli("run", str(path), "--output-dir", str(out), *extra)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "not a prefopt run folder" in proc.stderr
+        assert (out / "thesis.tex").read_text() == "years of work" and (out / "notes" / "a.txt").is_file()
+        assert sorted(p.name for p in out.iterdir()) == ["notes", "thesis.tex"], "nothing written, nothing deleted"
+
+
+def test_fresh_removes_only_what_prefopt_wrote(tmp_path):
+    from prefopt import runfolder
+
+    run = tmp_path / "run"
+    (run / "stages" / "00-sft" / "adapter").mkdir(parents=True)
+    (run / "merged").mkdir()
+    (run / ".merged.tmp-123").mkdir()
+    (run / "run.json").write_text(json.dumps({"run_id": "x", "recipe_name": "r", "stages": []}))
+    (run / "recipe.yaml").write_text("name: r\n")
+    (run / "README-mine.txt").write_text("keep me")
+    runfolder.check_output_dir(run, recipe_name="other", stages=[("sft", "sft")], fresh=True)
+    runfolder.clear_for_fresh(run)
+    assert sorted(p.name for p in run.iterdir()) == ["README-mine.txt"]
+
+
+def test_another_recipes_run_folder_is_refused(tmp_path, tiny_model, small_data):
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"run_id": "abc", "recipe_name": "other", "stages": [
+        {"name": "sft", "type": "sft", "status": "done"}]}))
+    with pytest.raises(PrefoptError, match=r"another recipe's run \(recipe 'other'.*--fresh.*--output-dir"):
+        prefopt.run(recipe_from_dict(raw), output_dir=out)
+    # same name, but a stage list that no longer matches
+    (out / "run.json").write_text(json.dumps({"run_id": "abc", "recipe_name": "chain", "stages": [
+        {"name": "sft", "type": "dpo", "status": "done"}]}))
+    with pytest.raises(PrefoptError, match="stage 'sft' was dpo, now sft"):
+        prefopt.run(recipe_from_dict(raw), output_dir=out)
+    (out / "run.json").write_text(json.dumps({"run_id": "abc", "recipe_name": "chain", "stages": [
+        {"name": "pretrain", "type": "sft", "status": "done"}]}))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = cli("run", str(path), "--output-dir", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--fresh" in proc.stderr and "--output-dir" in proc.stderr and "stages pretrain" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"], "nothing written"
+
+
+def test_temp_folders_are_cleared_when_a_run_starts(tmp_path):
+    from prefopt import runfolder
+
+    run = tmp_path / "run"
+    (run / "stages" / ".01-dpo.tmp" / "adapter").mkdir(parents=True)
+    (run / "stages" / ".00-sft.old").mkdir()
+    (run / "stages" / "00-sft").mkdir()
+    (run / ".merged.tmp-4242").mkdir()
+    (run / ".run.json.tmp-99").write_text("{")
+    removed = runfolder.clean_temp(run)
+    assert len(removed) == 4
+    assert sorted(p.name for p in run.rglob("*")) == ["00-sft", "stages"]
