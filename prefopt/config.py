@@ -399,7 +399,12 @@ def _parse_override(item: str) -> tuple[list, Any]:
     if not sep or not key:
         raise RecipeError([f"--set {item!r}: expected KEY=VALUE, e.g. stages.1.beta=0.2"])
     path = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    return path, yaml.safe_load(value)
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise RecipeError([f"--set {key}: the value is not valid YAML ({problem}); quote it, e.g. "
+                           f"--set '{key}=\"...\"'"]) from None
 
 
 def apply_overrides(raw: dict, overrides: dict | list | None) -> dict:

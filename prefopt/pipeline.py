@@ -149,8 +149,8 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
         data = checked.data[i]
         inputs = recipe.section_hash(
-            st.model_dump(mode="json"),
-            recipe_dict["model"],
+            runfolder.stage_identity(st.model_dump(mode="json")),
+            runfolder.model_identity(recipe_dict["model"]),
             recipe_dict["adapter"],
             recipe.seed,
             i,

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError
+from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, resolve_path
 
 
 @dataclass
@@ -122,7 +122,11 @@ def check_kwarg_types(recipe: Recipe, i: int) -> list[str]:
                 ta.validate_python(value, strict=True)
         except ValidationError:
             shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            problems.append(f"{recipe.locate('stages', i, 'trainer_kwargs', key)}: expects {shown}, got {value!r}")
+            fix = ""
+            if isinstance(value, str) and _FLOATISH.match(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+                fix = f" (YAML reads {value} as a string: write it with a dot and a signed exponent, e.g. " \
+                      f"{float(value):.1e}".replace("e-0", "e-").replace("e+0", "e+") + ")"
+            problems.append(f"{recipe.locate('stages', i, 'trainer_kwargs', key)}: expects {shown}, got {value!r}{fix}")
     return problems
 
 
@@ -166,6 +170,7 @@ def check_wandb(recipe: Recipe) -> list[str]:
 # ---------------------------------------------------------------------------------------------- model
 
 
+_FLOATISH = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -177,7 +182,10 @@ def check_model(recipe: Recipe):
     local = Path(path)
     where = recipe.locate("model", "name_or_path")
     if not local.exists():
-        if not _HUB_ID.match(m.name_or_path) or m.name_or_path.startswith((".", "/", "~")):
+        # "demo/tiny-lama" is a mistyped local path when demo/ exists here, not a hub id to try for minutes
+        first = Path(m.name_or_path).parts[0] if m.name_or_path else ""
+        local_parent = "/" in m.name_or_path and resolve_path(first, recipe._base_dir) is not None
+        if not _HUB_ID.match(m.name_or_path) or m.name_or_path.startswith((".", "/", "~")) or local_parent:
             return [f"{where}: folder not found: {m.name_or_path} (looked in the current folder and beside the "
                     "recipe)"], None
         if not _in_hub_cache(m.name_or_path, m.revision):

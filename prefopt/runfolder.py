@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,34 @@ def self_contained(recipe):
     return r
 
 
+def stage_identity(stage: dict) -> dict:
+    """A stage section for its inputs hash: local data files' paths left out (their contents are hashed), so a
+    project moved or cloned elsewhere keeps its finished stages."""
+    from .config import looks_local
+
+    data = {k: v for k, v in stage.get("data", {}).items()
+            if not (k in ("path", "eval_path") and isinstance(v, str) and looks_local(v))}
+    return {**stage, "data": data}
+
+
+def model_identity(model: dict) -> dict:
+    """The model section for inputs hashes: a local folder stands for what is in it (small files by content,
+    weight files by name and size), not for where it lies; a hub id stands for itself."""
+    import hashlib
+
+    folder = Path(model["name_or_path"])
+    if not folder.is_dir():
+        return model
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}:".encode())
+            if size < (8 << 20):
+                h.update(p.read_bytes())
+    return {**model, "name_or_path": "local:" + h.hexdigest()[:16]}
+
+
 def run_folder_of(recipe_path, recipe_name: str) -> Path | None:
     """The run folder a recipe file belongs to (it is that folder's recipe.yaml), else None."""
     folder = Path(recipe_path).resolve().parent
@@ -87,9 +116,12 @@ def run_folder_of(recipe_path, recipe_name: str) -> Path | None:
     return None
 
 
+# .merged.tmp-<pid>, .merged.tmp-old-<pid>, .run.json.tmp-<pid>, .recipe.yaml.tmp-<pid>; .NN-name.tmp, .NN-name.old
+_TEMP = re.compile(r"^\.[\w.-]+\.tmp(-old)?-\d+$|^\.\d\d+-[\w.-]+\.(tmp|old)$")
+
+
 def _is_temp(name: str) -> bool:
-    # .merged.tmp-<pid>, .run.json.tmp-<pid>, .recipe.yaml.tmp-<pid>, .NN-name.tmp, .NN-name.old
-    return name.startswith(".") and (".tmp" in name or name.endswith(".old"))
+    return bool(_TEMP.match(name))
 
 
 def _owned(name: str) -> bool:
@@ -97,14 +129,15 @@ def _owned(name: str) -> bool:
 
 
 def is_run_folder(run_dir: Path) -> bool:
-    """A folder prefopt wrote: a readable run.json, or nothing but prefopt's own entries (a run killed
-    before its first manifest)."""
+    """A folder prefopt wrote: a readable run.json, or nothing but what a run killed before its first manifest
+    leaves (temp entries, an empty stages/). Names alone (a user's own wandb/ or logs/) do not make one."""
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
     if m is not None and "run_id" in m:
         return True
-    entries = [p.name for p in run_dir.iterdir()]
-    return bool(entries) and all(_owned(n) for n in entries)
+    entries = list(run_dir.iterdir())
+    return bool(entries) and all(
+        _is_temp(p.name) or (p.name == "stages" and p.is_dir() and not any(p.iterdir())) for p in entries)
 
 
 def clean_temp(run_dir: Path) -> list[str]:

@@ -5,14 +5,13 @@
 #     bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ -z "${PY:-}" ]; then PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python; fi
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 WANDB_MODE=disabled
 nvidia-smi -L || { echo "gpu_check: no GPU"; exit 2; }
 status=0
-timeout 330 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+timeout 330 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 # bf16 weights, plain and under bf16 autocast; dropout 0 and 0.05; NF4 and bf16 bases
 timeout 150 "$PY" scripts/bench_dora.py --widths 2048 4096 --layers 2 --batch 4 --seq 512 --rounds 6 \
   --quant nf4 none --json "$OUT/bench_dora_gpu.json" 2>&1 | tee "$OUT/bench_dora_gpu.log" || status=1

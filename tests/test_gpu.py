@@ -79,4 +79,6 @@ def test_nf4_sft_dpo_merge_half_billion(tmp_path):
         losses = [h["loss"] for h in json.loads((result.run_dir / "stages" / f"{'00' if name == 'sft' else '01'}-{name}" /
                                                  "log_history.json").read_text()) if "loss" in h]
         assert len(losses) >= 20 and all(torch.isfinite(torch.tensor(losses)))
-    assert result.merge_report["verification"]["passed"], result.merge_report["verification"]
+    verification = result.merge_report["verification"]
+    assert verification["passed"], verification
+    assert verification["device"].startswith("cuda"), verification["device"]

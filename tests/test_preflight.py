@@ -72,6 +72,11 @@ CASES = {
         "model.chat_template", "does not render"),
     "model folder missing": (lambda r, d, t: _set(r, "model.name_or_path", str(t / "models" / "nope")),
                              "model.name_or_path", "folder not found"),
+    "mistyped relative model path": (lambda r, d, t: (t.joinpath("models").mkdir(),
+                                                      _set(r, "model.name_or_path", "models/tiny-lama")),
+                                     "model.name_or_path", "folder not found"),
+    "a float YAML reads as a string": (lambda r, d, t: _set(r, "stages.1.trainer_kwargs", {"max_grad_norm": "1e-3"}),
+                                       "stages[1].trainer_kwargs.max_grad_norm", "write it with a dot"),
     "eval_fraction leaves no training row": (lambda r, d, t: _set(r, "stages.0.data.eval_fraction", 0.99),
                                              "stages[0].data.eval_fraction", "leaves no training row"),
     "epochs so small the only step has lr 0": (_epochs_tiny, "stages[0].train.epochs", "learning rate 0"),
@@ -82,13 +87,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_plan_names_the_key_with_exit_2(case, tmp_path, tiny_model, small_data, no_weights):
+def test_plan_names_the_key_with_exit_2(case, tmp_path, tiny_model, small_data, no_weights, monkeypatch):
     change, key, text = CASES[case]
     raw = chain_recipe(tiny_model, small_data, "dpo")
     change(raw, small_data, tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.perf_counter()
+    monkeypatch.chdir(tmp_path)  # relative paths resolve here (and beside the recipe)
     result, out = plan(path)
     assert result.exit_code == 2, out
     assert "Traceback" not in out
@@ -180,3 +186,11 @@ def test_an_unexpected_error_is_one_line_and_a_log(tmp_path, tiny_model, small_d
     assert "unexpected error" in out and "ZeroDivisionError: a bug" in out
     log = out.rsplit("full traceback in ", 1)[1].strip()
     assert "Traceback" in open(log).read()
+
+
+def test_a_set_value_that_is_not_yaml_is_a_user_error(tmp_path, tiny_model, small_data, no_weights):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo"), sort_keys=False))
+    result, out = plan(path, "--set", "model.chat_template={% if %}")
+    assert result.exit_code == 2, out
+    assert "--set model.chat_template: the value is not valid YAML" in out and "Traceback" not in out

@@ -178,3 +178,47 @@ def test_temp_folders_are_cleared_when_a_run_starts(tmp_path):
     removed = runfolder.clean_temp(run)
     assert len(removed) == 4
     assert sorted(p.name for p in run.rglob("*")) == ["00-sft", "stages"]
+
+
+def test_names_alone_do_not_make_a_run_folder(tmp_path):
+    """A user's own wandb/ or logs/ (prefopt writes such names too) and hidden *.tmp files are not prefopt's:
+    --fresh refuses the folder and deletes nothing."""
+    from prefopt import runfolder
+    from prefopt.config import PrefoptError
+
+    out = tmp_path / "mine"
+    (out / "wandb").mkdir(parents=True)
+    (out / "wandb" / "run.log").write_text("mine")
+    (out / ".env.tmp").write_text("SECRET=1")
+    assert not runfolder.is_run_folder(out)
+    with pytest.raises(PrefoptError):
+        runfolder.check_output_dir(out, recipe_name="r", stages=[("sft", "sft")], fresh=True)
+    assert (out / "wandb" / "run.log").is_file() and (out / ".env.tmp").is_file()
+    killed = tmp_path / "killed"  # a run killed before its first manifest
+    (killed / "stages").mkdir(parents=True)
+    (killed / ".run.json.tmp-77").write_text("{")
+    assert runfolder.is_run_folder(killed)
+
+
+def test_inputs_do_not_depend_on_where_the_project_lies(tmp_path):
+    """Stage inputs hash local data by content and a local model by what its folder holds, not by path: a moved
+    or re-cloned project keeps its finished stages."""
+    import shutil
+
+    from prefopt import runfolder
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        (root / "model").mkdir(parents=True)
+        (root / "model" / "config.json").write_text('{"hidden_size": 64}')
+        (root / "model" / "model.safetensors").write_bytes(b"x" * 100)
+    assert runfolder.model_identity({"name_or_path": str(a / "model")}) == \
+        runfolder.model_identity({"name_or_path": str(b / "model")})
+    (b / "model" / "config.json").write_text('{"hidden_size": 96}')
+    assert runfolder.model_identity({"name_or_path": str(a / "model")}) != \
+        runfolder.model_identity({"name_or_path": str(b / "model")})
+    assert runfolder.model_identity({"name_or_path": "org/hub-model"}) == {"name_or_path": "org/hub-model"}
+    shutil.copy(__file__, a / "d.jsonl")
+    st = {"name": "sft", "data": {"path": str(a / "d.jsonl"), "eval_fraction": 0.1}}
+    assert runfolder.stage_identity(st) == {"name": "sft", "data": {"eval_fraction": 0.1}}
+    assert runfolder.stage_identity({"name": "x", "data": {"path": "org/dataset"}})["data"] == {"path": "org/dataset"}
