@@ -107,8 +107,62 @@ class AdapterSection(_Section):
 # ---------------------------------------------------------------------------------------------- stages
 
 
-class DataSection(_Section):
+class SourceSection(_Section):
+    """One source of a mixture: a file or hub dataset, and how much of it to take."""
+
     path: str = Field(description="Local JSONL/JSON/Parquet/CSV file, or a `datasets` hub id.")
+    split: str = Field("train", description="Split to read when `path` is a hub id.")
+    fraction: float | None = Field(None, gt=0, le=1, description="Take this fraction of the source's rows (seeded).")
+    rows: int | None = Field(None, gt=0, description="Take this many of the source's rows (seeded); not with fraction.")
+    sha256: str | None = Field(None, description="Expected content hash of `path` (as DataSection.sha256).")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "SourceSection":
+        if self.fraction is not None and self.rows is not None:
+            raise ValueError("give fraction or rows, not both")
+        return self
+
+
+class ReferenceFilterSection(_Section):
+    """Score every training row with the stage's reference model and drop the lowest-scoring fraction."""
+
+    score: Literal["auto", "margin", "logprob"] = Field(
+        "auto",
+        description="margin: length-normalised log-prob margin of chosen over rejected (preference stages); logprob: "
+        "mean per-token log-prob of the answer under the base (SFT stages); auto picks by stage type.",
+    )
+    drop_fraction: float = Field(0.05, gt=0, lt=1, description="Drop this fraction of the training rows, lowest first.")
+    batch_size: int = Field(8, gt=0, description="Rows scored per forward pass.")
+
+
+class QualitySection(_Section):
+    """The data step's filters, run before the split over training and held-out rows together."""
+
+    dedup: Literal["none", "exact", "near"] = Field(
+        "near", description="none | exact (normalised rows) | near (exact + MinHash LSH near-duplicates)."
+    )
+    near_threshold: float = Field(
+        0.85, gt=0, le=1, description="Estimated Jaccard similarity of normalised word shingles at which two rows are "
+        "near duplicates (the first is kept)."
+    )
+    decontaminate: list[str] = Field(
+        default_factory=list,
+        description="Evaluation sets (files, folders of CSV/JSONL files, or hub ids): a row sharing a 13-word n-gram "
+        "with one of their items is dropped.",
+    )
+    min_tokens: int = Field(4, ge=0, description="Drop rows whose text (prompt + answer) is shorter than this many tokens.")
+    reference_filter: ReferenceFilterSection | None = Field(
+        None, description="Opt-in: drop the rows the reference model rates lowest (loads the model).")
+    review_fraction: float = Field(
+        0.05, ge=0, le=1, description="Kept rows written to review_sample.jsonl/.md for a person to read (at least 20)."
+    )
+
+
+class DataSection(_Section):
+    path: str | list[SourceSection] = Field(
+        description="Local JSONL/JSON/Parquet/CSV file, or a `datasets` hub id; or a list of sources (a mixture): "
+        "[{path: ..., fraction: 0.3}, {path: ..., rows: 1000}]."
+    )
     split: str = Field("train", description="Split to read when `path` is a hub id.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction held out for evaluation (seeded split).")
     eval_path: str | None = Field(None, description="A separate evaluation file; overrides eval_fraction.")
@@ -116,6 +170,13 @@ class DataSection(_Section):
     sha256: str | None = Field(None, description="Expected content hash of `path` (first 16 hex digits of its sha256); "
                                "a run folder's recipe.yaml records it, and a changed file is refused.")
     eval_sha256: str | None = Field(None, description="Expected content hash of `eval_path`, as `sha256`.")
+    quality: QualitySection = Field(default_factory=QualitySection, description="Filters, report and review sample.")
+
+    def sources(self) -> list[SourceSection]:
+        """The training sources: `path` as a one-source mixture, or the mixture as given."""
+        if isinstance(self.path, str):
+            return [SourceSection(path=self.path, split=self.split, sha256=self.sha256)]
+        return list(self.path)
 
 
 class TrainSection(_Section):
@@ -134,6 +195,8 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     logging_steps: int = Field(10, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (null: once, at the end).")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="SFT: train on the assistant turns only (every other token masked), or on all tokens.")
 
 
 class _StageBase(_Section):
@@ -448,16 +511,23 @@ def check_paths(recipe: Recipe, base_dir: Path, lines: dict | None = None, sourc
     """Local data files that do not exist. Paths are resolved against the recipe's folder, then the cwd."""
     problems = []
     for i, st in enumerate(recipe.stages):
-        for key in ("path", "eval_path"):
-            p = getattr(st.data, key)
+        where_of = [(("path",) if isinstance(st.data.path, str) else ("path", j, "path"), src.path)
+                    for j, src in enumerate(st.data.sources())]
+        where_of.append((("eval_path",), st.data.eval_path))
+        where_of += [(("quality", "decontaminate", j), p) for j, p in enumerate(st.data.quality.decontaminate)]
+        for key, p in where_of:
             if p is None or not looks_local(p):
                 continue
             if resolve_path(p, base_dir) is None:
-                line = (lines or {}).get(("stages", i, "data", key))
+                line = None
+                for cut in range(len(key), 0, -1):
+                    line = (lines or {}).get(("stages", i, "data", *key[:cut]))
+                    if line:
+                        break
                 where = f" ({source} line {line})" if source and line else ""
                 problems.append(
-                    f"stages[{i}].data.{key}: file not found: {p}{where}; give a path relative to the recipe or the "
-                    "current folder, or a datasets hub id"
+                    f"{_fmt_path(('stages', i, 'data', *key))}: file not found: {p}{where}; give a path relative to "
+                    "the recipe or the current folder, or a datasets hub id"
                 )
     return problems
 

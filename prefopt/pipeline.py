@@ -102,7 +102,7 @@ def stage_notes(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
-    from .data import file_hash
+    from .data.report import summary_lines
 
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
@@ -142,6 +142,9 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
 
     for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
+    for data in checked.data:
+        for line in summary_lines(data.report):
+            echo(f"prefopt: {line}")
 
     result = RunResult(run_dir=run_dir)
     prev_adapter: Path | None = None
@@ -154,7 +157,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             recipe_dict["adapter"],
             recipe.seed,
             i,
-            [file_hash(f) for f in data.files],
+            data.fingerprint,  # the rows after the data step: a changed file or filter that keeps them keeps the stage
             adapter_hash(prev_adapter) if prev_adapter else None,
         )
         entry = {
@@ -164,9 +167,8 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             "adapter": str(Path("stages") / stage_dir.name / "adapter"),
             "starts_from": str(prev_adapter.relative_to(run_dir)) if prev_adapter else None,
             "inputs_hash": inputs,
-            # the rows the stage trains and evaluates on (after rows max_length would drop are left out)
-            "data": {"train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-                     **({"dropped_by_max_length": checked.dropped[i]} if checked.dropped[i] else {})},
+            # the rows the stage trains and evaluates on, after the data step (its report: stages/NN-name/)
+            "data": data_entry(data.report),
             "metrics": {},
             "started_at": None,
             "ended_at": None,
@@ -194,7 +196,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry.update(status="failed", ended_at=_now())
             save_manifest()
             raise
-        entry.update(status="done", ended_at=_now(), metrics=metrics)
+        entry.update(status="done", ended_at=_now(), metrics=metrics, data=data_entry(data.report))
         save_manifest()
         echo(f"prefopt: stage {st.name} done: {summarise(st.type, metrics)}")
         result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
@@ -204,6 +206,12 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     if recipe.merge is not None:
         result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
     return result
+
+
+def data_entry(report: dict) -> dict:
+    """run.json's summary of a stage's data report."""
+    return {"input_rows": report["input_rows"], "train_rows": report["train_rows"], "eval_rows": report["eval_rows"],
+            "dropped": {k: v for k, v in report["dropped"].items() if v}}
 
 
 def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
@@ -242,6 +250,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     from transformers import set_seed
 
     from . import tracking
+    from .data.report import write_reports
     from .models import BASE_INFO, adapter_config_from_section, attach_adapter, base_info, load_base_model, load_tokenizer
     from .stages import STAGES
 
@@ -259,6 +268,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     a = recipe.adapter
     model = attach_adapter(base, adapter_config_from_section(a), init_from=prev_adapter, dora_impl=a.dora_impl,
                            dora_dropout=a.dora_dropout)
+    reference_filter(model, tokenizer, st, data, tmp, first_stage=prev_adapter is None, seed=recipe.seed)
+    write_reports(tmp, data)
     with tracking.stage_run(
         recipe.tracking.wandb,
         run_dir=run_dir,
@@ -288,6 +299,18 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     else:
         os.replace(tmp, stage_dir)
     return metrics
+
+
+def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: bool, seed: int) -> None:
+    """The opt-in reference-model filter, on the model the stage has just loaded (base + the running adapter)."""
+    if st.data.quality.reference_filter is None:
+        return
+    from .data.reference import apply_reference_filter, write_scores
+
+    use_base = first_stage or st.type == "sft" or getattr(st, "reference", None) == "base"
+    scores = apply_reference_filter(model, tokenizer, st, data, use_base=use_base, max_length=st.train.max_length,
+                                    seed=seed)
+    write_scores(folder, scores)
 
 
 def summarise(stage_type: str, metrics: dict) -> str:

@@ -22,6 +22,7 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
 
 
 def make_plan(recipe: Recipe) -> str:
+    from .data.report import summary_lines
     from .pipeline import adapter_note, preflight, stage_notes
 
     checked = preflight(recipe)
@@ -37,4 +38,5 @@ def make_plan(recipe: Recipe) -> str:
         n_eval = len(data.eval) if data.eval is not None else 0
         lines.append(f"{i:02d}-{note}")
         lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
+        lines += [f"    {line}" for line in summary_lines(data.report)]
     return "\n".join(lines)

@@ -20,10 +20,9 @@ from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, resolve_pa
 
 @dataclass
 class Checked:
-    """What preflight found: each stage's data (rows max_length would drop already removed) and its notes."""
+    """What preflight found: each stage's data after the data step (filtered, split, with its report) and notes."""
 
     data: list = field(default_factory=list)  # StageData per stage
-    dropped: list = field(default_factory=list)  # per stage: {"train": n, "eval": n} rows dropped by max_length
     warnings: list = field(default_factory=list)
 
 
@@ -44,23 +43,17 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
     problems += model_problems
 
     checked = Checked()
-    from .data import data_problem, load_stage_data
+    from .data import data_problem, prepare_stage
 
     for i, st in enumerate(recipe.stages):
         try:
-            data = load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+            data = prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
+                                 max_length=trained_max_length(st, configs[i]))
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
             checked.data.append(None)
-            checked.dropped.append({})
             continue
-        dropped = {}
-        if st.type in PREFERENCE_TYPES and tokenizer is not None and configs[i] is not None:
-            data, dropped, probs, warns = drop_long_prompts(recipe, i, data, tokenizer, configs[i])
-            problems += probs
-            checked.warnings += warns
         checked.data.append(data)
-        checked.dropped.append(dropped)
         if configs[i] is not None and len(data.train):
             problems += check_schedule(recipe, i, configs[i], len(data.train))
     if problems:
@@ -283,45 +276,14 @@ def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
 # ---------------------------------------------------------------------------------------------- data-dependent
 
 
-def prompt_lengths(rows, tokenizer) -> list[int]:
-    """Tokens of each preference row's prompt as TRL tokenizes it (chat template with the generation prompt)."""
-    prompts = rows["prompt"] if hasattr(rows, "column_names") else [r["prompt"] for r in rows]
-    if prompts and isinstance(prompts[0], list):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(list(prompts))["input_ids"]
-    return [len(x) for x in ids]
-
-
-def drop_long_prompts(recipe: Recipe, i: int, data, tokenizer, config):
-    """Rows whose prompt alone fills max_length: DPO drops them, ORPO/SimPO would train on an empty answer.
-    prefopt drops them itself (and counts them); all of them -> error."""
-    st = recipe.stages[i]
-    max_length = getattr(config, "max_length", None)
-    if max_length is None or getattr(config, "truncation_mode", "keep_start") == "keep_end":
-        return data, {}, [], []
-    dropped, problems, warnings = {}, [], []
-    for split in ("train", "eval"):
-        ds = getattr(data, split)
-        if ds is None or not len(ds):
-            continue
-        lengths = prompt_lengths(ds, tokenizer)
-        keep = [j for j, n in enumerate(lengths) if n < max_length]
-        dropped[split] = len(ds) - len(keep)
-        if not dropped[split]:
-            continue
-        key = ("stages", i, "trainer_kwargs", "max_length") if "max_length" in st.trainer_kwargs else \
-            ("stages", i, "train", "max_length")
-        if not keep and split == "train":
-            problems.append(f"{recipe.locate(*key)}: every one of the {len(ds)} training rows has a prompt of "
-                            f"{max_length} tokens or more (longest {max(lengths)}), so none would train; raise "
-                            "max_length or shorten the prompts")
-            continue
-        warnings.append(f"stage {st.name}: {dropped[split]} of {len(ds)} {split} rows have a prompt of {max_length} "
-                        f"tokens or more (max_length) and are left out")
-        setattr(data, split, ds.select(keep) if keep else None)
-    return data, dropped, problems, warnings
+def trained_max_length(st, config) -> int | None:
+    """The length the stage's trainer truncates to (trainer_kwargs may override train.max_length); None when
+    nothing is cut from the start's side (DPO's keep_end truncation keeps every answer's end)."""
+    if config is None:
+        return st.train.max_length
+    if getattr(config, "truncation_mode", "keep_start") == "keep_end":
+        return None
+    return getattr(config, "max_length", st.train.max_length)
 
 
 def check_schedule(recipe: Recipe, i: int, config, n_rows: int) -> list[str]:

@@ -68,24 +68,42 @@ def self_contained(recipe):
     local = resolve_path(r.model.name_or_path, recipe._base_dir)
     if local is not None:
         r.model.name_or_path = str(local)
+    def pin(section, key, hkey):
+        p = getattr(section, key)
+        rp = resolve_path(p, recipe._base_dir) if p and looks_local(p) else None
+        if rp is not None and rp.is_file():
+            setattr(section, key, str(rp))
+            if hkey and getattr(section, hkey) is None:
+                setattr(section, hkey, file_hash(str(rp)))
+
     for st in r.stages:
-        for key, hkey in (("path", "sha256"), ("eval_path", "eval_sha256")):
-            p = getattr(st.data, key)
-            rp = resolve_path(p, recipe._base_dir) if p and looks_local(p) else None
-            if rp is not None and rp.is_file():
-                setattr(st.data, key, str(rp))
-                if getattr(st.data, hkey) is None:
-                    setattr(st.data, hkey, file_hash(str(rp)))
+        if isinstance(st.data.path, str):
+            pin(st.data, "path", "sha256")
+        else:
+            for src in st.data.path:
+                pin(src, "path", "sha256")
+        pin(st.data, "eval_path", "eval_sha256")
+        q = st.data.quality
+        q.decontaminate = [str(resolve_path(p, recipe._base_dir) or p) if looks_local(p) else p
+                           for p in q.decontaminate]
     return r
 
 
 def stage_identity(stage: dict) -> dict:
-    """A stage section for its inputs hash: local data files' paths left out (their contents are hashed), so a
-    project moved or cloned elsewhere keeps its finished stages."""
+    """A stage section for its inputs hash: local paths left out (the data step's fingerprint of the rows the
+    stage trains on stands for their contents), so a project moved or cloned elsewhere keeps its finished stages."""
     from .config import looks_local
 
-    data = {k: v for k, v in stage.get("data", {}).items()
-            if not (k in ("path", "eval_path") and isinstance(v, str) and looks_local(v))}
+    def local(v):
+        return isinstance(v, str) and looks_local(v)
+
+    data = {k: v for k, v in stage.get("data", {}).items() if not (k in ("path", "eval_path") and local(v))}
+    if isinstance(data.get("path"), list):
+        data["path"] = [{k: v for k, v in src.items() if not (k == "path" and local(v))} for src in data["path"]]
+    if "quality" in data:
+        q = dict(data["quality"])
+        q["decontaminate"] = [p for p in q.get("decontaminate", []) if not local(p)]
+        data["quality"] = q
     return {**stage, "data": data}
 
 

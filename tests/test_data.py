@@ -43,7 +43,7 @@ def test_malformed_rows_are_named_by_file_and_row(tmp_path):
     with pytest.raises(DataError) as exc:
         normalise_preference(rows, label)
     assert "row 2: missing rejected" in str(exc.value)
-    assert "row 3: missing prompt" in str(exc.value)
+    assert "row 3: prompt is empty or whitespace only (a row that cannot train: empty)" in str(exc.value)
 
 
 def test_local_file_types(tmp_path):
@@ -81,5 +81,7 @@ def test_preference_stage_without_rejected_fails_the_recipe(tmp_path):
                                           {"name": "d", "type": "dpo", "data": {"path": str(prefs)}}]})
     with pytest.raises(RecipeError) as exc:
         check_recipe_data(recipe)
-    assert exc.value.problems == [f"stages[1].data: {prefs} row 1: missing rejected; preference rows need prompt, "
-                                  "chosen and rejected"]
+    [problem] = exc.value.problems
+    assert problem.startswith(f"stages[1].data: {prefs} row 1: not a preference row in a format prefopt reads; "
+                              "expected prompt/chosen/rejected")
+    assert problem.endswith("got keys ['chosen', 'prompt']")

@@ -151,25 +151,34 @@ def test_every_problem_at_once_and_run_refuses_before_writing(tmp_path, tiny_mod
     assert not (tmp_path / "run").exists()
 
 
-def test_some_rows_over_max_length_warn_and_are_left_out(tmp_path, tiny_model, small_data, no_weights):
+def test_some_rows_over_max_length_are_counted_and_left_out(tmp_path, tiny_model, small_data, no_weights):
     from prefopt import recipe_from_dict
-    from prefopt.preflight import preflight, prompt_lengths
+    from prefopt.data.report import summary_lines
     from prefopt.models import load_tokenizer
+    from prefopt.preflight import preflight
 
     rows = [json.loads(s) for s in small_data["prefs"].read_text().splitlines()]
     tok = load_tokenizer(str(tiny_model))
-    lengths = sorted(prompt_lengths(rows, tok))
-    cut = lengths[len(lengths) // 2]
+
+    def ids(msgs, **kw):  # as DPOTrainer tokenizes: the chat template, the prompt with the generation prompt
+        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    lengths = sorted(len(ids(r["prompt"], add_generation_prompt=True)) for r in rows)
+    cut = lengths[-1]  # the longest prompts fill max_length
+    n_long = sum(n >= cut for n in lengths)
+    # rows that survive but whose answers are the same tokens once cut to max_length carry no signal either
+    n_same = sum(len(ids(r["prompt"], add_generation_prompt=True)) < cut and
+                 ids(r["prompt"] + r["chosen"])[:cut] == ids(r["prompt"] + r["rejected"])[:cut] for r in rows)
     raw = chain_recipe(tiny_model, small_data, "dpo")
     _set(raw, "stages.1.train.max_length", cut)
     _set(raw, "stages.1.data.eval_fraction", 0)
-    seen = []
-    checked = preflight(recipe_from_dict(raw), echo=seen.append)
-    n_long = sum(n >= cut for n in lengths)
-    assert 0 < n_long < len(rows)
-    assert len(checked.data[1].train) == len(rows) - n_long
-    assert checked.dropped[1] == {"train": n_long}
-    assert any(f"{n_long} of {len(rows)} train rows" in s for s in seen), seen
+    _set(raw, "stages.1.data.quality", {"dedup": "none"})
+    checked = preflight(recipe_from_dict(raw))
+    assert 0 < n_long and n_long + n_same < len(rows)
+    assert len(checked.data[1].train) == len(rows) - n_long - n_same
+    report = checked.data[1].report
+    assert report["dropped"]["too_long"] == n_long and report["dropped"]["identical_pair"] == n_same
+    assert any(f"dropped {n_long:>6} too_long" in s for s in summary_lines(report)), summary_lines(report)
 
 
 def test_an_unexpected_error_is_one_line_and_a_log(tmp_path, tiny_model, small_data, monkeypatch):

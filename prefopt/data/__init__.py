@@ -1,0 +1,58 @@
+"""The data step: read sources, normalise formats, filter, split, report (see prepare.py for the order).
+
+Public:
+- prepare_stage(stage, seed=..., tokenizer=..., max_length=...) -> StageData (rows + report + review sample)
+- load_stage_data(stage, seed=...): the same without a tokenizer (text-level filters only)
+- check_recipe_data(recipe): every stage's data problems at once (RecipeError)
+- normalise_sft / normalise_preference: rows handed in code, strictly (a row that cannot train is an error)
+"""
+
+from __future__ import annotations
+
+from ..config import DataError, RecipeError
+from .formats import normalise_preference, normalise_rows, normalise_sft
+from .prepare import REASONS, StageData, fingerprint, prepare_stage
+from .sources import file_hash, read_rows, sha256_of
+
+
+def load_stage_data(stage, *, seed: int, base_dir=None) -> StageData:
+    """Read, check, normalise, filter and split one stage's data (no tokenizer: the token checks are left out)."""
+    return prepare_stage(stage, seed=seed, base_dir=base_dir)
+
+
+def data_problem(recipe, i: int, e: DataError) -> str:
+    """A stage's data error with its key path and line: stages[i].data (line N) or stages[i].data.<key>."""
+    if e.key and e.key.startswith("stage:"):  # a key of the stage, outside its data section
+        return f"{recipe.locate('stages', i, *_key_path(e.key.removeprefix('stage:')))}: {e}"
+    if e.key:
+        return f"{recipe.locate('stages', i, 'data', *_key_path(e.key))}: {e}"
+    line = recipe._lines.get(("stages", i, "data", "path"))
+    where = f" ({recipe._source} line {line})" if recipe._source and line else ""
+    return f"stages[{i}].data{where}: {e}"
+
+
+def _key_path(key: str) -> tuple:
+    """'path[1].sha256' -> ('path', 1, 'sha256')."""
+    out = []
+    for part in key.split("."):
+        name, _, rest = part.partition("[")
+        out.append(name)
+        if rest:
+            out.append(int(rest.rstrip("]")))
+    return tuple(out)
+
+
+def check_recipe_data(recipe) -> None:
+    """Every stage's data problems, all at once (RecipeError), before any training starts."""
+    problems = []
+    for i, st in enumerate(recipe.stages):
+        try:
+            load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+        except DataError as e:
+            problems.append(data_problem(recipe, i, e))
+    if problems:
+        raise RecipeError(problems, recipe._source)
+
+
+__all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
+           "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows", "sha256_of"]

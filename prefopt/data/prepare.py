@@ -1,0 +1,317 @@
+"""The data step of one stage: read its sources (a mixture, seeded), normalise, filter, split, report.
+
+Order, each filter seeing only the rows the ones before it kept:
+  normalise (empty, invalid) -> identical_pair (text) -> exact_duplicate -> near_duplicate -> contaminated
+  -> token checks (too_long, identical_pair after truncation, too_short) -> split -> max_samples
+Duplicates are searched over training and held-out rows together, before the split (the held-out file's rows after
+the training sources' when `eval_path` is given), so no held-out row has an exact or near twin in training.
+The reference-model filter needs a model and runs when the stage starts (prefopt.data.reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import PREFERENCE_TYPES, DataError
+from . import quality
+from .formats import normalise_rows, to_conversational
+from .sources import check_hash, read_rows, sha256_of
+
+REASONS = ("empty", "invalid", "identical_pair", "too_long", "too_short", "exact_duplicate", "near_duplicate",
+           "contaminated", "low_reference_score")
+MIN_REVIEW = 20
+EXAMPLES = 3
+
+
+@dataclass
+class StageData:
+    train: "object"  # datasets.Dataset
+    eval: "object | None"
+    fmt: str
+    files: list[str]
+    report: dict = field(default_factory=dict)
+    review: list = field(default_factory=list)  # rows for a person to read: {"source", "row", **row}
+    fingerprint: str = ""  # of the rows the stage trains and evaluates on
+
+
+@dataclass
+class _Rows:
+    rows: list = field(default_factory=list)
+    origin: list = field(default_factory=list)  # (label, 1-based row)
+    is_eval: list = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)  # index -> reason
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def drop(self, i: int, reason: str, why: str) -> None:
+        self.dropped[i] = reason
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < EXAMPLES:
+            label, row = self.origin[i]
+            ex.append({"source": label, "row": row, "why": why, "text": _preview(self.rows[i])})
+
+    def alive(self) -> list[int]:
+        return [i for i in range(len(self.rows)) if i not in self.dropped]
+
+
+def _preview(row: dict, n: int = 300) -> str:
+    text = " | ".join(quality.fields(row))
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _read_source(src, kind: str, seed: int, base_dir, key: str, part: _Rows, is_eval: bool) -> dict:
+    rows, label = read_rows(src.path, split=src.split, base_dir=base_dir)
+    check_hash(label, src.sha256, key)
+    n = normalise_rows(rows, label, kind)
+    for reason, c in n.dropped.items():
+        part.counts[reason] += c
+        for e in n.examples[reason]:
+            if len(part.examples.setdefault(reason, [])) < EXAMPLES:
+                part.examples[reason].append(e)
+    take = list(range(len(n.rows)))
+    want = None
+    if getattr(src, "fraction", None) is not None:
+        want = round(len(take) * src.fraction)
+    elif getattr(src, "rows", None) is not None:
+        want = min(src.rows, len(take))
+    if want is not None and want < len(take):
+        take = sorted(random.Random(f"{seed}:{label}").sample(take, want))
+    for j in take:
+        part.rows.append(n.rows[j])
+        part.origin.append((label, n.origins[j]))
+        part.is_eval.append(is_eval)
+    return {"path": label, "sha256": sha256_of(label), "format": n.fmt, "rows_read": len(rows),
+            "rows_usable": len(n.rows), "rows_taken": len(take), **({"fraction": src.fraction}
+            if getattr(src, "fraction", None) is not None else {}), **({"rows": src.rows}
+            if getattr(src, "rows", None) is not None else {})}
+
+
+def decontamination_index(paths, base_dir=None) -> tuple[quality.NgramIndex, list[dict]]:
+    """The evaluation items of files, folders (CSV without header as MMLU's, JSONL, JSON, Parquet) or hub ids."""
+    import csv
+
+    from ..config import looks_local, resolve_path
+
+    index = quality.NgramIndex()
+    described = []
+    for p in paths:
+        files = []
+        if looks_local(p):
+            rp = resolve_path(p, base_dir)
+            if rp is None:
+                raise DataError(f"evaluation set not found: {p}", key="quality.decontaminate")
+            files = sorted(f for f in rp.rglob("*") if f.is_file() and f.suffix.lower() in
+                           (".csv", ".jsonl", ".json", ".parquet")) if rp.is_dir() else [rp]
+            before = index.items
+            for f in files:
+                if f.suffix.lower() == ".csv":
+                    from .sources import _read_text
+                    import io
+
+                    for rec in csv.reader(io.StringIO(_read_text(f), newline="")):
+                        index.add(" ".join(rec))
+                else:
+                    rows, _ = read_rows(str(f))
+                    for r in rows:
+                        index.add(" ".join(_strings(r)))
+            described.append({"path": str(rp), "files": len(files), "items": index.items - before})
+        else:
+            before = index.items
+            rows, label = read_rows(p, split="test")
+            for r in rows:
+                index.add(" ".join(_strings(r)))
+            described.append({"path": label, "items": index.items - before})
+    return index, described
+
+
+def _strings(v) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        return [s for x in v.values() for s in _strings(x)]
+    if isinstance(v, list):
+        return [s for x in v for s in _strings(x)]
+    return []
+
+
+def _stats(xs: list[int]) -> dict:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
+    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": q(0.5), "p95": q(0.95), "max": s[-1]}
+
+
+def _token_checks(part: _Rows, kind: str, tokenizer, max_length: int | None, min_tokens: int,
+                  loss_on: str) -> dict:
+    """too_long, identical_pair after truncation, too_short; returns token-length statistics."""
+    from .tokens import content_tokens, encode_preference, encode_sft, sft_lengths
+
+    idx = part.alive()
+    rows = [part.rows[i] for i in idx]
+    if not rows:
+        return {}
+    L = max_length
+    lengths, prompts, truncated = [], [], 0
+    content = content_tokens(rows, tokenizer)
+    if kind == "preference":
+        for i, (p, c, r), n in zip(idx, encode_preference(rows, tokenizer), content):
+            if L is not None and len(p) >= L:
+                part.drop(i, "too_long", f"the prompt is {len(p)} tokens, max_length {L}: truncation leaves no answer")
+                continue
+            if (c[:L] if L else c) == (r[:L] if L else r):
+                part.drop(i, "identical_pair", f"chosen and rejected are the same {L}-token sequence once truncated")
+                continue
+            if n < min_tokens:
+                part.drop(i, "too_short", f"{n} tokens of text (min_tokens {min_tokens})")
+                continue
+            lengths.append(max(len(c), len(r)))
+            prompts.append(len(p))
+            truncated += bool(L is not None and max(len(c), len(r)) > L)
+    else:
+        for i, (total, trained, first), n in zip(idx, sft_lengths(encode_sft(rows, tokenizer, loss_on)), content):
+            if trained == 0:
+                part.drop(i, "invalid", "no token to train on")
+                continue
+            if L is not None and first >= L:
+                part.drop(i, "too_long", f"the first trained token is at {first}, max_length {L}: truncation "
+                          "leaves nothing to train on")
+                continue
+            if n < min_tokens:
+                part.drop(i, "too_short", f"{n} tokens of text (min_tokens {min_tokens})")
+                continue
+            lengths.append(total)
+            prompts.append(first)
+            truncated += bool(L is not None and total > L)
+    return {"max_length": L, "truncated_rows": truncated, "sequence": _stats(lengths),
+            "prompt" if kind == "preference" else "before_first_trained_token": _stats(prompts)}
+
+
+def fingerprint(*datasets) -> str:
+    h = hashlib.sha256()
+    for ds in datasets:
+        h.update(b"\x00")
+        if ds is not None:
+            for r in ds.to_list() if hasattr(ds, "to_list") else ds:
+                h.update(json.dumps(r, sort_keys=True).encode())
+                h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=None, max_length: int | None = None,
+                  extra_decontaminate=()) -> StageData:
+    """One stage's data step (everything but the reference-model filter). Without a tokenizer the token checks are
+    left out (the report says so)."""
+    from datasets import Dataset
+
+    d, q = stage.data, stage.data.quality
+    kind = "preference" if stage.type in PREFERENCE_TYPES else "sft"
+    part = _Rows()
+    sources = []
+    multi = not isinstance(d.path, str)
+    for j, src in enumerate(d.sources()):
+        try:
+            sources.append(_read_source(src, kind, seed, base_dir, f"path[{j}].sha256" if multi else "sha256", part,
+                                        False))
+        except DataError as e:
+            raise DataError(str(e), key=e.key or (f"path[{j}]" if multi else None)) from None
+    eval_source = None
+    if d.eval_path:
+        from ..config import SourceSection
+
+        eval_source = _read_source(SourceSection(path=d.eval_path, sha256=d.eval_sha256, split=d.split), kind, seed,
+                                   base_dir, "eval_sha256", part, True)
+    input_rows = sum(s["rows_read"] for s in sources) + (eval_source["rows_read"] if eval_source else 0)
+
+    if kind == "preference" and any(isinstance(r["prompt"], list) for r in part.rows):
+        part.rows = [to_conversational(r) for r in part.rows]
+        form = "conversational"
+    elif kind == "preference":
+        form = "standard"
+    else:
+        forms = {"text" if "text" in r else "messages" for r in part.rows}
+        if len(forms) > 1:
+            raise DataError("the sources mix plain `text` rows with chat rows; train them in separate stages")
+        form = forms.pop() if forms else "messages"
+
+    if kind == "preference":
+        for i in quality.identical_pairs(part.rows):
+            part.drop(i, "identical_pair", "chosen and rejected are the same text")
+    if q.dedup in ("exact", "near"):
+        for i in quality.exact_duplicates(part.rows, set(part.dropped)):
+            part.drop(i, "exact_duplicate", "repeats an earlier row")
+    if q.dedup == "near":
+        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1):
+            label, row = part.origin[twin]
+            part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
+    contamination = []
+    decon = list(q.decontaminate) + [p for p in extra_decontaminate if p not in q.decontaminate]
+    if decon:
+        index, contamination = decontamination_index(decon, base_dir)
+        for i, gram in quality.contaminated(part.rows, set(part.dropped), index):
+            part.drop(i, "contaminated", f"shares '{gram}' with an evaluation item")
+    tokens = {}
+    if tokenizer is not None:
+        tokens = _token_checks(part, kind, tokenizer, max_length, q.min_tokens, stage.train.loss_on)
+
+    alive = part.alive()
+    if not any(not part.is_eval[i] for i in alive):
+        reasons = ", ".join(f"{c} {r}" for r, c in part.counts.most_common())
+        top = part.counts.most_common(1)[0][0] if part.counts else None
+        if top == "too_long":  # the knob is the stage's max_length, not the data
+            where = "stage:trainer_kwargs.max_length" if "max_length" in stage.trainer_kwargs else "stage:train.max_length"
+            raise DataError(f"every training row was dropped ({reasons}): each prompt fills max_length {max_length} "
+                            f"tokens or more (e.g. {part.examples['too_long'][0]['why']}), so none would train; raise "
+                            "max_length or shorten the prompts", key=where)
+        raise DataError(f"every training row was dropped ({reasons or 'no rows'}); see the examples with "
+                        "`prefopt data RECIPE`, fix the data or relax data.quality")
+    rows = [dict(part.rows[i]) for i in alive]
+    origin = [part.origin[i] for i in alive]
+    train_idx = [k for k, i in enumerate(alive) if not part.is_eval[i]]
+    eval_idx = [k for k, i in enumerate(alive) if part.is_eval[i]]
+    if not d.eval_path and d.eval_fraction > 0 and len(train_idx) >= 2:
+        n_eval = max(1, round(len(train_idx) * d.eval_fraction))
+        if n_eval >= len(train_idx):
+            raise DataError(f"eval_fraction {d.eval_fraction:g} of {len(train_idx)} rows holds out {n_eval} and leaves "
+                            "no training row; lower it", key="eval_fraction")
+        order = list(train_idx)
+        random.Random(seed).shuffle(order)
+        eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    if d.max_samples:
+        train_idx = train_idx[: d.max_samples]
+    train = Dataset.from_list([rows[k] for k in train_idx])
+    eval_ds = Dataset.from_list([rows[k] for k in eval_idx]) if eval_idx else None
+
+    n_review = min(len(train_idx), max(MIN_REVIEW, round(len(train_idx) * q.review_fraction))) \
+        if q.review_fraction > 0 else 0
+    pick = sorted(random.Random(f"{seed}:review").sample(range(len(train_idx)), n_review))
+    review = [{"source": origin[train_idx[k]][0], "row": origin[train_idx[k]][1], **rows[train_idx[k]]} for k in pick]
+
+    files = [s["path"] for s in sources] + ([eval_source["path"]] if eval_source else [])
+    report = {
+        "stage": stage.name,
+        "type": stage.type,
+        "form": form,
+        "sources": sources,
+        "eval_source": eval_source,
+        "input_rows": input_rows,
+        "train_rows": len(train_idx),
+        "eval_rows": len(eval_idx),
+        "dropped": {r: part.counts.get(r, 0) for r in REASONS},
+        "examples": part.examples,
+        "token_checks": tokenizer is not None,
+        "tokens": tokens,
+        "decontaminated_against": contamination,
+        "quality": q.model_dump(mode="json"),
+        "review_rows": len(review),
+        "reference_filter": None,
+    }
+    data = StageData(train=train, eval=eval_ds, fmt=form, files=files, report=report, review=review)
+    data.fingerprint = fingerprint([rows[k] for k in train_idx], [rows[k] for k in eval_idx])
+    return data

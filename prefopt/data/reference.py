@@ -1,0 +1,104 @@
+"""The reference-model quality filter (opt-in): score each training row with the stage's reference model and drop
+the lowest-scoring fraction.
+
+- preference rows: the length-normalised log-prob margin of chosen over rejected, mean log p(chosen token) - mean
+  log p(rejected token), under the reference (the previous stage's adapter; the base with no stage before, or with
+  `reference: base`). A pair the reference already finds backwards or indistinguishable scores lowest.
+- SFT rows: the mean per-token log-prob of the trained (assistant) tokens under the base (adapter disabled).
+It runs when the stage starts, on the model the stage has just loaded, so the base is not loaded twice.
+Held-out rows are not filtered: the held-out figures stay comparable across filter settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+
+from ..config import PREFERENCE_TYPES
+
+
+def _mean_logps(model, seqs: list[list[int]], starts: list[int], batch_size: int, pad_id: int) -> list[float]:
+    """Mean log-prob of tokens seqs[k][starts[k]:] given what precedes them."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk, st = seqs[b: b + batch_size], starts[b: b + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        for k, s in enumerate(chunk):
+            ids[k, : len(s)] = torch.tensor(s)
+            att[k, : len(s)] = 1
+        ids, att = ids.to(device), att.to(device)
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        for k, s in enumerate(chunk):
+            lo, hi = max(st[k], 1), len(s)
+            out.append(logp[k, lo - 1: hi - 1].mean().item() if hi > lo else float("-inf"))
+    return out
+
+
+def score_rows(model, tokenizer, rows: list[dict], *, preference: bool, max_length: int | None, batch_size: int,
+               use_base: bool) -> list[float]:
+    import torch
+
+    from .tokens import encode_preference, encode_sft
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cut = (lambda s: s[:max_length]) if max_length else (lambda s: s)
+    was_training = model.training
+    model.eval()
+    off = model.disable_adapter() if use_base else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), off:
+            if preference:
+                enc = encode_preference(rows, tokenizer)
+                starts = [len(p) for p, _, _ in enc]
+                chosen = _mean_logps(model, [cut(c) for _, c, _ in enc], starts, batch_size, pad)
+                rejected = _mean_logps(model, [cut(r) for _, _, r in enc], starts, batch_size, pad)
+                return [c - r for c, r in zip(chosen, rejected)]
+            enc = encode_sft(rows, tokenizer)
+            seqs = [cut(e["input_ids"]) for e in enc]
+            starts = [e["assistant_masks"].index(1) if 1 in e["assistant_masks"] else len(e["input_ids"]) for e in enc]
+            return _mean_logps(model, seqs, starts, batch_size, pad)
+    finally:
+        model.train(was_training)
+
+
+def apply_reference_filter(model, tokenizer, stage, data, *, use_base: bool, max_length: int | None, seed: int):
+    """Drop the configured lowest fraction of data.train (in place); returns the per-row scores, for
+    data_scores.jsonl."""
+    from datasets import Dataset
+
+    rf = stage.data.quality.reference_filter
+    preference = stage.type in PREFERENCE_TYPES
+    score = rf.score if rf.score != "auto" else ("margin" if preference else "logprob")
+    rows = data.train.to_list()
+    scores = score_rows(model, tokenizer, rows, preference=preference, max_length=max_length,
+                        batch_size=rf.batch_size, use_base=use_base)
+    n_drop = min(len(rows) - 1, round(len(rows) * rf.drop_fraction))
+    order = sorted(range(len(rows)), key=lambda k: (scores[k], random.Random(f"{seed}:{k}").random()))
+    drop = set(order[:n_drop])
+    data.train = Dataset.from_list([r for k, r in enumerate(rows) if k not in drop])
+    rep = data.report
+    rep["dropped"]["low_reference_score"] = len(drop)
+    rep["train_rows"] = len(data.train)
+    ex = [{"row_index": k, "why": f"{score} {scores[k]:.4f}", "text": " | ".join(
+        str(v) for v in rows[k].values())[:300]} for k in order[:3]] if drop else []
+    rep["examples"]["low_reference_score"] = ex
+    rep["reference_filter"] = {"score": score, "reference": "base" if use_base else "previous stage's adapter",
+                               "drop_fraction": rf.drop_fraction, "dropped": len(drop),
+                               "threshold": scores[order[n_drop - 1]] if drop else None, "scores_file": SCORES}
+    return [{"index": k, "score": scores[k], "kept": k not in drop} for k in range(len(rows))]
+
+
+SCORES = "data_scores.jsonl"
+
+
+def write_scores(folder, scores: list[dict]) -> None:
+    from ..runfolder import write_atomic
+
+    write_atomic(folder / SCORES, "".join(json.dumps(s) + "\n" for s in scores))
