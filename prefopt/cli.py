@@ -90,6 +90,31 @@ def plan(recipe: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/<name>/); the reports go to its data/ folder.")
+def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> None:
+    """Run the data step of every stage of RECIPE without training: filters, counts, data_report.json and a review
+    sample per stage in runs/<name>/data/ (loads no model unless a stage asks for the reference filter)."""
+    from .config import load_recipe
+
+    try:
+        rec = load_recipe(recipe, list(overrides))
+        from .data.command import run_data_step
+
+        out = run_data_step(rec, output_dir=output_dir, echo=lambda s: click.echo(s, err=True))
+    except PrefoptError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        click.echo("prefopt: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        _bug(e, output_dir)
+    click.echo(f"data reports: {out}")
+
+
+@main.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter folder (instead of RUN_DIR).")
 @click.option("--base", "base_model", default=None, help="Base model folder or hub id (default: as recorded in training).")

@@ -28,7 +28,9 @@ MERGED = "merged"
 MERGE_REPORT = "merge_report.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Everything prefopt itself writes at the top of a run folder; `--fresh` removes these and nothing else.
-OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs")
+DATA = "data"  # `prefopt data`: data/data.json, data/NN-name/{data_report.json, review_sample.*}
+DATA_MANIFEST = "data.json"
+OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA)
 
 
 class RunFolderError(PrefoptError):
@@ -148,14 +150,15 @@ def _owned(name: str) -> bool:
 
 def is_run_folder(run_dir: Path) -> bool:
     """A folder prefopt wrote: a readable run.json, or nothing but what a run killed before its first manifest
-    leaves (temp entries, an empty stages/). Names alone (a user's own wandb/ or logs/) do not make one."""
+    leaves (temp entries, an empty stages/), or what `prefopt data` wrote (data/data.json). Names alone (a user's own wandb/ or logs/) do not make one."""
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
     if m is not None and "run_id" in m:
         return True
     entries = list(run_dir.iterdir())
     return bool(entries) and all(
-        _is_temp(p.name) or (p.name == "stages" and p.is_dir() and not any(p.iterdir())) for p in entries)
+        _is_temp(p.name) or (p.name == "stages" and p.is_dir() and not any(p.iterdir()))
+        or (p.name == DATA and (p / DATA_MANIFEST).is_file()) for p in entries)
 
 
 def clean_temp(run_dir: Path) -> list[str]:

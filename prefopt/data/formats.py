@@ -64,6 +64,7 @@ class Normalised:
     form: str = ""  # what the rows are now: messages | text (SFT), standard | conversational (preference)
     dropped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> [{"source", "row", "why"}]
+    dropped_rows: list = field(default_factory=list)  # (1-based row, reason, why) of every dropped row
 
 
 def _text(v, what: str) -> str:
@@ -102,6 +103,8 @@ def _messages(v, what: str, *, role_key="role", content_key="content", roles=Non
 
 
 def _as_messages(v, what: str, default_role: str) -> list[dict]:
+    if not isinstance(v, (str, list)) and v is not None:
+        raise _Bad(f"{what} must be a string or a list of {{role, content}} messages, got {type(v).__name__}")
     return [{"role": default_role, "content": _text(v, what)}] if isinstance(v, str) or v is None else \
         _messages(v, what)
 
@@ -232,6 +235,7 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
                 problems.append(f"{label} row {i}: {e} (a row that cannot train: {e.reason})")
                 continue
             out.dropped[e.reason] += 1
+            out.dropped_rows.append((i, e.reason, str(e)))
             ex = out.examples.setdefault(e.reason, [])
             if len(ex) < 3:
                 ex.append({"source": label, "row": i, "why": str(e)})

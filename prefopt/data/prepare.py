@@ -36,7 +36,9 @@ class StageData:
     files: list[str]
     report: dict = field(default_factory=dict)
     review: list = field(default_factory=list)  # rows for a person to read: {"source", "row", **row}
+    dropped: list = field(default_factory=list)  # every dropped row: {"source", "row", "reason", "why"}
     fingerprint: str = ""  # of the rows the stage trains and evaluates on
+    train_origin: list = field(default_factory=list)  # (source, 1-based row) of each training row
 
 
 @dataclass
@@ -47,10 +49,12 @@ class _Rows:
     dropped: dict = field(default_factory=dict)  # index -> reason
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)  # {"source", "row", "reason", "why"} of every dropped row
 
     def drop(self, i: int, reason: str, why: str) -> None:
         self.dropped[i] = reason
         self.counts[reason] += 1
+        self.log.append({"source": self.origin[i][0], "row": self.origin[i][1], "reason": reason, "why": why})
         ex = self.examples.setdefault(reason, [])
         if len(ex) < EXAMPLES:
             label, row = self.origin[i]
@@ -69,6 +73,7 @@ def _read_source(src, kind: str, seed: int, base_dir, key: str, part: _Rows, is_
     rows, label = read_rows(src.path, split=src.split, base_dir=base_dir)
     check_hash(label, src.sha256, key)
     n = normalise_rows(rows, label, kind)
+    part.log += [{"source": label, "row": row, "reason": reason, "why": why} for row, reason, why in n.dropped_rows]
     for reason, c in n.dropped.items():
         part.counts[reason] += c
         for e in n.examples[reason]:
@@ -140,57 +145,16 @@ def _strings(v) -> list[str]:
     return []
 
 
-def _stats(xs: list[int]) -> dict:
-    if not xs:
-        return {}
-    s = sorted(xs)
-    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
-    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": q(0.5), "p95": q(0.95), "max": s[-1]}
-
-
-def _token_checks(part: _Rows, kind: str, tokenizer, max_length: int | None, min_tokens: int,
-                  loss_on: str) -> dict:
+def _token_checks(part: _Rows, kind: str, tokenizer, max_length: int | None, min_tokens: int, loss_on: str,
+                  seed: int) -> dict:
     """too_long, identical_pair after truncation, too_short; returns token-length statistics."""
-    from .tokens import content_tokens, encode_preference, encode_sft, sft_lengths
+    from .tokens import token_checks
 
     idx = part.alive()
-    rows = [part.rows[i] for i in idx]
-    if not rows:
-        return {}
-    L = max_length
-    lengths, prompts, truncated = [], [], 0
-    content = content_tokens(rows, tokenizer)
-    if kind == "preference":
-        for i, (p, c, r), n in zip(idx, encode_preference(rows, tokenizer), content):
-            if L is not None and len(p) >= L:
-                part.drop(i, "too_long", f"the prompt is {len(p)} tokens, max_length {L}: truncation leaves no answer")
-                continue
-            if (c[:L] if L else c) == (r[:L] if L else r):
-                part.drop(i, "identical_pair", f"chosen and rejected are the same {L}-token sequence once truncated")
-                continue
-            if n < min_tokens:
-                part.drop(i, "too_short", f"{n} tokens of text (min_tokens {min_tokens})")
-                continue
-            lengths.append(max(len(c), len(r)))
-            prompts.append(len(p))
-            truncated += bool(L is not None and max(len(c), len(r)) > L)
-    else:
-        for i, (total, trained, first), n in zip(idx, sft_lengths(encode_sft(rows, tokenizer, loss_on)), content):
-            if trained == 0:
-                part.drop(i, "invalid", "no token to train on")
-                continue
-            if L is not None and first >= L:
-                part.drop(i, "too_long", f"the first trained token is at {first}, max_length {L}: truncation "
-                          "leaves nothing to train on")
-                continue
-            if n < min_tokens:
-                part.drop(i, "too_short", f"{n} tokens of text (min_tokens {min_tokens})")
-                continue
-            lengths.append(total)
-            prompts.append(first)
-            truncated += bool(L is not None and total > L)
-    return {"max_length": L, "truncated_rows": truncated, "sequence": _stats(lengths),
-            "prompt" if kind == "preference" else "before_first_trained_token": _stats(prompts)}
+    drops, stats = token_checks([part.rows[i] for i in idx], kind, tokenizer, max_length, min_tokens, loss_on, seed)
+    for k, reason, why in drops:
+        part.drop(idx[k], reason, why)
+    return stats
 
 
 def fingerprint(*datasets) -> str:
@@ -240,6 +204,8 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
             raise DataError("the sources mix plain `text` rows with chat rows; train them in separate stages")
         form = forms.pop() if forms else "messages"
 
+    wds = [quality.row_words(r) for r in part.rows] if q.dedup == "near" or q.decontaminate or extra_decontaminate \
+        else None
     if kind == "preference":
         for i in quality.identical_pairs(part.rows):
             part.drop(i, "identical_pair", "chosen and rejected are the same text")
@@ -247,18 +213,19 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         for i in quality.exact_duplicates(part.rows, set(part.dropped)):
             part.drop(i, "exact_duplicate", "repeats an earlier row")
     if q.dedup == "near":
-        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1):
+        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1,
+                                                row_words_of=wds):
             label, row = part.origin[twin]
             part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
     contamination = []
     decon = list(q.decontaminate) + [p for p in extra_decontaminate if p not in q.decontaminate]
     if decon:
         index, contamination = decontamination_index(decon, base_dir)
-        for i, gram in quality.contaminated(part.rows, set(part.dropped), index):
+        for i, gram in quality.contaminated(part.rows, set(part.dropped), index, row_words_of=wds):
             part.drop(i, "contaminated", f"shares '{gram}' with an evaluation item")
     tokens = {}
     if tokenizer is not None:
-        tokens = _token_checks(part, kind, tokenizer, max_length, q.min_tokens, stage.train.loss_on)
+        tokens = _token_checks(part, kind, tokenizer, max_length, q.min_tokens, stage.train.loss_on, seed)
 
     alive = part.alive()
     if not any(not part.is_eval[i] for i in alive):
@@ -310,8 +277,10 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         "decontaminated_against": contamination,
         "quality": q.model_dump(mode="json"),
         "review_rows": len(review),
+        "files": {"review": "review_sample.jsonl", "review_md": "review_sample.md", "dropped": "data_dropped.jsonl"},
         "reference_filter": None,
     }
-    data = StageData(train=train, eval=eval_ds, fmt=form, files=files, report=report, review=review)
+    data = StageData(train=train, eval=eval_ds, fmt=form, files=files, report=report, review=review, dropped=part.log,
+                     train_origin=[origin[k] for k in train_idx])
     data.fingerprint = fingerprint([rows[k] for k in train_idx], [rows[k] for k in eval_idx])
     return data

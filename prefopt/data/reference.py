@@ -83,16 +83,21 @@ def apply_reference_filter(model, tokenizer, stage, data, *, use_base: bool, max
     order = sorted(range(len(rows)), key=lambda k: (scores[k], random.Random(f"{seed}:{k}").random()))
     drop = set(order[:n_drop])
     data.train = Dataset.from_list([r for k, r in enumerate(rows) if k not in drop])
+    origin = data.train_origin or [("?", k + 1) for k in range(len(rows))]
+    data.dropped += [{"source": origin[k][0], "row": origin[k][1], "reason": "low_reference_score",
+                      "why": f"{score} {scores[k]:.4f}"} for k in sorted(drop)]
+    data.train_origin = [o for k, o in enumerate(origin) if k not in drop]
     rep = data.report
     rep["dropped"]["low_reference_score"] = len(drop)
     rep["train_rows"] = len(data.train)
-    ex = [{"row_index": k, "why": f"{score} {scores[k]:.4f}", "text": " | ".join(
+    ex = [{"source": origin[k][0], "row": origin[k][1], "why": f"{score} {scores[k]:.4f}", "text": " | ".join(
         str(v) for v in rows[k].values())[:300]} for k in order[:3]] if drop else []
     rep["examples"]["low_reference_score"] = ex
     rep["reference_filter"] = {"score": score, "reference": "base" if use_base else "previous stage's adapter",
                                "drop_fraction": rf.drop_fraction, "dropped": len(drop),
                                "threshold": scores[order[n_drop - 1]] if drop else None, "scores_file": SCORES}
-    return [{"index": k, "score": scores[k], "kept": k not in drop} for k in range(len(rows))]
+    return [{"source": origin[k][0], "row": origin[k][1], "score": scores[k], "kept": k not in drop}
+            for k in range(len(rows))]
 
 
 SCORES = "data_scores.jsonl"
@@ -101,4 +106,5 @@ SCORES = "data_scores.jsonl"
 def write_scores(folder, scores: list[dict]) -> None:
     from ..runfolder import write_atomic
 
+    folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / SCORES, "".join(json.dumps(s) + "\n" for s in scores))

@@ -10,6 +10,7 @@ from ..runfolder import write_atomic
 REPORT = "data_report.json"
 REVIEW_JSONL = "review_sample.jsonl"
 REVIEW_MD = "review_sample.md"
+DROPPED = "data_dropped.jsonl"
 
 
 def write_reports(folder: Path, data) -> None:
@@ -18,6 +19,7 @@ def write_reports(folder: Path, data) -> None:
     write_atomic(folder / REPORT, json.dumps(data.report, indent=2, ensure_ascii=False))
     write_atomic(folder / REVIEW_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.review))
     write_atomic(folder / REVIEW_MD, review_markdown(data.report, data.review))
+    write_atomic(folder / DROPPED, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.dropped))
 
 
 def _md_text(v) -> str:

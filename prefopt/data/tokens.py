@@ -101,6 +101,8 @@ def encode_preference(rows: list[dict], tokenizer) -> list[tuple[list[int], list
         c = [r["prompt"] + r["chosen"] for r in rows]
         j = [r["prompt"] + r["rejected"] for r in rows]
         kw = {}
+    if not rows:
+        return []
     enc = tokenizer(p + c + j, **kw)["input_ids"]
     n = len(rows)
     return list(zip(enc[:n], enc[n: 2 * n], enc[2 * n:]))
@@ -121,3 +123,104 @@ def content_tokens(rows: list[dict], tokenizer) -> list[int]:
         else:
             texts.append(r["text"])
     return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+STATS_SAMPLE = 2000  # rows tokenized for the length statistics (every row that might be cut is tokenized anyway)
+
+
+def _stats(xs: list[int]) -> dict:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
+    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": q(0.5), "p95": q(0.95), "max": s[-1]}
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, str):
+        return len(v.encode())
+    return sum(len(m["content"].encode()) for m in v)
+
+
+class _Bound:
+    """An upper bound on a row's tokens without tokenizing it: every token of a byte-level BPE, byte-fallback
+    SentencePiece or WordPiece vocabulary covers at least one byte of the text, and a chat template adds the same
+    bytes whatever the content (measured once per sequence of roles, with one-byte contents). A small slack per
+    message covers a SentencePiece prefix piece and added special tokens. Rows under max_length by this bound cannot
+    be cut, so only the others are tokenized."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict = {}
+
+    def overhead(self, msgs) -> int:
+        if isinstance(msgs, str):
+            return 0
+        key = tuple(m["role"] for m in msgs)
+        if key not in self.cache:
+            probe = [{"role": r, "content": "x"} for r in key]
+            self.cache[key] = len(_render(self.tok, probe).encode()) - len(key)
+        return self.cache[key]
+
+    def __call__(self, msgs_or_text, n_msgs: int) -> int:
+        return self.overhead(msgs_or_text) + _nbytes(msgs_or_text) + 2 * n_msgs + 4
+
+
+def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_tokens: int, loss_on: str, seed: int):
+    """([(row index, reason, why)], statistics): too_long, identical_pair after truncation, too_short; rows are
+    tokenized exactly when they might reach max_length, or might be too short, or are in the statistics sample."""
+    import random
+
+    from .quality import words
+
+    bound = _Bound(tokenizer)
+    sample = set(random.Random(f"{seed}:tokens").sample(range(len(rows)), min(STATS_SAMPLE, len(rows))))
+    exact, short = [], []
+    for k, r in enumerate(rows):
+        if kind == "preference":
+            conv = isinstance(r["prompt"], list)
+            n = max(bound(r["prompt"] + r[a], len(r["prompt"]) + len(r[a])) if conv else
+                    bound(r["prompt"] + r[a], 1) for a in ("chosen", "rejected"))
+            text = (r["prompt"] if not conv else " ".join(m["content"] for m in r["prompt"]))
+        elif "text" in r:
+            n, text = bound(r["text"], 1), r["text"]
+        else:
+            n, text = bound(r["messages"], len(r["messages"])), " ".join(m["content"] for m in r["messages"])
+        if (L is not None and n >= L) or k in sample:
+            exact.append(k)
+        if len(words(text)) < min_tokens:  # a word is at least one token: only rows of few words can be too short
+            short.append(k)
+    drops: dict[int, tuple[str, str]] = {}
+    lengths, prompts, truncated = [], [], 0
+    sub = [rows[k] for k in exact]
+    if kind == "preference":
+        for k, (p, c, r) in zip(exact, encode_preference(sub, tokenizer)):
+            if L is not None and len(p) >= L:
+                drops[k] = ("too_long", f"the prompt is {len(p)} tokens, max_length {L}: truncation leaves no answer")
+            elif L is not None and c[:L] == r[:L]:
+                drops[k] = ("identical_pair", f"chosen and rejected are the same {L} tokens once truncated")
+            else:
+                truncated += bool(L is not None and max(len(c), len(r)) > L)
+                if k in sample:
+                    lengths.append(max(len(c), len(r)))
+                    prompts.append(len(p))
+    else:
+        for k, (total, trained, first) in zip(exact, sft_lengths(encode_sft(sub, tokenizer, loss_on))):
+            if trained == 0:
+                drops[k] = ("invalid", "no token to train on")
+            elif L is not None and first >= L:
+                drops[k] = ("too_long", f"the first trained token is at {first}, max_length {L}: truncation leaves "
+                            "nothing to train on")
+            else:
+                truncated += bool(L is not None and total > L)
+                if k in sample:
+                    lengths.append(total)
+                    prompts.append(first)
+    short = [k for k in short if k not in drops]
+    for k, n in zip(short, content_tokens([rows[k] for k in short], tokenizer) if short else []):
+        if n < min_tokens:
+            drops[k] = ("too_short", f"{n} tokens of text (min_tokens {min_tokens})")
+    stats = {"max_length": L, "truncated_rows": truncated, "rows_tokenized": len(exact),
+             "sampled_rows": len(lengths), "sequence": _stats(lengths),
+             "prompt" if kind == "preference" else "before_first_trained_token": _stats(prompts)}
+    return [(k, *drops[k]) for k in sorted(drops)], stats
