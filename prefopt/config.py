@@ -45,6 +45,9 @@ class RecipeError(PrefoptError):
         )
 
 
+PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -214,6 +217,17 @@ class _StageBase(_Section):
             raise ValueError("must be letters, digits, '-', '_' or '.' (it names the stage folder)")
         return v
 
+    @model_validator(mode="after")
+    def _reference_score_fits_the_stage(self) -> "_StageBase":
+        rf = self.data.quality.reference_filter
+        pref = self.type in PREFERENCE_TYPES
+        if rf is not None and rf.score == ("logprob" if pref else "margin"):
+            # "@<sub.path>: " names the key below the stage (see _problems_from)
+            raise ValueError(f"@data.quality.reference_filter.score: {rf.score} scores "
+                             f"{'SFT' if pref else 'preference'} rows; a {self.type} stage uses "
+                             f"{'margin' if pref else 'logprob'} (or auto)")
+        return self
+
 
 class SFTStage(_StageBase):
     type: Literal["sft"] = Field("sft", description="Stage type: sft | dpo | orpo | simpo.")
@@ -244,7 +258,6 @@ class SimPOStage(_StageBase):
 
 
 STAGE_TYPES: dict[str, type[_StageBase]] = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage, "simpo": SimPOStage}
-PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
 
 Stage = Annotated[Union[SFTStage, DPOStage, ORPOStage, SimPOStage], Field(discriminator="type")]
 
@@ -406,13 +419,41 @@ def _clean_loc(loc: tuple) -> tuple:
     for i, part in enumerate(loc):
         if isinstance(part, str) and part in STAGE_TYPES and i > 0 and isinstance(loc[i - 1], int):
             continue
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):  # a union member ('str', 'list[...]')
+            continue
         out.append(part)
     return tuple(out)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """One error per key where a union (data.path: a string or a list of sources) reports each member's: the
+    deepest wins; members that all fail at the key itself become one 'must be ...' error."""
+    by_loc: dict[tuple, list[dict]] = {}
+    for e in errors:
+        by_loc.setdefault(_clean_loc(tuple(e["loc"])), []).append(e)
+    out = []
+    for loc, errs in by_loc.items():
+        member = [e for e in errs if any(isinstance(p, str) and (p in _UNION_TAGS or "[" in p) for p in e["loc"])]
+        if not member:
+            out += errs
+            continue
+        deeper = any(o[: len(loc)] == loc and len(o) > len(loc) for o in by_loc)
+        if deeper:
+            continue
+        if len(member) > 1 and loc[-1:] == ("path",):
+            out.append({**member[0], "type": "union_path",
+                        "msg": "must be a file path or hub id, or a list of sources ([{path: ..., fraction: 0.3}])"})
+        else:
+            out += errs
+    return out
+
+
 def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | None) -> list[str]:
     problems = []
-    for e in err.errors():
+    for e in _union_errors(err.errors()):
         loc = _clean_loc(tuple(e["loc"]))
         typ = e["type"]
         msg = e["msg"]
@@ -437,6 +478,9 @@ def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | N
             msg = "missing; this key is required"
         elif typ == "value_error":
             msg = msg.removeprefix("Value error, ")
+            if msg.startswith("@"):  # a model-level check naming the key below its model
+                sub, _, msg = msg[1:].partition(": ")
+                loc = loc + tuple(int(p) if p.isdigit() else p for p in sub.split("."))
             if msg.startswith("stages["):  # a model-level check that names its own path
                 path, _, rest = msg.partition(": ")
                 idx = int(path.split("[")[1].split("]")[0])

@@ -389,7 +389,7 @@ def merge_adapter(
 def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, **kwargs) -> dict:
     """Merge a run folder's final adapter; probes are the last stage's held-out rows."""
     from .config import load_recipe
-    from .data import load_stage_data
+    from .data import recipe_stage_data
     from .runfolder import read_manifest
 
     run_dir = Path(run_dir)
@@ -403,7 +403,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
         kwargs["probe_rows"], kwargs["probe_note"] = None, None
         try:
             recipe = recipe or load_recipe(run_dir / "recipe.yaml")
-            data = load_stage_data(recipe.stages[-1], seed=recipe.seed, base_dir=recipe._base_dir)
+            data = recipe_stage_data(recipe, len(recipe.stages) - 1)
             if data.eval is not None and len(data.eval):
                 kwargs["probe_rows"] = data.eval.to_list()
             else:

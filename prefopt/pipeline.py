@@ -277,7 +277,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"
         name=f"{recipe.name}/{st.name}" + (f"#{attempt}" if attempt > 1 else ""),
         job_type=st.type,
-        config=recipe.to_dict() | {"stage": st.name, "stage_index": i},
+        config=recipe.to_dict() | {"stage": st.name, "stage_index": i, "data_step": data_entry(data.report)},
     ) as (report_to, log_summary):
         metrics = STAGES[st.type](
             model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}"
@@ -305,10 +305,11 @@ def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: b
     """The opt-in reference-model filter, on the model the stage has just loaded (base + the running adapter)."""
     if st.data.quality.reference_filter is None:
         return
+    from .data import trained_max_length
     from .data.reference import apply_reference_filter, write_scores
 
     use_base = first_stage or st.type == "sft" or getattr(st, "reference", None) == "base"
-    scores = apply_reference_filter(model, tokenizer, st, data, use_base=use_base, max_length=st.train.max_length,
+    scores = apply_reference_filter(model, tokenizer, st, data, use_base=use_base, max_length=trained_max_length(st),
                                     seed=seed)
     write_scores(folder, scores)
 

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, resolve_path
+from .config import DataError, Recipe, RecipeError, resolve_path
 
 
 @dataclass
@@ -43,12 +43,12 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
     problems += model_problems
 
     checked = Checked()
-    from .data import data_problem, prepare_stage
+    from .data import data_problem, prepare_stage, trained_max_length
 
     for i, st in enumerate(recipe.stages):
         try:
             data = prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                                 max_length=trained_max_length(st, configs[i]))
+                                 max_length=trained_max_length(st))
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
             checked.data.append(None)
@@ -274,16 +274,6 @@ def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- data-dependent
-
-
-def trained_max_length(st, config) -> int | None:
-    """The length the stage's trainer truncates to (trainer_kwargs may override train.max_length); None when
-    nothing is cut from the start's side (DPO's keep_end truncation keeps every answer's end)."""
-    if config is None:
-        return st.train.max_length
-    if getattr(config, "truncation_mode", "keep_start") == "keep_end":
-        return None
-    return getattr(config, "max_length", st.train.max_length)
 
 
 def check_schedule(recipe: Recipe, i: int, config, n_rows: int) -> list[str]:

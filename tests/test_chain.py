@@ -70,6 +70,16 @@ def test_sft_then_dpo_reference_is_the_sft_model(tmp_path, tiny_model, small_dat
         st["data"]["sha256"] = None
     assert recorded == recipe.to_dict()
 
+    # the data step's report and review sample sit in each stage folder; run.json carries the counts
+    for k, name in enumerate(("00-sft", "01-dpo")):
+        report = json.loads((run_dir / "stages" / name / "data_report.json").read_text())
+        entry = manifest["stages"][k]["data"]
+        assert entry["train_rows"] == report["train_rows"] and entry["eval_rows"] == report["eval_rows"]
+        assert report["input_rows"] == 40 and report["token_checks"]
+        assert report["train_rows"] + report["eval_rows"] + sum(report["dropped"].values()) == 40
+        review = (run_dir / "stages" / name / "review_sample.jsonl").read_text().splitlines()
+        assert len(review) == min(20, report["train_rows"])
+
     # W&B: one offline run per stage, grouped, holding the trainer's metrics; no key anywhere.
     runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2

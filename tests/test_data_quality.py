@@ -56,6 +56,19 @@ def test_planted_defects_are_found_by_name(planted):
     assert all(rep["examples"][k] for k in KINDS)
 
 
+@pytest.mark.parametrize("engine", ["rensa", "datasketch"])
+def test_both_near_duplicate_engines_find_the_planted_twins(planted, engine):
+    from prefopt.data.quality import near_duplicates
+
+    data, labels, path = planted
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    found = {i + 1 for i, _ in near_duplicates(rows, set(), 0.85, engine_name=engine)}
+    planted_rows = {i + 1 for i, lab in enumerate(labels) if lab in ("near_duplicate", "exact_duplicate")}
+    assert len(found & planted_rows) / len(planted_rows) >= 0.9
+    clean = {i + 1 for i, lab in enumerate(labels) if lab is None}
+    assert not found & clean
+
+
 def _jaccard(a: set, b: set) -> float:
     return len(a & b) / max(len(a | b), 1)
 

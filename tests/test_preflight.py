@@ -83,6 +83,17 @@ CASES = {
     "data file not UTF-8": (_bad_utf8, "stages[0].data", "latin1.jsonl line 3: not UTF-8"),
     "every preference row dropped by max_length": (lambda r, d, t: _set(r, "stages.1.train.max_length", 4),
                                                    "stages[1].train.max_length", "none would train"),
+    "decontamination set missing": (lambda r, d, t: _set(r, "stages.1.data.quality", {"decontaminate": ["ev/x.jsonl"]}),
+                                    "stages[1].data.quality.decontaminate[0]", "file not found: ev/x.jsonl"),
+    "a mixture source missing": (lambda r, d, t: _set(r, "stages.0.data.path", [{"path": str(d["sft"])},
+                                                                               {"path": "nope.jsonl", "rows": 5}]),
+                                 "stages[0].data.path[1].path", "file not found: nope.jsonl"),
+    "fraction and rows both given": (lambda r, d, t: _set(r, "stages.0.data.path", [{"path": str(d["sft"]),
+                                                                                   "rows": 5, "fraction": 0.5}]),
+                                     "stages[0].data.path[0]", "give fraction or rows, not both"),
+    "reference filter score for the wrong stage": (
+        lambda r, d, t: _set(r, "stages.0.data.quality", {"reference_filter": {"score": "margin"}}),
+        "stages[0].data.quality.reference_filter.score", "margin scores preference rows"),
 }
 
 

@@ -31,6 +31,15 @@ def test_rerun_skips_unchanged_and_redoes_changed(tmp_path, tiny_model, small_da
     assert [s.skipped for s in changed.stages] == [True, False]
     assert (changed.adapters["sft"] / "adapter_model.safetensors").read_bytes() == sft_bytes
 
+    # a file change the data step filters out (an exact duplicate of a row) leaves what DPO trains on, and DPO, as
+    # they were; the data step's count shows it
+    dups = _manifest(out)["stages"][1]["data"]["dropped"].get("exact_duplicate", 0)
+    lines = small_data["prefs"].read_text().splitlines()
+    small_data["prefs"].write_text("\n".join(lines + [lines[0]]) + "\n")
+    dup = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.beta": 0.3}), output_dir=out)
+    assert [s.skipped for s in dup.stages] == [True, True]
+    assert _manifest(out)["stages"][1]["data"]["dropped"]["exact_duplicate"] == dups + 1
+
     # new SFT data: SFT is redone, and so is DPO, whose starting adapter changed
     small_data["sft"].write_text(small_data["sft"].read_text().replace("kind", "gentle"))
     redone = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.beta": 0.3}), output_dir=out)

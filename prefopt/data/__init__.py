@@ -16,8 +16,32 @@ from .sources import file_hash, read_rows, sha256_of
 
 
 def load_stage_data(stage, *, seed: int, base_dir=None) -> StageData:
-    """Read, check, normalise, filter and split one stage's data (no tokenizer: the token checks are left out)."""
+    """Read, check, normalise, filter and split one stage's data (no tokenizer: the token checks are left out, so
+    the split can differ from a run's; use recipe_stage_data for the rows a run trained and evaluated on)."""
     return prepare_stage(stage, seed=seed, base_dir=base_dir)
+
+
+def trained_max_length(stage) -> int | None:
+    """The length the stage's trainer truncates to (trainer_kwargs may override train.max_length); None when
+    nothing is cut from the start's side (DPO's keep_end truncation keeps every answer's end)."""
+    kw = stage.trainer_kwargs
+    if kw.get("truncation_mode") == "keep_end":
+        return None
+    return kw.get("max_length", stage.train.max_length)
+
+
+def recipe_stage_data(recipe, i: int, tokenizer=None) -> StageData:
+    """Stage i's data exactly as `prefopt run` prepares it (the model's tokenizer, the trained max_length), so the
+    held-out rows are the ones the run held out. Loads the tokenizer when none is given."""
+    if tokenizer is None:
+        from ..models import load_tokenizer
+
+        m = recipe.model
+        tokenizer = load_tokenizer(recipe.model_path(), chat_template=m.chat_template, revision=m.revision,
+                                   trust_remote_code=m.trust_remote_code)
+    st = recipe.stages[i]
+    return prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
+                         max_length=trained_max_length(st))
 
 
 def data_problem(recipe, i: int, e: DataError) -> str:
@@ -55,4 +79,5 @@ def check_recipe_data(recipe) -> None:
 
 
 __all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
-           "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows", "sha256_of"]
+           "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows",
+           "recipe_stage_data", "sha256_of", "trained_max_length"]

@@ -11,14 +11,14 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from ..config import PREFERENCE_TYPES, DataError, RecipeError
+from ..config import DataError, RecipeError
 from .report import summary_lines, write_reports
 
 
 def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
     from .. import runfolder
-    from ..preflight import build_trl_config, check_model, check_train_names, trained_max_length
-    from . import data_problem
+    from ..preflight import build_trl_config, check_model, check_train_names
+    from . import data_problem, trained_max_length
     from .prepare import prepare_stage
 
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
@@ -28,13 +28,11 @@ def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
     problems, tokenizer = check_model(recipe)
     datas = []
     for i, st in enumerate(recipe.stages):
-        cfg = None
         if not check_train_names(recipe, i):
-            cfg, probs = build_trl_config(recipe, i)
-            problems += probs
+            problems += build_trl_config(recipe, i)[1]
         try:
             datas.append(prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                                       max_length=trained_max_length(st, cfg)))
+                                       max_length=trained_max_length(st)))
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
     if problems:
@@ -60,6 +58,7 @@ def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
 def _reference_filter(recipe, i, data, run_dir: Path, folder: Path, model, tokenizer, echo):
     """Score with the stage's reference; returns the loaded base (kept for the next stage)."""
     from ..models import adapter_config_from_section, attach_adapter, load_base_model
+    from . import trained_max_length
     from .reference import apply_reference_filter, write_scores
 
     st = recipe.stages[i]
@@ -76,11 +75,10 @@ def _reference_filter(recipe, i, data, run_dir: Path, folder: Path, model, token
                            trust_remote_code=m.trust_remote_code)
     peft_model = attach_adapter(base, adapter_config_from_section(a), init_from=None if use_base else prev,
                                 dora_impl=a.dora_impl, dora_dropout=a.dora_dropout)
-    max_length = st.train.max_length
-    scores = apply_reference_filter(peft_model, tokenizer, st, data, use_base=use_base, max_length=max_length,
-                                    seed=recipe.seed)
+    scores = apply_reference_filter(peft_model, tokenizer, st, data, use_base=use_base,
+                                    max_length=trained_max_length(st), seed=recipe.seed)
     write_scores(folder, scores)
     return None
 
 
-__all__ = ["run_data_step", "PREFERENCE_TYPES"]
+__all__ = ["run_data_step"]
