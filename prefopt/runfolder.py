@@ -99,9 +99,12 @@ def stage_identity(stage: dict) -> dict:
     def local(v):
         return isinstance(v, str) and looks_local(v)
 
-    data = {k: v for k, v in stage.get("data", {}).items() if not (k in ("path", "eval_path") and local(v))}
+    # the content hashes are checks of the files, not inputs: the fingerprint of the rows stands for the content
+    data = {k: v for k, v in stage.get("data", {}).items()
+            if not (k in ("path", "eval_path") and local(v)) and k not in ("sha256", "eval_sha256")}
     if isinstance(data.get("path"), list):
-        data["path"] = [{k: v for k, v in src.items() if not (k == "path" and local(v))} for src in data["path"]]
+        data["path"] = [{k: v for k, v in src.items() if not (k == "path" and local(v)) and k != "sha256"}
+                        for src in data["path"]]
     if "quality" in data:
         q = dict(data["quality"])
         q["decontaminate"] = [p for p in q.get("decontaminate", []) if not local(p)]

@@ -27,7 +27,8 @@ def trained_max_length(stage) -> int | None:
     kw = stage.trainer_kwargs
     if kw.get("truncation_mode") == "keep_end":
         return None
-    return kw.get("max_length", stage.train.max_length)
+    n = kw.get("max_length", stage.train.max_length)
+    return n if isinstance(n, int) or n is None else stage.train.max_length  # a wrong type is preflight's to report
 
 
 def recipe_stage_data(recipe, i: int, tokenizer=None) -> StageData:
