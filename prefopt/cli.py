@@ -47,8 +47,10 @@ def main() -> None:
               "run folder; other files are kept, a folder that is not one is refused).")
 def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool) -> None:
     """Run every stage of RECIPE in order, resuming a previous run of it."""
+    from . import signals
     from .config import load_recipe
 
+    signals.install()
     try:
         rec = load_recipe(recipe, list(overrides))
         from .pipeline import run as run_pipeline
@@ -60,9 +62,12 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
         result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
     except PrefoptError as e:
         _fail(e)
-    except KeyboardInterrupt:
-        click.echo("prefopt: interrupted; finished stages are kept, re-run the same command to resume", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        from .signals import Terminated
+
+        click.echo(f"prefopt: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; finished "
+                   "stages and the last checkpoint are kept, re-run the same command to resume", err=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:
         _bug(e, output_dir or (f"runs/{rec.name}" if "rec" in locals() else None))
     click.echo(f"run folder: {result.run_dir}")

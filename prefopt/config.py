@@ -198,8 +198,32 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     logging_steps: int = Field(10, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (null: once, at the end).")
+    checkpoint_every: int | str = Field(
+        "10%", description="Checkpoint inside the stage (adapter, optimizer, scheduler, RNG, trainer state) every N "
+        "optimizer steps, every 'P%' of the stage's steps, or every 'Mmin' of wall time; 'off' for none. A rerun after "
+        "an interruption resumes from the last one.",
+    )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="SFT: train on the assistant turns only (every other token masked), or on all tokens.")
+
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_every(cls, v):
+        import re as _re
+
+        if isinstance(v, bool):
+            raise ValueError("must be steps (an integer), a percentage such as '10%', minutes such as '30min', or 'off'")
+        if isinstance(v, int):
+            if v <= 0:
+                raise ValueError("must be > 0 steps (or 'off')")
+            return v
+        v = v.strip()
+        m = _re.fullmatch(r"(\d+(?:\.\d+)?)(%|min)", v)
+        if v == "off" or (m and float(m.group(1)) > 0 and (m.group(2) == "min" or float(m.group(1)) <= 100)):
+            return v
+        raise ValueError(f"'{v}' is not steps (an integer), a percentage such as '10%', minutes such as '30min', "
+                         "or 'off'")
 
 
 class _StageBase(_Section):

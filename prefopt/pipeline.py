@@ -186,14 +186,26 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             continue
 
         entry.update(status="running", started_at=_now(), attempts=(was or {}).get("attempts", 0) + 1)
+        tmp = stage_tmp(stage_dir)
+        resume = runfolder.resumable(tmp, inputs)
+        if resume is not None:
+            entry["resumed_from_step"] = resume[1]
+            echo(f"prefopt: resuming stage {st.name} from step {resume[1]} ({resume[0].relative_to(run_dir)})")
+        elif runfolder.last_checkpoint(tmp) is not None:
+            echo(f"prefopt: stage {st.name}: its checkpoints were made with other inputs (recipe section, data, "
+                 "model or starting adapter changed); starting it over")
         save_manifest()
         echo(f"prefopt: stage {i + 1}/{len(recipe.stages)} {st.name} ({st.type}): "
              f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
         try:
             metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
-                                          attempt=entry["attempts"])
-        except BaseException:
-            entry.update(status="failed", ended_at=_now())
+                                          attempt=entry["attempts"], inputs_hash=inputs,
+                                          resume_from=resume[0] if resume else None)
+        except BaseException as e:
+            entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", ended_at=_now())
+            last = runfolder.last_checkpoint(tmp)
+            if last is not None:
+                entry["last_checkpoint_step"] = last[1]
             save_manifest()
             raise
         entry.update(status="done", ended_at=_now(), metrics=metrics, data=data_entry(data.report))
@@ -243,8 +255,12 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     return report
 
 
+def stage_tmp(stage_dir: Path) -> Path:
+    return stage_dir.with_name(f".{stage_dir.name}.tmp")
+
+
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
-                        run_id: str, attempt: int = 1) -> dict:
+                        run_id: str, attempt: int = 1, inputs_hash: str = "", resume_from: Path | None = None) -> dict:
     """Load the base, attach the running adapter, train, and move the finished folder into place."""
     import torch
     from transformers import set_seed
@@ -256,10 +272,11 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
 
     st = recipe.stages[i]
     m = recipe.model
-    tmp = stage_dir.with_name(f".{stage_dir.name}.tmp")
-    if tmp.exists():
+    tmp = stage_tmp(stage_dir)
+    if resume_from is None and tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_atomic(tmp / runfolder.STAGE_INPUTS, inputs_hash)  # the inputs its checkpoints belong to
     set_seed(recipe.seed)
     base = load_base_model(recipe.model_path(), quantization=m.quantization, dtype=m.dtype, revision=m.revision,
                            trust_remote_code=m.trust_remote_code)
@@ -280,7 +297,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         config=recipe.to_dict() | {"stage": st.name, "stage_index": i, "data_step": data_entry(data.report)},
     ) as (report_to, log_summary):
         metrics = STAGES[st.type](
-            model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}"
+            model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}",
+            resume_from=resume_from,
         )
         log_summary(metrics)
     info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)

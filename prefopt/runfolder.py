@@ -164,15 +164,48 @@ def is_run_folder(run_dir: Path) -> bool:
         or (p.name == DATA and (p / DATA_MANIFEST).is_file()) for p in entries)
 
 
+CHECKPOINT_DONE = "prefopt_checkpoint_complete"
+STAGE_INPUTS = "inputs_hash"  # in a stage's temp folder: the inputs hash its checkpoints belong to
+
+
+def mark_checkpoint(path: Path) -> None:
+    """A checkpoint the trainer has finished writing (written after it, so a kill mid-write leaves none)."""
+    if path.is_dir():
+        write_atomic(path / CHECKPOINT_DONE, "")
+
+
+def last_checkpoint(stage_tmp: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint in a stage's temp folder, and its optimizer step."""
+    found = []
+    for p in (Path(stage_tmp) / "trainer").glob("checkpoint-*"):
+        step = p.name.removeprefix("checkpoint-")
+        if step.isdigit() and (p / CHECKPOINT_DONE).is_file():
+            found.append((int(step), p))
+    return (max(found)[1], max(found)[0]) if found else None
+
+
+def resumable(stage_tmp: Path, inputs_hash: str) -> tuple[Path, int] | None:
+    """The checkpoint to resume a stage from: the newest complete one, if its inputs are the stage's now."""
+    f = Path(stage_tmp) / STAGE_INPUTS
+    if not f.is_file() or f.read_text().strip() != inputs_hash:
+        return None
+    return last_checkpoint(stage_tmp)
+
+
+def _holds_checkpoint(p: Path) -> bool:
+    return p.is_dir() and p.name.endswith(".tmp") and p.parent.name == "stages" and last_checkpoint(p) is not None
+
+
 def clean_temp(run_dir: Path) -> list[str]:
-    """Remove temp folders and files an interrupted run or merge left behind; returns their names."""
+    """Remove temp folders and files an interrupted run or merge left behind (not a stage's temp folder holding a
+    checkpoint: the stage resumes from it, or removes it when its inputs changed); returns their names."""
     run_dir = Path(run_dir)
     removed = []
     for folder in (run_dir, run_dir / "stages"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if _is_temp(p.name):
+            if _is_temp(p.name) and not _holds_checkpoint(p):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 removed.append(str(p.relative_to(run_dir)))
     return removed

@@ -63,7 +63,7 @@ def test_killed_stage_keeps_finished_stages_and_resumes(tmp_path, tiny_model, sm
     with pytest.raises(KeyboardInterrupt):
         prefopt.run(recipe_from_dict(raw), output_dir=out)
     m = _manifest(out)
-    assert [s["status"] for s in m["stages"]] == ["done", "failed"]
+    assert [s["status"] for s in m["stages"]] == ["done", "interrupted"]
     assert (out / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "stages" / "01-dpo").exists(), "a half-written stage never looks finished"
 
@@ -72,3 +72,101 @@ def test_killed_stage_keeps_finished_stages_and_resumes(tmp_path, tiny_model, sm
     assert [s.skipped for s in resumed.stages] == [True, False]
     assert [s["status"] for s in _manifest(out)["stages"]] == ["done", "done"]
     assert not list((out / "stages").glob(".*")), "no temp folders left behind"
+
+
+def _dpo_losses(run_dir) -> dict:
+    history = json.loads((run_dir / "stages" / "01-dpo" / "log_history.json").read_text())
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def _run_until_checkpoint(cmd, out, sig, after: int, timeout=300):
+    """Start `prefopt run`, wait until DPO has written `after` complete checkpoints, send `sig`; returns the exit
+    code and the step of the newest complete checkpoint when the signal was sent."""
+    import signal as _signal
+    import subprocess
+    import sys
+    import time
+
+    from prefopt.runfolder import last_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "prefopt.cli", *cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    tmp = out / "stages" / ".01-dpo.tmp"
+    t0, seen = time.time(), set()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        last = last_checkpoint(tmp) if tmp.exists() else None
+        if last is not None:
+            seen.add(last[1])
+        if len(seen) >= after:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=timeout)
+    assert len(seen) >= after, f"the run ended before {after} checkpoints: {proc.stderr.read()[-2000:]}"
+    assert sig in (_signal.SIGKILL, _signal.SIGTERM)
+    return code, max(seen), proc.stderr.read()
+
+
+@pytest.mark.parametrize("sig_name,after", [("SIGKILL", 1), ("SIGTERM", 3)])
+def test_interrupted_preference_stage_resumes_exactly(sig_name, after, tmp_path, tiny_model, small_data):
+    """kill -9 (or SIGTERM, what SLURM sends) during DPO after some checkpoints, the same command again: the
+    finished SFT stage is untouched, DPO resumes from its last checkpoint, and its per-step losses equal an
+    uninterrupted run's (CPU fp32) -- data order, RNG and schedule restored."""
+    import signal as _signal
+
+    import yaml
+
+    raw = chain_recipe(tiny_model, small_data, "dpo", quantization="none")
+    raw["stages"][1]["train"].update(max_steps=16, checkpoint_every=2, logging_steps=1, batch_size=2)
+    reference = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "reference")
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    cmd = ["run", str(path), "--output-dir", str(out)]
+    code, step, err = _run_until_checkpoint(cmd, out, getattr(_signal, sig_name), after)
+    m = _manifest(out)
+    assert m["stages"][0]["status"] == "done"
+    sft_bytes = (out / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors").read_bytes()
+    if sig_name == "SIGTERM":  # handled: the step in progress ends with a checkpoint, the stage says why it stopped
+        assert code == 143, err[-2000:]
+        assert m["stages"][1]["status"] == "interrupted" and m["stages"][1]["last_checkpoint_step"] >= step
+    else:
+        assert code == -9
+    # checkpoints hold prefopt's adapter only, not DPOTrainer's "ref" copy
+    assert not list((out / "stages" / ".01-dpo.tmp").rglob("ref"))
+
+    import subprocess
+    import sys
+
+    again = subprocess.run([sys.executable, "-m", "prefopt.cli", *cmd], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m = _manifest(out)
+    k = m["stages"][1]["resumed_from_step"]
+    assert k >= step > 0
+    assert f"resuming stage dpo from step {k}" in again.stderr
+    assert m["stages"][0]["status"] == m["stages"][1]["status"] == "done"
+    assert (out / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors").read_bytes() == sft_bytes
+    want, got = _dpo_losses(reference.run_dir), _dpo_losses(out)
+    assert sorted(got) == sorted(want) == list(range(1, 17))
+    for s in range(k + 1, 17):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-7), (s, got[s], want[s])
+    assert not list((out / "stages").glob(".*")), "the finished stage's checkpoints are gone"
+
+
+def test_changed_inputs_start_the_stage_over_and_say_why(tmp_path, tiny_model, small_data, capsys):
+    from prefopt.runfolder import STAGE_INPUTS, mark_checkpoint
+
+    raw = chain_recipe(tiny_model, small_data, None, quantization="none")
+    out = tmp_path / "run"
+    prefopt.run(recipe_from_dict(raw), output_dir=out)
+    # a checkpoint of an earlier attempt whose inputs differ
+    tmp = out / "stages" / ".00-sft.tmp"
+    (tmp / "trainer" / "checkpoint-2").mkdir(parents=True)
+    mark_checkpoint(tmp / "trainer" / "checkpoint-2")
+    (tmp / STAGE_INPUTS).write_text("not-these-inputs")
+    messages = []
+    prefopt.run(recipe_from_dict(raw, overrides={"stages.0.train.learning_rate": 1e-3}), output_dir=out,
+                echo=messages.append)
+    assert any("checkpoints were made with other inputs" in s and "starting it over" in s for s in messages), messages
+    assert "resumed_from_step" not in _manifest(out)["stages"][0]

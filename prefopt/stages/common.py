@@ -41,7 +41,8 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
         logging_first_step=True,
         eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
         eval_steps=train.eval_steps,
-        save_strategy="no",  # prefopt writes the stage's adapter itself, atomically
+        # checkpoints inside the stage (resume after a crash); the finished adapter prefopt writes itself, atomically
+        **checkpoint_args(train.checkpoint_every),
         report_to=report_to,
         run_name=run_name,
         # TRL defaults to bf16 mixed precision; CPUs get plain fp32 autocast-free training.
@@ -50,6 +51,74 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
         dataloader_num_workers=0,
         remove_unused_columns=True,
     )
+
+
+def checkpoint_args(every) -> dict:
+    """TrainingArguments for train.checkpoint_every: N steps, 'P%' of the stage's steps, or 'Mmin' of wall time
+    (saved by CheckpointCallback). The last two checkpoints are kept: a kill while one is written leaves the other."""
+    if every in (0, "0", "off", None):
+        return {"save_strategy": "no"}
+    base = {"save_total_limit": 2, "save_only_model": False}
+    if isinstance(every, int):
+        return {**base, "save_strategy": "steps", "save_steps": every}
+    if every.endswith("%"):
+        return {**base, "save_strategy": "steps", "save_steps": float(every[:-1]) / 100}
+    return {**base, "save_strategy": "no"}  # minutes: CheckpointCallback asks for the saves
+
+
+def minutes_of(every) -> float | None:
+    return float(every[:-3]) if isinstance(every, str) and every.endswith("min") else None
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class CheckpointCallback(_callback_base()):
+    """Marks each checkpoint complete once written (a kill mid-write leaves an unmarked one, never resumed from),
+    saves by wall time when asked, stops gracefully on SIGTERM, and drops cached DoRA norms when a checkpoint's
+    weights were loaded."""
+
+    def __init__(self, minutes: float | None = None):
+        import time
+
+        self.minutes = minutes
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from .. import signals
+        from ..dora import clear_norm_cache
+
+        signals.STATE["training"] = True
+        if model is not None:
+            clear_norm_cache(model)  # resume_from_checkpoint loads weights in place
+
+    def on_step_end(self, args, state, control, **kw):
+        import time
+
+        from .. import signals
+
+        if self.minutes is not None and time.monotonic() - self.last >= self.minutes * 60:
+            control.should_save = True
+        if signals.stop_requested():
+            control.should_save = args.save_strategy != "no" or self.minutes is not None
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        import time
+
+        from ..runfolder import mark_checkpoint
+
+        self.last = time.monotonic()
+        mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, **kw):
+        from .. import signals
+
+        signals.STATE["training"] = False
 
 
 def check_trainer_kwargs(config_cls, kwargs: dict, where: str) -> list[str]:
@@ -100,9 +169,22 @@ def make_trainer(trainer_cls, config_cls, model, tokenizer, stage, data, out_dir
     base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
                          run_name=run_name, has_eval=data.eval is not None)
     args = make_config(config_cls, base, method, stage.trainer_kwargs)
+    callbacks = [*callbacks, CheckpointCallback(minutes_of(stage.train.checkpoint_every))]
     with adapter_precision_kept(model):
-        return trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                           processing_class=tokenizer, callbacks=list(callbacks))
+        trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                              processing_class=tokenizer, callbacks=callbacks)
+    _checkpoints_hold_our_adapter_only(trainer)
+    return trainer
+
+
+def _checkpoints_hold_our_adapter_only(trainer) -> None:
+    """Checkpoints save prefopt's adapter, not DPOTrainer's frozen "ref" copy (a resume rebuilds it from the stage
+    the adapter started from, as the first attempt did)."""
+    import functools
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "peft_config") and len(model.peft_config) > 1:
+        model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=[ADAPTER_NAME])
 
 
 def _finite(metrics: dict) -> dict:
@@ -110,9 +192,14 @@ def _finite(metrics: dict) -> dict:
             if isinstance(v, (int, float, str))}
 
 
-def train_and_save(trainer, out_dir: Path, tokenizer) -> dict:
-    """Train, evaluate on held-out data if any, save the adapter (only ours, not TRL's "ref" copy)."""
-    result = trainer.train()
+def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
+    """Train (from a checkpoint when given), evaluate on held-out data if any, save the adapter (only ours, not
+    TRL's "ref" copy)."""
+    from .. import signals
+
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if signals.stop_requested():
+        raise signals.Terminated()
     metrics = {"train": _finite(result.metrics)}
     if trainer.eval_dataset is not None:
         metrics["eval"] = _finite(trainer.evaluate())

@@ -41,7 +41,7 @@ def check(stage, where: str) -> list[str]:
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
-        callbacks=(), **_) -> dict:
+        callbacks=(), resume_from=None, **_) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     use_base_ref = stage.reference == "base"
@@ -53,7 +53,7 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
             peft_model.delete_adapter("ref")
         if stage.precompute_ref_log_probs:
             _precompute_now(trainer)
-    return train_and_save(trainer, out_dir, tokenizer)
+    return train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
 
 
 def _precompute_now(trainer) -> None:

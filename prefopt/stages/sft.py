@@ -26,7 +26,7 @@ def check(stage, where: str) -> list[str]:
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
-        callbacks=(), **_) -> dict:
+        callbacks=(), resume_from=None, **_) -> dict:
     import dataclasses
 
     from trl import SFTConfig, SFTTrainer
@@ -35,7 +35,7 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
                                eval=tokenized(data.eval, tokenizer, stage.train.loss_on))
     trainer = make_trainer(SFTTrainer, SFTConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
-    return train_and_save(trainer, out_dir, tokenizer)
+    return train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
 
 
 def tokenized(ds, tokenizer, loss_on: str):

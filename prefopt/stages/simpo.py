@@ -27,9 +27,9 @@ def check(stage, where: str) -> list[str]:
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
-        callbacks=(), **_) -> dict:
+        callbacks=(), resume_from=None, **_) -> dict:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     trainer = make_trainer(CPOTrainer, CPOConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
-    return train_and_save(trainer, out_dir, tokenizer)
+    return train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
