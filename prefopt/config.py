@@ -162,7 +162,7 @@ class QualitySection(_Section):
 
 
 class DataSection(_Section):
-    path: str | list[SourceSection] = Field(
+    path: str | Annotated[list[SourceSection], Field(min_length=1)] = Field(
         description="Local JSONL/JSON/Parquet/CSV file, or a `datasets` hub id; or a list of sources (a mixture): "
         "[{path: ..., fraction: 0.3}, {path: ..., rows: 1000}]."
     )
@@ -328,6 +328,9 @@ class Recipe(_Section):
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order, sharing one adapter.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
     merge: MergeSection | None = Field(None, description="Merge the final adapter after the last stage (off if absent).")
+    cache_dir: str | None = Field(
+        None, description="Shared cache of finished stages and reference log-probs, reused across run folders: "
+        "null is $PREFOPT_CACHE_DIR or ~/.cache/prefopt; 'off' turns sharing off.")
 
     # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
     _base_dir: Path | None = PrivateAttr(None)

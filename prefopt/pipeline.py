@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from . import runfolder
+from . import cache, runfolder
 from .config import PREFERENCE_TYPES, Recipe
 from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
 
@@ -147,6 +147,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             echo(f"prefopt: {line}")
 
     result = RunResult(run_dir=run_dir)
+    store = cache.shared_dir(recipe.cache_dir)
     prev_adapter: Path | None = None
     for i, st in enumerate(recipe.stages):
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
@@ -177,10 +178,20 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
         manifest["stages"].append(entry)
         was = old_stages.get(st.name)
+        stored = cache.stored_stage(store, inputs) if runfolder.resumable(stage_tmp(stage_dir), inputs) is None \
+            else None
+        if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
+            reuse_stored(stored, stage_dir)
+            meta = json.loads((stored / "stage.json").read_text())
+            was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": meta.get("from")}
+            entry["reused_from"] = meta.get("from")
+            echo(f"prefopt: stage {st.name}: reused from {meta.get('from')} (the shared store {store}: same inputs)")
         if runfolder.stage_done(was, inputs, stage_dir):
-            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts") if k in was})
+            entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts", "ref_logps",
+                                              "resumed_from_step", "reused_from") if k in was})
             save_manifest()
-            echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
+            if "reused_from" not in entry:
+                echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
             result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", entry["metrics"], skipped=True))
             prev_adapter = stage_dir / "adapter"
             continue
@@ -198,9 +209,14 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         echo(f"prefopt: stage {i + 1}/{len(recipe.stages)} {st.name} ({st.type}): "
              f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
         try:
+            ref_cache = None
+            if st.type == "dpo" and st.precompute_ref_log_probs:
+                ref_cache = cache.RefLogpsCache(ref_logps_key(recipe, i, prev_adapter, data),
+                                                [run_dir / "cache"] + ([store] if store else []))
             metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
                                           attempt=entry["attempts"], inputs_hash=inputs,
-                                          resume_from=resume[0] if resume else None)
+                                          resume_from=resume[0] if resume else None, ref_cache=ref_cache,
+                                          echo=echo)
         except BaseException as e:
             entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", ended_at=_now())
             last = runfolder.last_checkpoint(tmp)
@@ -208,8 +224,11 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
                 entry["last_checkpoint_step"] = last[1]
             save_manifest()
             raise
+        if "ref_logps" in metrics:
+            entry["ref_logps"] = metrics.pop("ref_logps")
         entry.update(status="done", ended_at=_now(), metrics=metrics, data=data_entry(data.report))
         save_manifest()
+        cache.store_stage(store, inputs, stage_dir, entry)
         echo(f"prefopt: stage {st.name} done: {summarise(st.type, metrics)}")
         result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
         prev_adapter = stage_dir / "adapter"
@@ -218,6 +237,34 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     if recipe.merge is not None:
         result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
     return result
+
+
+def reuse_stored(stored: Path, stage_dir: Path) -> None:
+    """A stage finished elsewhere with the same inputs: its files, copied into place atomically."""
+    tmp = stage_tmp(stage_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(stored, tmp, ignore=shutil.ignore_patterns("stage.json"))
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    os.replace(tmp, stage_dir)
+
+
+def ref_logps_key(recipe: Recipe, i: int, prev_adapter: Path | None, data) -> str:
+    """Everything the reference log-probs depend on (not beta or loss_type, which only use them)."""
+    import torch
+
+    from .data import trained_max_length
+
+    st = recipe.stages[i]
+    ref = "base" if (prev_adapter is None or st.reference == "base") else adapter_hash(prev_adapter)
+    kw = {k: v for k, v in st.trainer_kwargs.items()
+          if k in ("truncation_mode", "ld_alpha", "padding_free", "pad_to_multiple_of", "use_logits_to_keep",
+                   "bf16", "fp16", "tf32")}
+    return recipe.section_hash(
+        "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
+        recipe.adapter.model_dump(mode="json"), data.fingerprint,
+        st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
+        trained_max_length(st), kw, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def data_entry(report: dict) -> dict:
@@ -260,7 +307,8 @@ def stage_tmp(stage_dir: Path) -> Path:
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
-                        run_id: str, attempt: int = 1, inputs_hash: str = "", resume_from: Path | None = None) -> dict:
+                        run_id: str, attempt: int = 1, inputs_hash: str = "", resume_from: Path | None = None,
+                        ref_cache=None, echo=print) -> dict:
     """Load the base, attach the running adapter, train, and move the finished folder into place."""
     import torch
     from transformers import set_seed
@@ -285,7 +333,10 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     a = recipe.adapter
     model = attach_adapter(base, adapter_config_from_section(a), init_from=prev_adapter, dora_impl=a.dora_impl,
                            dora_dropout=a.dora_dropout)
-    reference_filter(model, tokenizer, st, data, tmp, first_stage=prev_adapter is None, seed=recipe.seed)
+    if reference_filter(model, tokenizer, st, data, tmp, first_stage=prev_adapter is None, seed=recipe.seed):
+        rf = data.report["reference_filter"]
+        echo(f"prefopt: data {st.name}: reference filter ({rf['score']}, {rf['reference']}) dropped "
+              f"{rf['dropped']} training rows scoring below {rf['threshold']:.4f}; {len(data.train)} train rows left")
     write_reports(tmp, data)
     with tracking.stage_run(
         recipe.tracking.wandb,
@@ -298,7 +349,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     ) as (report_to, log_summary):
         metrics = STAGES[st.type](
             model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}",
-            resume_from=resume_from,
+            resume_from=resume_from, ref_cache=ref_cache,
         )
         log_summary(metrics)
     info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)
@@ -319,10 +370,10 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     return metrics
 
 
-def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: bool, seed: int) -> None:
+def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: bool, seed: int) -> bool:
     """The opt-in reference-model filter, on the model the stage has just loaded (base + the running adapter)."""
     if st.data.quality.reference_filter is None:
-        return
+        return False
     from .data import trained_max_length
     from .data.reference import apply_reference_filter, write_scores
 
@@ -330,6 +381,7 @@ def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: b
     scores = apply_reference_filter(model, tokenizer, st, data, use_base=use_base, max_length=trained_max_length(st),
                                     seed=seed)
     write_scores(folder, scores)
+    return bool(data.report["reference_filter"]["dropped"])
 
 
 def summarise(stage_type: str, metrics: dict) -> str:

@@ -30,7 +30,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Everything prefopt itself writes at the top of a run folder; `--fresh` removes these and nothing else.
 DATA = "data"  # `prefopt data`: data/data.json, data/NN-name/{data_report.json, review_sample.*}
 DATA_MANIFEST = "data.json"
-OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA)
+OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA, "cache")
 
 
 class RunFolderError(PrefoptError):
@@ -105,10 +105,9 @@ def stage_identity(stage: dict) -> dict:
     if isinstance(data.get("path"), list):
         data["path"] = [{k: v for k, v in src.items() if not (k == "path" and local(v)) and k != "sha256"}
                         for src in data["path"]]
-    if "quality" in data:
-        q = dict(data["quality"])
-        q["decontaminate"] = [p for p in q.get("decontaminate", []) if not local(p)]
-        data["quality"] = q
+    if "quality" in data:  # the filters' effect is in the rows' fingerprint, except the reference filter's (applied
+        # when the stage starts, after the hash)
+        data["quality"] = {"reference_filter": data["quality"].get("reference_filter")}
     return {**stage, "data": data}
 
 

@@ -22,6 +22,12 @@ os.environ["WANDB_MODE"] = "offline"  # never reach the network, whatever the re
 DEMO_DATA = ROOT / "data" / "demo"
 
 
+@pytest.fixture(autouse=True)
+def _own_shared_cache(tmp_path, monkeypatch):
+    """Each test its own shared cache (finished stages, reference log-probs): no test reuses another's stages."""
+    monkeypatch.setenv("PREFOPT_CACHE_DIR", str(tmp_path / "prefopt-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from demo_assets import build_tiny_model

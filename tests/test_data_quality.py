@@ -260,3 +260,59 @@ def test_reference_filter_drops_the_lowest_margins(tmp_path, tiny_model, small_d
     worst_kept = min(s["score"] for s in scores if s["kept"])
     assert all(s["score"] <= worst_kept for s in scores if not s["kept"])
     assert len({round(s["score"], 6) for s in scores}) > 1  # real scores, not a constant
+
+
+def test_a_shared_system_prompt_does_not_make_rows_near_twins(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    system = " ".join(rng.choice(vocab) for _ in range(500))
+    rows = [{"messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": " ".join(rng.choice(vocab) for _ in range(12))},
+                          {"role": "assistant", "content": " ".join(rng.choice(vocab) for _ in range(25))}]}
+            for _ in range(100)]
+    data = prepare_stage(_stage(tmp_path, write_jsonl(tmp_path / "s.jsonl", rows), "sft", eval_fraction=0), seed=0)
+    assert data.report["dropped"]["near_duplicate"] == 0 and len(data.train) == 100
+
+
+def test_token_checks_too_short_too_long_and_a_refused_template(tmp_path, tiny_model):
+    from prefopt.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    long_user = " ".join(["word"] * 300)
+    rows = [{"messages": [{"role": "user", "content": "Name a colour please."},
+                          {"role": "assistant", "content": "Blue is a calm colour."}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},  # too short
+            {"messages": [{"role": "user", "content": long_user},  # no trained token within max_length
+                          {"role": "assistant", "content": "Fine, that is a long question."}]},
+            {"messages": [{"role": "user", "content": "One question here."}, {"role": "user", "content": "Two?"},
+                          {"role": "assistant", "content": "Both answered at once."}]}]
+    tok.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                         "['role'] %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    data = prepare_stage(_stage(tmp_path, write_jsonl(tmp_path / "t.jsonl", rows), "sft", eval_fraction=0,
+                                quality={"min_tokens": 8}), seed=0, tokenizer=tok, max_length=64)
+    got = {d["row"]: d["reason"] for d in data.dropped}
+    assert got == {2: "too_short", 3: "too_long", 4: "invalid"}, data.dropped
+    assert "roles must alternate" in next(d["why"] for d in data.dropped if d["row"] == 4)
+
+
+def test_every_row_is_accounted_for_bom_mixture_and_max_samples(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_bytes("\ufeffinstruction,output\n".encode() + "".join(
+        f"Say {i} in words please,{i} is the number\n" for i in range(30)).encode())
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"plain text row number {i} with words"} for i in range(20)])
+    raw = {"name": "m", "model": {"name_or_path": "x"},
+           "stages": [{"name": "s", "type": "sft", "data": {
+               "path": [{"path": str(a), "fraction": 0.5}], "eval_fraction": 0.2, "max_samples": 5}}]}
+    data = prepare_stage(recipe_from_dict(raw).stages[0], seed=0)
+    rep = data.report
+    assert rep["sources"][0]["rows_read"] == 30 and rep["sources"][0]["format"] == "alpaca"  # the BOM is not a key
+    assert rep["not_sampled"] == 15 and rep["over_max_samples"] == 7 and len(data.train) == 5
+    assert rep["train_rows"] + rep["eval_rows"] + sum(rep["dropped"].values()) + rep["not_sampled"] + \
+        rep["over_max_samples"] == rep["input_rows"]
+    raw["stages"][0]["data"]["path"] = [{"path": str(a)}, {"path": str(b)}]
+    with pytest.raises(Exception, match="mix plain `text` rows with chat rows"):
+        prepare_stage(recipe_from_dict(raw).stages[0], seed=0)

@@ -170,3 +170,41 @@ def test_changed_inputs_start_the_stage_over_and_say_why(tmp_path, tiny_model, s
                 echo=messages.append)
     assert any("checkpoints were made with other inputs" in s and "starting it over" in s for s in messages), messages
     assert "resumed_from_step" not in _manifest(out)["stages"][0]
+
+
+def test_reference_logps_cache_hits_across_beta_and_misses_on_max_length(tmp_path, tiny_model, small_data):
+    raw = chain_recipe(tiny_model, small_data, "dpo", quantization="none", precompute_ref_log_probs=True)
+    first = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "a")
+    ref_a = _manifest(first.run_dir)["stages"][1]["ref_logps"]
+    assert ref_a["cache"] == "miss" and ref_a["rows"] > 0 and ref_a["seconds"] > 0
+    # another run folder, another beta: the SFT stage is reused from the shared store, the log-probs are read
+    beta = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.beta": 0.3}), output_dir=tmp_path / "b")
+    m = _manifest(beta.run_dir)
+    assert m["stages"][0]["reused_from"] and m["stages"][1]["ref_logps"]["cache"] == "hit"
+    assert m["stages"][1]["ref_logps"]["seconds"] == 0 and m["stages"][1]["ref_logps"]["rows"] == ref_a["rows"]
+    # ... and they are the numbers a computation gives: the same losses as a run with sharing off
+    off = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.beta": 0.3, "cache_dir": "off"}),
+                      output_dir=tmp_path / "c")
+    assert _manifest(off.run_dir)["stages"][1]["ref_logps"]["cache"] == "miss"
+    assert _dpo_losses(beta.run_dir) == pytest.approx(_dpo_losses(off.run_dir), rel=1e-6)
+    # another max_length changes the log-probs: a miss
+    other = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.train.max_length": 80}), output_dir=tmp_path / "d")
+    assert _manifest(other.run_dir)["stages"][1]["ref_logps"]["cache"] == "miss"
+
+
+def test_a_sweep_reuses_the_unchanged_sft_stage_from_another_run_folder(tmp_path, tiny_model, small_data):
+    raw = chain_recipe(tiny_model, small_data, "dpo", quantization="none")
+    first = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "beta-0.1")
+    messages = []
+    second = prefopt.run(recipe_from_dict(raw, overrides={"stages.1.beta": 0.2, "name": "sweep"}),
+                         output_dir=tmp_path / "beta-0.2", echo=messages.append)
+    assert [s.skipped for s in second.stages] == [True, False]
+    assert any("stage sft: reused from" in s for s in messages), messages
+    a = (first.adapters["sft"] / "adapter_model.safetensors").read_bytes()
+    assert (second.adapters["sft"] / "adapter_model.safetensors").read_bytes() == a
+    m = _manifest(second.run_dir)
+    assert m["stages"][0]["status"] == "done" and m["stages"][0]["metrics"] == _manifest(first.run_dir)["stages"][0]["metrics"]
+    # a changed SFT stage is trained, not reused
+    third = prefopt.run(recipe_from_dict(raw, overrides={"stages.0.train.learning_rate": 1e-3}),
+                        output_dir=tmp_path / "lr")
+    assert [s.skipped for s in third.stages] == [False, False]

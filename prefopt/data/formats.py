@@ -41,7 +41,7 @@ PREF_FORMATS = {
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
     "hh_rlhf": ("chosen", "rejected"),
 }
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 class _Drop(Exception):
@@ -182,8 +182,12 @@ def _pref_row(row: dict, fmt: str) -> dict:
             "chosen": _as_messages(vals["chosen"], "chosen", "assistant"),
             "rejected": _as_messages(vals["rejected"], "rejected", "assistant")}
     n = len(conv["prompt"])
+
+    def same(a, b):  # the repeated prompt, up to surrounding whitespace
+        return all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip() for x, y in zip(a, b))
+
     for k in ("chosen", "rejected"):  # UltraFeedback-binarized repeats the prompt inside each answer
-        if len(conv[k]) > n and conv[k][:n] == conv["prompt"]:
+        if len(conv[k]) > n and same(conv[k][:n], conv["prompt"]):
             conv[k] = conv[k][n:]
     return _check_answers(conv)
 

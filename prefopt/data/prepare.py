@@ -85,6 +85,8 @@ def _read_source(src, kind: str, seed: int, base_dir, key: str, part: _Rows, is_
         want = round(len(take) * src.fraction)
     elif getattr(src, "rows", None) is not None:
         want = min(src.rows, len(take))
+    if want is not None and want == 0 and take:
+        want = 1  # a fraction that rounds to nothing still takes a row, rather than silently none
     if want is not None and want < len(take):
         take = sorted(random.Random(f"{seed}:{label}").sample(take, want))
     for j in take:
@@ -126,6 +128,10 @@ def decontamination_index(paths, base_dir=None) -> tuple[quality.NgramIndex, lis
                     for r in rows:
                         index.add(" ".join(_strings(r)))
             described.append({"path": str(rp), "files": len(files), "items": index.items - before})
+            if index.items == before:
+                raise DataError(f"evaluation set {p} holds no item of {quality.MIN_ITEM_WORDS} words or more "
+                                "(.csv without header, .jsonl, .json, .parquet); nothing to decontaminate against",
+                                key="quality.decontaminate")
         else:
             before = index.items
             rows, label = read_rows(p, split="test")
@@ -230,8 +236,7 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
     alive = part.alive()
     if not any(not part.is_eval[i] for i in alive):
         reasons = ", ".join(f"{c} {r}" for r, c in part.counts.most_common())
-        top = part.counts.most_common(1)[0][0] if part.counts else None
-        if top == "too_long":  # the knob is the stage's max_length, not the data
+        if part.counts.get("too_long"):  # the knob is the stage's max_length, not the data
             where = "stage:trainer_kwargs.max_length" if "max_length" in stage.trainer_kwargs else "stage:train.max_length"
             raise DataError(f"every training row was dropped ({reasons}): each prompt fills max_length {max_length} "
                             f"tokens or more (e.g. {part.examples['too_long'][0]['why']}), so none would train; raise "
@@ -250,7 +255,9 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         order = list(train_idx)
         random.Random(seed).shuffle(order)
         eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    if d.max_samples:
+    over_max = 0
+    if d.max_samples and len(train_idx) > d.max_samples:
+        over_max = len(train_idx) - d.max_samples
         train_idx = train_idx[: d.max_samples]
     train = Dataset.from_list([rows[k] for k in train_idx])
     eval_ds = Dataset.from_list([rows[k] for k in eval_idx]) if eval_idx else None
@@ -271,6 +278,9 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         "train_rows": len(train_idx),
         "eval_rows": len(eval_idx),
         "dropped": {r: part.counts.get(r, 0) for r in REASONS},
+        # rows left out on purpose, not for a defect: a mixture's sampling, and training rows past max_samples
+        "not_sampled": sum(s["rows_usable"] - s["rows_taken"] for s in sources),
+        "over_max_samples": over_max,
         "examples": part.examples,
         "token_checks": tokenizer is not None,
         "tokens": tokens,

@@ -19,7 +19,7 @@ _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
 
 
-def fields(row: dict) -> list[str]:
+def fields(row: dict, skip_system: bool = False) -> list[str]:
     """The texts of a canonical row, in order: prompt and answers, or every message, or the text."""
     out = []
     for k in ("prompt", "chosen", "rejected", "messages", "text"):
@@ -27,7 +27,7 @@ def fields(row: dict) -> list[str]:
         if isinstance(v, str):
             out.append(v)
         elif isinstance(v, list):
-            out.extend(f"{m['role']}: {m['content']}" for m in v)
+            out.extend(f"{m['role']}: {m['content']}" for m in v if not (skip_system and m["role"] == "system"))
     return out
 
 
@@ -64,7 +64,9 @@ def exact_duplicates(rows: list[dict], skip: set[int]) -> list[int]:
 
 
 def row_words(row: dict) -> list[str]:
-    return words(" ".join(fields(row)))
+    """The words near-duplicate search and decontamination look at: every field but system turns, which
+    datasets share across rows (a long shared system prompt would make every row a near twin of every other)."""
+    return words(" ".join(fields(row, skip_system=True)))
 
 
 def _shingles(w: list[str]) -> set[str]:

@@ -18,14 +18,14 @@ import random
 from ..config import PREFERENCE_TYPES
 
 
-def _mean_logps(model, seqs: list[list[int]], starts: list[int], batch_size: int, pad_id: int) -> list[float]:
-    """Mean log-prob of tokens seqs[k][starts[k]:] given what precedes them."""
+def _mean_logps(model, seqs: list[list[int]], masks: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
+    """Mean log-prob of the tokens of seqs[k] where masks[k] is 1, each given what precedes it."""
     import torch
 
     device = next(p.device for p in model.parameters())
     out = []
     for b in range(0, len(seqs), batch_size):
-        chunk, st = seqs[b: b + batch_size], starts[b: b + batch_size]
+        chunk, mk = seqs[b: b + batch_size], masks[b: b + batch_size]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         att = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -36,8 +36,9 @@ def _mean_logps(model, seqs: list[list[int]], starts: list[int], batch_size: int
         logits = model(input_ids=ids, attention_mask=att).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         for k, s in enumerate(chunk):
-            lo, hi = max(st[k], 1), len(s)
-            out.append(logp[k, lo - 1: hi - 1].mean().item() if hi > lo else float("-inf"))
+            m = torch.tensor(mk[k][1: len(s)], dtype=torch.bool, device=logp.device)  # token t scored at t-1
+            vals = logp[k, : len(s) - 1][m]
+            out.append(vals.mean().item() if len(vals) else float("-inf"))
     return out
 
 
@@ -56,14 +57,15 @@ def score_rows(model, tokenizer, rows: list[dict], *, preference: bool, max_leng
         with torch.no_grad(), off:
             if preference:
                 enc = encode_preference(rows, tokenizer)
-                starts = [len(p) for p, _, _ in enc]
-                chosen = _mean_logps(model, [cut(c) for _, c, _ in enc], starts, batch_size, pad)
-                rejected = _mean_logps(model, [cut(r) for _, _, r in enc], starts, batch_size, pad)
+                answer = lambda p, x: cut([0] * len(p) + [1] * (len(x) - len(p)))  # noqa: E731
+                chosen = _mean_logps(model, [cut(c) for _, c, _ in enc], [answer(p, c) for p, c, _ in enc],
+                                     batch_size, pad)
+                rejected = _mean_logps(model, [cut(r) for _, _, r in enc], [answer(p, r) for p, _, r in enc],
+                                       batch_size, pad)
                 return [c - r for c, r in zip(chosen, rejected)]
-            enc = encode_sft(rows, tokenizer)
-            seqs = [cut(e["input_ids"]) for e in enc]
-            starts = [e["assistant_masks"].index(1) if 1 in e["assistant_masks"] else len(e["input_ids"]) for e in enc]
-            return _mean_logps(model, seqs, starts, batch_size, pad)
+            enc = encode_sft(rows, tokenizer)  # the assistant turns' tokens only
+            return _mean_logps(model, [cut(e["input_ids"]) for e in enc], [cut(e["assistant_masks"]) for e in enc],
+                               batch_size, pad)
     finally:
         model.train(was_training)
 
@@ -87,11 +89,16 @@ def apply_reference_filter(model, tokenizer, stage, data, *, use_base: bool, max
     data.dropped += [{"source": origin[k][0], "row": origin[k][1], "reason": "low_reference_score",
                       "why": f"{score} {scores[k]:.4f}"} for k in sorted(drop)]
     data.train_origin = [o for k, o in enumerate(origin) if k not in drop]
+    gone = {origin[k] for k in drop}  # the review sample holds only rows that train
+    data.review = [r for r in data.review if (r["source"], r["row"]) not in gone]
     rep = data.report
+    rep["review_rows"] = len(data.review)
     rep["dropped"]["low_reference_score"] = len(drop)
     rep["train_rows"] = len(data.train)
-    ex = [{"source": origin[k][0], "row": origin[k][1], "why": f"{score} {scores[k]:.4f}", "text": " | ".join(
-        str(v) for v in rows[k].values())[:300]} for k in order[:3]] if drop else []
+    from .quality import fields
+
+    ex = [{"source": origin[k][0], "row": origin[k][1], "why": f"{score} {scores[k]:.4f}",
+           "text": " | ".join(fields(rows[k]))[:300]} for k in order[:3]] if drop else []
     rep["examples"]["low_reference_score"] = ex
     rep["reference_filter"] = {"score": score, "reference": "base" if use_base else "previous stage's adapter",
                                "drop_fraction": rf.drop_fraction, "dropped": len(drop),

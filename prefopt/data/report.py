@@ -46,6 +46,9 @@ def summary_lines(report: dict) -> list[str]:
     dropped = {k: v for k, v in report["dropped"].items() if v}
     lines = [f"data {report['stage']}: {report['input_rows']} rows read -> {report['train_rows']} train, "
              f"{report['eval_rows']} eval" + ("" if dropped else "; nothing dropped")]
+    for key, what in (("not_sampled", "not sampled by the mixture"), ("over_max_samples", "past max_samples")):
+        if report.get(key):
+            lines.append(f"  left out {report[key]:>5} {what}")
     for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]):
         ex = (report["examples"].get(reason) or [{}])[0]
         where = f" (e.g. {ex['source']} row {ex['row']}: {ex['why']})" if ex else ""

@@ -15,7 +15,7 @@ def _read_text(path: Path) -> str:
     """The file as UTF-8 text; anything else is named by file and line."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's CSV export) is not part of the first key
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8 "

@@ -176,25 +176,27 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
     bound = _Bound(tokenizer)
     sample = set(random.Random(f"{seed}:tokens").sample(range(len(rows)), min(STATS_SAMPLE, len(rows))))
     exact, short = [], []
+    drops: dict[int, tuple[str, str]] = {}
     for k, r in enumerate(rows):
-        if kind == "preference":
-            conv = isinstance(r["prompt"], list)
-            n = max(bound(r["prompt"] + r[a], len(r["prompt"]) + len(r[a])) if conv else
-                    bound(r["prompt"] + r[a], 1) for a in ("chosen", "rejected"))
-            text = (r["prompt"] if not conv else " ".join(m["content"] for m in r["prompt"]))
-        elif "text" in r:
-            n, text = bound(r["text"], 1), r["text"]
-        else:
-            n, text = bound(r["messages"], len(r["messages"])), " ".join(m["content"] for m in r["messages"])
+        try:
+            n, text = _bound_and_text(r, kind, bound)
+        except Exception as e:  # the model's chat template refuses this sequence of roles (e.g. not alternating)
+            drops[k] = ("invalid", f"the chat template refuses it: {str(e).splitlines()[0] if str(e) else e!r}")
+            continue
         if (L is not None and n >= L) or k in sample:
             exact.append(k)
         if len(words(text)) < min_tokens:  # a word is at least one token: only rows of few words can be too short
             short.append(k)
-    drops: dict[int, tuple[str, str]] = {}
     lengths, prompts, truncated = [], [], 0
+    exact = [k for k in exact if k not in drops]
     sub = [rows[k] for k in exact]
     if kind == "preference":
-        for k, (p, c, r) in zip(exact, encode_preference(sub, tokenizer)):
+        encoded = _per_row(encode_preference, sub, tokenizer)
+        for k, enc in zip(exact, encoded):
+            if isinstance(enc, Exception):
+                drops[k] = ("invalid", f"cannot be tokenized: {enc}")
+                continue
+            p, c, r = enc
             if L is not None and len(p) >= L:
                 drops[k] = ("too_long", f"the prompt is {len(p)} tokens, max_length {L}: truncation leaves no answer")
             elif L is not None and c[:L] == r[:L]:
@@ -205,7 +207,12 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
                     lengths.append(max(len(c), len(r)))
                     prompts.append(len(p))
     else:
-        for k, (total, trained, first) in zip(exact, sft_lengths(encode_sft(sub, tokenizer, loss_on))):
+        encoded = _per_row(lambda rs, tok: encode_sft(rs, tok, loss_on), sub, tokenizer)
+        for k, enc in zip(exact, encoded):
+            if isinstance(enc, Exception):
+                drops[k] = ("invalid", f"cannot be tokenized: {enc}")
+                continue
+            (total, trained, first), = sft_lengths([enc])
             if trained == 0:
                 drops[k] = ("invalid", "no token to train on")
             elif L is not None and first >= L:
@@ -216,11 +223,43 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
                 if k in sample:
                     lengths.append(total)
                     prompts.append(first)
+    return _finish(rows, drops, short, tokenizer, min_tokens, L, exact, lengths, prompts, truncated)
+
+
+def _bound_and_text(r: dict, kind: str, bound) -> tuple[int, str]:
+    if kind == "preference":
+        conv = isinstance(r["prompt"], list)
+        n = max(bound(r["prompt"] + r[a], len(r["prompt"]) + len(r[a])) if conv else bound(r["prompt"] + r[a], 1)
+                for a in ("chosen", "rejected"))
+        return n, (r["prompt"] if not conv else " ".join(m["content"] for m in r["prompt"]))
+    if "text" in r:
+        return bound(r["text"], 1), r["text"]
+    return bound(r["messages"], len(r["messages"])), " ".join(m["content"] for m in r["messages"])
+
+
+def _per_row(encode, rows, tokenizer) -> list:
+    """encode(rows) in one batch; when the batch fails, row by row, an Exception standing for each row that fails."""
+    if not rows:
+        return []
+    try:
+        return list(encode(rows, tokenizer))
+    except Exception:
+        out = []
+        for r in rows:
+            try:
+                out.append(encode([r], tokenizer)[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def _finish(rows, drops, short, tokenizer, min_tokens, L, exact, lengths, prompts, truncated):
+    kind_key = "prompt" if rows and "prompt" in rows[0] else "before_first_trained_token"
     short = [k for k in short if k not in drops]
     for k, n in zip(short, content_tokens([rows[k] for k in short], tokenizer) if short else []):
         if n < min_tokens:
             drops[k] = ("too_short", f"{n} tokens of text (min_tokens {min_tokens})")
     stats = {"max_length": L, "truncated_rows": truncated, "rows_tokenized": len(exact),
-             "sampled_rows": len(lengths), "sequence": _stats(lengths),
-             "prompt" if kind == "preference" else "before_first_trained_token": _stats(prompts)}
+             "sampled_rows": len(lengths), "sequence": _stats(lengths), kind_key: _stats(prompts)}
     return [(k, *drops[k]) for k in sorted(drops)], stats
+

@@ -26,8 +26,8 @@ def options(stage) -> dict:
         "beta": stage.beta,
         "loss_type": [stage.loss_type],
         "max_length": stage.train.max_length,
-        # With a base reference we drop TRL's "ref" adapter first, then precompute (in run).
-        "precompute_ref_log_probs": stage.precompute_ref_log_probs and stage.reference != "base",
+        # the reference log-probs are computed (or read from prefopt's cache) in run, after the reference is fixed
+        "precompute_ref_log_probs": False,
     }
 
 
@@ -41,31 +41,58 @@ def check(stage, where: str) -> list[str]:
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
-        callbacks=(), resume_from=None, **_) -> dict:
+        callbacks=(), resume_from=None, ref_cache=None, **_) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    use_base_ref = stage.reference == "base"
     trainer = make_trainer(DPOTrainer, DPOConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
-    if use_base_ref:
+    if stage.reference == "base":
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in peft_model.peft_config:
             peft_model.delete_adapter("ref")
-        if stage.precompute_ref_log_probs:
-            _precompute_now(trainer)
-    return train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
+    ref = reference_logps(trainer, ref_cache) if stage.precompute_ref_log_probs else None
+    metrics = train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
+    if ref is not None:
+        metrics["ref_logps"] = ref
+    return metrics
 
 
-def _precompute_now(trainer) -> None:
-    """What DPOTrainer.__init__ does for precompute_ref_log_probs, run after the reference is fixed."""
-    from trl.trainer.utils import hash_module
+def reference_logps(trainer, cache) -> dict:
+    """The reference's log-probs of every row, once, before training: read from prefopt's cache when its key (the
+    reference, base, tokenizer, rows, max_length, ...) matches, else computed by TRL's precompute and stored.
+    TRL's own cache is keyed on in-memory datasets' random fingerprints, so it never hits across runs."""
+    import time
+
+    import torch
+    from datasets import Dataset, concatenate_datasets
 
     trainer.args.precompute_ref_log_probs = True
     trainer.precompute_ref_logps = True
-    trainer._precompute_model_hash = hash_module(trainer.model)
-    bs = trainer.args.precompute_ref_batch_size
-    trainer.train_dataset = trainer._precompute_ref_logps(
-        trainer.train_dataset, "train", bs or trainer.args.per_device_train_batch_size)
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset = trainer._precompute_ref_logps(
-            trainer.eval_dataset, "eval", bs or trainer.args.per_device_eval_batch_size)
+    out = {"cache": "hit", "rows": 0, "seconds": 0.0}
+    for split in ("train", "eval"):
+        ds = getattr(trainer, f"{split}_dataset")
+        if ds is None or isinstance(ds, dict):
+            continue
+        cols = cache.load(split, len(ds)) if cache is not None else None
+        if cols is not None:
+            ds = concatenate_datasets([ds, Dataset.from_dict({k: v.tolist() for k, v in cols.items()})], axis=1)
+        else:
+            from trl.trainer.utils import hash_module
+
+            t0 = time.perf_counter()
+            if getattr(trainer, "_precompute_model_hash", None) is None:
+                trainer._precompute_model_hash = hash_module(trainer.model)
+            bs = trainer.args.precompute_ref_batch_size or (trainer.args.per_device_train_batch_size if split ==
+                                                            "train" else trainer.args.per_device_eval_batch_size)
+            ds = trainer._precompute_ref_logps(ds, split, bs)
+            out["seconds"] += time.perf_counter() - t0
+            out["cache"] = "miss"
+            if cache is not None:
+                cache.save(split, {k: torch.tensor(ds[k], dtype=torch.float32) for k in
+                                   ("ref_chosen_logps", "ref_rejected_logps")})
+        setattr(trainer, f"{split}_dataset", ds)
+        out["rows"] += len(ds)
+    out["seconds"] = round(out["seconds"], 3)
+    if cache is not None:
+        out["key"] = cache.key
+    return out

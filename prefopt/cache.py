@@ -1,0 +1,104 @@
+"""Work kept across runs: the reference log-prob cache and the store of finished stages.
+
+Both are content-addressed: an entry is found by a hash of everything that determines it, never by a path or a
+run name, so a rerun, a resume, a beta sweep in another run folder or another project finds it, and any change to
+what it depends on misses it.
+
+  <run>/cache/ref_logps/<key>/{train,eval}.safetensors     per run folder
+  <cache_dir>/ref_logps/<key>/...                          shared (recipe cache_dir, PREFOPT_CACHE_DIR, or
+                                                           ~/.cache/prefopt)
+  <cache_dir>/stages/<inputs hash>/                        finished stages: adapter/, log_history.json,
+                                                           data_report.json, stage.json
+Clear the shared cache with `rm -rf ~/.cache/prefopt` (or the folder you chose); `cache_dir: off` in a recipe
+turns sharing off (the run folder's own reference cache is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+REF_LOGPS = "ref_logps"
+STAGES = "stages"
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def shared_dir(setting: str | None) -> Path | None:
+    """The shared cache folder: the recipe's cache_dir, else $PREFOPT_CACHE_DIR, else ~/.cache/prefopt; None when
+    the recipe says off."""
+    if setting == "off":
+        return None
+    return Path(setting or os.environ.get("PREFOPT_CACHE_DIR") or "~/.cache/prefopt").expanduser()
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Move a finished temp folder into place (a concurrent writer of the same entry wrote the same content)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RefLogpsCache:
+    """Reference log-probs of one dataset split under one key; looked up in the run folder, then the shared dir."""
+
+    def __init__(self, key: str, folders: list[Path]):
+        self.key = key
+        self.folders = [Path(f) / REF_LOGPS / key for f in folders]
+
+    def load(self, split: str, rows: int) -> dict | None:
+        from safetensors.torch import load_file
+
+        for folder in self.folders:
+            f = folder / f"{split}.safetensors"
+            if f.is_file():
+                cols = load_file(str(f))
+                if set(cols) == set(COLUMNS) and all(len(v) == rows for v in cols.values()):
+                    return cols
+        return None
+
+    def save(self, split: str, cols: dict) -> None:
+        from safetensors.torch import save_file
+
+        for folder in self.folders:
+            tmp = folder.with_name(f".{folder.name}.{split}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in cols.items()}, str(tmp / f"{split}.safetensors"))
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / f"{split}.safetensors", folder / f"{split}.safetensors")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+STAGE_FILES = ("adapter", "log_history.json", "data_report.json", "review_sample.jsonl", "review_sample.md",
+               "data_dropped.jsonl", "data_scores.jsonl")
+
+
+def store_stage(store: Path | None, inputs_hash: str, stage_dir: Path, entry: dict) -> None:
+    """Keep a finished stage's outputs under its inputs hash (a copy; the run folder keeps its own)."""
+    if store is None:
+        return
+    dest = Path(store) / STAGES / inputs_hash
+    if (dest / "stage.json").is_file():
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    for name in STAGE_FILES:
+        src = stage_dir / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name)
+        elif src.is_file():
+            shutil.copy2(src, tmp / name)
+    meta = {k: entry.get(k) for k in ("name", "type", "metrics", "started_at", "ended_at", "data")}
+    (tmp / "stage.json").write_text(json.dumps({**meta, "from": str(stage_dir)}, indent=2))
+    _publish(tmp, dest)
+
+
+def stored_stage(store: Path | None, inputs_hash: str) -> Path | None:
+    if store is None:
+        return None
+    dest = Path(store) / STAGES / inputs_hash
+    return dest if (dest / "stage.json").is_file() and (dest / "adapter" / "adapter_config.json").is_file() else None
