@@ -70,6 +70,10 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:
         _bug(e, output_dir or (f"runs/{rec.name}" if "rec" in locals() else None))
+    from .dist import is_main
+
+    if not is_main():  # one console under torchrun: the main process's
+        return
     click.echo(f"run folder: {result.run_dir}")
     for s in result.stages:
         click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")

@@ -319,6 +319,11 @@ def _resolve(module, args, kwargs):
     return p
 
 
+def _sharded(w) -> bool:
+    """A weight that is not all here: a DTensor shard (FSDP2), a ZeRO-3 placeholder (ds_id, 0 elements)."""
+    return w is None or type(w).__name__ == "DTensor" or hasattr(w, "ds_id") or (w.numel() == 0)
+
+
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if torch.compiler.is_compiling():  # Dynamo traces PEFT's forward (see "Freshness" in the module's docstring)
         return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
@@ -329,9 +334,14 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if p is None:
             STATS["fallback"] += 1
             return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
-    STATS["fast"] += 1
     base, lora_a, lora_b, dropout = p.base, p.lora_a, p.lora_b, p.dropout
     base_w, a_w, b_w = base._parameters["weight"], lora_a._parameters["weight"], lora_b._parameters["weight"]
+    if _sharded(base_w) or _sharded(a_w) or _sharded(b_w):
+        # FSDP2 / DeepSpeed ZeRO-3 shard weights and gather them in the layers' own forward hooks, which the fast
+        # path would bypass (it reads base.weight itself): PEFT's forward calls the base layer, so hooks run
+        STATS["fallback"] += 1
+        return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
+    STATS["fast"] += 1
     magnitude = p.mag._parameters["weight"]
     scaling = self.scaling[p.name]
     drop = self.training and _dropout_active(self, dropout)

@@ -5,6 +5,7 @@ Components take the values they need, not the Recipe.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -77,7 +78,9 @@ def load_base_model(
     )
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        # each rank its own GPU under torchrun / accelerate launch (LOCAL_RANK), not every rank on GPU 0
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))} \
+            if torch.cuda.is_available() else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
@@ -88,7 +91,7 @@ def load_base_model(
             "Give a local folder with config.json and *.safetensors, or a hub id you can reach."
         ) from None
     if qcfg is None and torch.cuda.is_available():
-        model.to("cuda")
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}")
     harden_4bit_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from . import cache, runfolder
+from . import cache, dist, runfolder
 from .config import PREFERENCE_TYPES, Recipe
 from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
 
@@ -104,41 +104,21 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
     from .data.report import summary_lines
 
+    dist.init()  # under torchrun / accelerate launch: the process group; only the main process writes and speaks
+    if not dist.is_main():
+        echo = _silent
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
                                fresh=fresh)
     # From here on the recipe is the self-contained one the run folder records (absolute paths, data hashes).
     recipe = runfolder.self_contained(recipe)
     checked = preflight(recipe, echo=echo)
-    if fresh:
-        runfolder.clear_for_fresh(run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    for name in runfolder.clean_temp(run_dir):
-        echo(f"prefopt: removed {name}, left behind by an interrupted run")
-
     recipe_dict = recipe.to_dict()
-    old = read_manifest(run_dir) or {}
-    old_stages = {s["name"]: s for s in old.get("stages", [])}
-    manifest = {
-        "prefopt_version": __version__,
-        "recipe_name": recipe.name,
-        "recipe_hash": recipe.section_hash(recipe_dict),
-        "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
-        "created_at": old.get("created_at") or _now(),
-        "stages": [],
-    }
-    if old.get("merge"):
-        manifest["merge"] = old["merge"]
+    manifest, old_stages = dist.main_first(_open_run_folder, recipe, run_dir, fresh, echo)
 
     def save_manifest():
-        write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
-
-    save_manifest()  # first, so the folder is recognisably a prefopt run folder from here on
-    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
-    moved = runfolder.move_dropped_stages(run_dir, {recipe.stage_dirname(i) for i in range(len(recipe.stages))})
-    for name in moved:
-        echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
+        if dist.is_main():
+            write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
 
     for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
@@ -177,16 +157,13 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         if st.type == "dpo":
             entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
         manifest["stages"].append(entry)
-        was = old_stages.get(st.name)
-        stored = cache.stored_stage(store, inputs) if runfolder.resumable(stage_tmp(stage_dir), inputs) is None \
-            else None
-        if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
-            reuse_stored(stored, stage_dir)
-            meta = json.loads((stored / "stage.json").read_text())
-            was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": meta.get("from")}
-            entry["reused_from"] = meta.get("from")
-            echo(f"prefopt: stage {st.name}: reused from {meta.get('from')} (the shared store {store}: same inputs)")
-        if runfolder.stage_done(was, inputs, stage_dir):
+        # read and decided on the main process, the same for every rank
+        done, was, reused, resume, stale = dist.main_first(_decide, old_stages.get(st.name), inputs, stage_dir,
+                                                           store)
+        if reused:
+            entry["reused_from"] = reused
+            echo(f"prefopt: stage {st.name}: reused from {reused} (the shared store {store}: same inputs)")
+        if done:
             entry.update({k: was[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts", "ref_logps",
                                               "resumed_from_step", "reused_from") if k in was})
             save_manifest()
@@ -198,11 +175,10 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
 
         entry.update(status="running", started_at=_now(), attempts=(was or {}).get("attempts", 0) + 1)
         tmp = stage_tmp(stage_dir)
-        resume = runfolder.resumable(tmp, inputs)
         if resume is not None:
             entry["resumed_from_step"] = resume[1]
             echo(f"prefopt: resuming stage {st.name} from step {resume[1]} ({resume[0].relative_to(run_dir)})")
-        elif runfolder.last_checkpoint(tmp) is not None:
+        elif stale:
             echo(f"prefopt: stage {st.name}: its checkpoints were made with other inputs (recipe section, data, "
                  "model or starting adapter changed); starting it over")
         save_manifest()
@@ -219,7 +195,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
                                           echo=echo)
         except BaseException as e:
             entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", ended_at=_now())
-            last = runfolder.last_checkpoint(tmp)
+            last = runfolder.last_checkpoint(tmp) if dist.is_main() else None
             if last is not None:
                 entry["last_checkpoint_step"] = last[1]
             save_manifest()
@@ -228,15 +204,66 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry["ref_logps"] = metrics.pop("ref_logps")
         entry.update(status="done", ended_at=_now(), metrics=metrics, data=data_entry(data.report))
         save_manifest()
-        cache.store_stage(store, inputs, stage_dir, entry)
+        if dist.is_main():
+            cache.store_stage(store, inputs, stage_dir, entry)
         echo(f"prefopt: stage {st.name} done: {summarise(st.type, metrics)}")
         result.stages.append(StageResult(st.name, st.type, stage_dir / "adapter", metrics))
         prev_adapter = stage_dir / "adapter"
 
     save_manifest()
-    if recipe.merge is not None:
-        result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
+    if recipe.merge is not None:  # the main process merges; the others wait for it
+        result.merge_report = dist.main_first(merge_final, recipe, run_dir, manifest, save_manifest, echo)
     return result
+
+
+def _silent(_line: str) -> None:
+    """The echo of every process but the main one (one console, not one per rank)."""
+
+
+def _open_run_folder(recipe: Recipe, run_dir: Path, fresh: bool, echo) -> tuple[dict, dict]:
+    """The main process prepares the run folder: --fresh, temp clean-up, the new manifest, recipe.yaml."""
+    if fresh:
+        runfolder.clear_for_fresh(run_dir)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    for name in runfolder.clean_temp(run_dir):
+        echo(f"prefopt: removed {name}, left behind by an interrupted run")
+    recipe_dict = recipe.to_dict()
+    old = read_manifest(run_dir) or {}
+    manifest = {
+        "prefopt_version": __version__,
+        "recipe_name": recipe.name,
+        "recipe_hash": recipe.section_hash(recipe_dict),
+        "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
+        "created_at": old.get("created_at") or _now(),
+        "stages": [],
+    }
+    if old.get("merge"):
+        manifest["merge"] = old["merge"]
+    # first, so the folder is recognisably a prefopt run folder from here on
+    write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
+    moved = runfolder.move_dropped_stages(run_dir, {recipe.stage_dirname(i) for i in range(len(recipe.stages))})
+    for name in moved:
+        echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
+    return manifest, {s["name"]: s for s in old.get("stages", [])}
+
+
+def _decide(was: dict | None, inputs: str, stage_dir: Path, store):
+    """(done, the stage's record, where it was reused from, the checkpoint to resume from, whether there are
+    checkpoints of other inputs) -- read from the run folder and the shared store."""
+    tmp = stage_tmp(stage_dir)
+    resume = runfolder.resumable(tmp, inputs)
+    reused = None
+    stored = cache.stored_stage(store, inputs) if resume is None else None
+    if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
+        reuse_stored(stored, stage_dir)
+        meta = json.loads((stored / "stage.json").read_text())
+        reused = meta.get("from")
+        was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
+    if runfolder.stage_done(was, inputs, stage_dir):
+        return True, was, reused, None, False
+    return False, was, None, resume, resume is None and runfolder.last_checkpoint(tmp) is not None
 
 
 def reuse_stored(stored: Path, stage_dir: Path) -> None:
@@ -321,10 +348,13 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     st = recipe.stages[i]
     m = recipe.model
     tmp = stage_tmp(stage_dir)
-    if resume_from is None and tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_atomic(tmp / runfolder.STAGE_INPUTS, inputs_hash)  # the inputs its checkpoints belong to
+    main = dist.is_main()
+    if main:
+        if resume_from is None and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_atomic(tmp / runfolder.STAGE_INPUTS, inputs_hash)  # the inputs its checkpoints belong to
+    dist.barrier()
     set_seed(recipe.seed)
     base = load_base_model(recipe.model_path(), quantization=m.quantization, dtype=m.dtype, revision=m.revision,
                            trust_remote_code=m.trust_remote_code)
@@ -333,13 +363,15 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     a = recipe.adapter
     model = attach_adapter(base, adapter_config_from_section(a), init_from=prev_adapter, dora_impl=a.dora_impl,
                            dora_dropout=a.dora_dropout)
+    # every rank filters (the same rows: deterministic); the main process writes the scores and reports
     if reference_filter(model, tokenizer, st, data, tmp, first_stage=prev_adapter is None, seed=recipe.seed):
         rf = data.report["reference_filter"]
         echo(f"prefopt: data {st.name}: reference filter ({rf['score']}, {rf['reference']}) dropped "
               f"{rf['dropped']} training rows scoring below {rf['threshold']:.4f}; {len(data.train)} train rows left")
-    write_reports(tmp, data)
+    if main:
+        write_reports(tmp, data)
     with tracking.stage_run(
-        recipe.tracking.wandb,
+        recipe.tracking.wandb if main else recipe.tracking.wandb.model_copy(update={"mode": "disabled"}),
         run_dir=run_dir,
         group=f"{recipe.name}-{run_id}",
         # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"
@@ -353,20 +385,23 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         )
         log_summary(metrics)
     info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)
-    (tmp / "adapter" / BASE_INFO).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
     del model, base
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if stage_dir.exists():
-        old = stage_dir.with_name(f".{stage_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(stage_dir, old)
-        os.replace(tmp, stage_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, stage_dir)
+    dist.barrier()  # every rank is done with the checkpoints
+    if main:
+        (tmp / "adapter" / BASE_INFO).write_text(json.dumps(info, indent=2))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        if stage_dir.exists():
+            old = stage_dir.with_name(f".{stage_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(stage_dir, old)
+            os.replace(tmp, stage_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, stage_dir)
+    dist.barrier()  # the next stage starts from this one's adapter, on every rank
     return metrics
 
 
@@ -380,7 +415,8 @@ def reference_filter(model, tokenizer, st, data, folder: Path, *, first_stage: b
     use_base = first_stage or st.type == "sft" or getattr(st, "reference", None) == "base"
     scores = apply_reference_filter(model, tokenizer, st, data, use_base=use_base, max_length=trained_max_length(st),
                                     seed=seed)
-    write_scores(folder, scores)
+    if dist.is_main():
+        write_scores(folder, scores)
     return bool(data.report["reference_filter"]["dropped"])
 
 

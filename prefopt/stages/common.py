@@ -113,7 +113,8 @@ class CheckpointCallback(_callback_base()):
         from ..runfolder import mark_checkpoint
 
         self.last = time.monotonic()
-        mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero:
+            mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kw):
         from .. import signals
@@ -203,8 +204,9 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     metrics = {"train": _finite(result.metrics)}
     if trainer.eval_dataset is not None:
         metrics["eval"] = _finite(trainer.evaluate())
-    model = trainer.model
-    model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir / "adapter"))
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir / "adapter"))
+        (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return metrics

@@ -1,0 +1,84 @@
+"""Several processes (torchrun / accelerate launch): who writes, who waits, and one decision for all.
+
+Launched by torchrun or `accelerate launch`, every rank runs the same `prefopt run`; the trainers do the data
+parallelism. prefopt's own rule: only the main process writes the run folder, the manifest, W&B runs, data reports,
+evaluation outputs and the merge; the others wait at barriers, and every decision that reads the run folder (skip,
+reuse, resume) is made on the main process and broadcast, so ranks never disagree. A single process is the
+degenerate case: every function here is then a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """The process group, before anything else needs it (gloo on CPU, nccl with GPUs); each rank's own GPU."""
+    if world_size() <= 1:
+        return
+    import torch
+    import torch.distributed as td
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.barrier()
+
+
+def broadcast(obj):
+    """The main process's value of obj, on every rank."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_first(fn, *args, **kwargs):
+    """Run fn on the main process (which writes), then hand its result -- or its error -- to every rank."""
+    from .config import PrefoptError
+
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:  # every rank must learn of it, or the others wait forever
+            error = e
+    kind = None if error is None else "user" if isinstance(error, PrefoptError) else \
+        "interrupt" if isinstance(error, KeyboardInterrupt) else "bug"
+    shared = broadcast((result, kind, str(error) if error is not None else None))
+    if error is not None:
+        raise error
+    if shared[1] == "user":
+        raise PrefoptError(shared[2])
+    if shared[1] == "interrupt":
+        raise KeyboardInterrupt()
+    if shared[1] == "bug":
+        raise RuntimeError(f"the main process failed: {shared[2]}")
+    return shared[0]

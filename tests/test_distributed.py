@@ -1,0 +1,58 @@
+"""Several processes: `torchrun --nproc_per_node 2 -m prefopt run` on CPU (gloo), one writer, the same losses as
+one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import prefopt
+from conftest import chain_recipe
+from prefopt import recipe_from_dict
+
+
+def _losses(run_dir, stage) -> list:
+    history = json.loads((run_dir / "stages" / stage / "log_history.json").read_text())
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+
+
+def _recipe(tiny_model, small_data, batch_size) -> dict:
+    raw = chain_recipe(tiny_model, small_data, "dpo", quantization="none", wandb="offline")
+    for st in raw["stages"]:
+        st["train"].update(batch_size=batch_size, grad_accum=1)
+    # dropout off: each rank draws its own dropout masks, so only a dropout-free run can match one process exactly
+    raw["adapter"]["dropout"] = 0.0
+    raw["merge"] = {"base": "auto", "dtype": "float32"}
+    return raw
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model, small_data):
+    single = prefopt.run(recipe_from_dict(_recipe(tiny_model, small_data, 4)), output_dir=tmp_path / "single")
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(tiny_model, small_data, 2)))  # 2 ranks x 2 rows = the same global batch
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "ddp-cache")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "0", "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
+    assert (out / "merged" / "merge_report.json").is_file()
+    # one console, one writer: each line once, one W&B run per stage
+    assert proc.stdout.count("run folder:") == 1, proc.stdout
+    assert proc.stderr.count("prefopt: stage sft done") == 1
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+    for stage in ("00-sft", "01-dpo"):
+        want, got = _losses(single.run_dir, stage), _losses(out, stage)
+        assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4
+        for (s, a), (_, b) in zip(want, got):
+            assert b == pytest.approx(a, rel=1e-4), (stage, s, a, b)
