@@ -118,7 +118,8 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     `device` "cpu" is plain fp32 training (what the CPU tests measure); on "cuda" a bfloat16/float16 model trains
     under autocast. With `gpus` > 1 (data parallel) every device holds the same, with its own per-device batch."""
     wbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    e = 4 if (device == "cpu" or dtype == "float32") else 2  # activations' element size
+    # activations' element size: the model's dtype on CPU; bf16 under the GPU's autocast (TRL's bf16=True)
+    e = wbytes if device == "cpu" else 2
     u = 4  # DoRA's unscaled sum: in the compute dtype on fp32, in fp32 under autocast
     preference = stage_type in ("dpo", "orpo", "simpo")
     dropout = adapter.dropout > 0 and not (preference and disable_dropout)
@@ -159,3 +160,111 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     }
     return {"components": comp, "peak_bytes": sum(comp.values()), "tokens": tokens,
             "sequence_length": train.max_length, "adapter_dropout": dropout}
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def parse_size(text: str | int) -> int:
+    """'24GB' / '24G' (10^9 bytes), '24GiB' (2^30), '512MiB', '80e9' or a number of bytes -> bytes."""
+    import re
+
+    from .config import PrefoptError
+
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+             "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise PrefoptError(f"--gpu-memory: '{text}' is not a size; give e.g. 24GB, 24GiB, 80G or a number of bytes")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def stage_settings(stage) -> dict:
+    """The values of one recipe stage the estimate reads (the stage section itself is not passed on)."""
+    return {"name": stage.name, "type": stage.type, "train": stage.train,
+            "reference": getattr(stage, "reference", None),
+            "precompute": bool(getattr(stage, "precompute_ref_log_probs", False)),
+            "disable_dropout": bool(stage.trainer_kwargs.get("disable_dropout", True))}
+
+
+def _estimate(shape, s: dict, common: dict, precompute: bool | None = None, **train_changes) -> dict:
+    train = s["train"].model_copy(update=train_changes) if train_changes else s["train"]
+    return estimate_stage(shape, stage_type=s["type"], train=train, reference=s["reference"],
+                          precompute=s["precompute"] if precompute is None else precompute,
+                          disable_dropout=s["disable_dropout"], **common)
+
+
+def suggestions(shape, s: dict, common: dict, budget: int, index: int) -> list[dict]:
+    """The nearest settings that fit `budget`: each one change (or checkpointing plus one change), with its peak
+    and the --set overrides that make it. Effective batch (batch_size x grad_accum) is kept where batch changes."""
+    t = s["train"]
+    key = f"stages.{index}.train"
+    out = []
+
+    def add(changes: dict, note: str):
+        peak = _estimate(shape, s, common, **changes)["peak_bytes"]
+        if peak <= budget:
+            out.append({"set": {f"{key}.{k}": v for k, v in changes.items()}, "peak_bytes": peak, "note": note})
+            return True
+        return False
+
+    for gc in ([False, True] if not t.gradient_checkpointing else [False]):
+        base = {"gradient_checkpointing": True} if gc else {}
+        head = "gradient_checkpointing on" + (", " if gc else "")
+        if gc and add(base, "gradient_checkpointing on"):
+            continue  # checkpointing alone fits: the combinations below only cost more steps
+        bs = t.batch_size
+        while bs > 1:
+            bs //= 2
+            ga = -(-t.batch_size * t.grad_accum // bs)
+            if add({**base, "batch_size": bs, "grad_accum": ga},
+                   (head if gc else "") + f"batch_size {bs} x grad_accum {ga} (same effective batch)"):
+                break
+        length = (t.max_length - 1) // 64 * 64
+        while length >= 64:
+            if add({**base, "max_length": length}, (head if gc else "") + f"max_length {length} (longer rows cut)"):
+                break
+            length -= 64
+    if s["type"] == "dpo" and not s["precompute"]:
+        peak = _estimate(shape, s, common, precompute=True)["peak_bytes"]
+        if peak <= budget:
+            out.append({"set": {f"stages.{index}.precompute_ref_log_probs": True}, "peak_bytes": peak,
+                        "note": "precompute_ref_log_probs: true"})
+    return sorted(out, key=lambda x: -x["peak_bytes"])[:4]
+
+
+def memory_plan(shape: ModelShape, *, quantization: str, dtype: str, adapter, stages: list[dict],
+                gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> dict:
+    """The plan of every stage (`stages` from stage_settings): components in bytes, peak, fits, suggestions."""
+    common = dict(quantization=quantization, dtype=dtype, adapter=adapter, device=device, gpus=gpus)
+    out = []
+    for i, s in enumerate(stages):
+        est = _estimate(shape, s, common)
+        fits = None if gpu_memory is None else est["peak_bytes"] <= gpu_memory
+        out.append({"stage": s["name"], "type": s["type"], **est, "fits": fits,
+                    "suggestions": suggestions(shape, s, common, gpu_memory, i) if fits is False else []})
+    return {"device": device, "gpus": gpus, "gpu_memory_bytes": gpu_memory,
+            "sequence_length": "max_length (every sequence at the cut: the worst case)", "stages": out}
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The human table: one row per stage, components and peak in GiB (MiB for small models), fit and fixes."""
+    big = max((st["peak_bytes"] for st in plan["stages"]), default=0) >= GiB
+    unit, div = ("GiB", GiB) if big else ("MiB", 2**20)
+    names = ["base_weights", "adapter", "gradients", "optimizer", "reference", "activations", "logits"]
+    heads = ["weights", "adapter", "grads", "optim", "ref", "activ", "logits", "peak"]
+    budget = plan["gpu_memory_bytes"]
+    lines = [f"# memory plan ({unit} per device, {plan['device']}, {plan['gpus']} device(s); sequences at max_length)",
+             f"    {'stage':18}" + "".join(f"{h:>9}" for h in heads) + (f"  fits {budget / 1e9:g} GB" if budget else "")]
+    for st in plan["stages"]:
+        vals = [st["components"][n] for n in names] + [st["peak_bytes"]]
+        fit = "" if st["fits"] is None else ("  yes" if st["fits"] else "  NO")
+        lines.append(f"    {st['stage'][:18]:18}" + "".join(f"{v / div:9.2f}" for v in vals) + fit)
+        for sug in st["suggestions"]:
+            sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
+            lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")
+        if st["fits"] is False and not st["suggestions"]:
+            lines.append("      nothing near fits: quantize the base (model.quantization: nf4), or a larger device")
+    if budget is None:
+        lines.append("    (give --gpu-memory, e.g. 24GB, to check the fit)")
+    return lines
