@@ -32,7 +32,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 MODELS = {  # name -> build_tiny_model shape (the demo tokenizer's vocabulary, 606 tokens)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2),
-    "mid": dict(hidden_size=384, intermediate_size=1024, num_layers=4, num_attention_heads=6, num_key_value_heads=2),
+    "mid": dict(hidden_size=384, intermediate_size=1024, num_layers=8, num_attention_heads=6, num_key_value_heads=2),
+    # wide enough that, under gradient checkpointing, one layer recomputed outweighs the LM head's tile buffer
+    "wide": dict(hidden_size=1024, intermediate_size=2816, num_layers=2, num_attention_heads=8, num_key_value_heads=4),
 }
 GRID = [  # model, stage type, quantization, gradient checkpointing, batch size, max_length, DPO reference
     ("tiny", "sft", "none", False, 4, 256, None),
@@ -40,9 +42,16 @@ GRID = [  # model, stage type, quantization, gradient checkpointing, batch size,
     ("mid", "sft", "none", False, 2, 256, None),
     ("mid", "sft", "none", True, 2, 256, None),
     ("mid", "sft", "nf4", False, 2, 256, None),
+    ("mid", "sft", "nf4", False, 4, 512, None),
+    ("mid", "sft", "nf4", True, 4, 512, None),
     ("mid", "dpo", "none", False, 2, 192, "previous_stage"),
     ("mid", "dpo", "nf4", True, 2, 192, "previous_stage"),
+    ("mid", "dpo", "nf4", False, 2, 384, "previous_stage"),
+    ("mid", "dpo", "none", False, 2, 192, "base"),
     ("mid", "dpo", "none", False, 2, 192, "precompute"),
+    ("wide", "sft", "none", True, 2, 512, None),
+    ("wide", "sft", "nf4", True, 1, 512, None),
+    ("wide", "dpo", "nf4", True, 1, 512, "previous_stage"),
 ]
 
 
