@@ -35,6 +35,7 @@ MODELS = {  # name -> build_tiny_model shape (the demo tokenizer's vocabulary, 6
     "mid": dict(hidden_size=384, intermediate_size=1024, num_layers=8, num_attention_heads=6, num_key_value_heads=2),
     # wide enough that, under gradient checkpointing, one layer recomputed outweighs the LM head's tile buffer
     "wide": dict(hidden_size=1024, intermediate_size=2816, num_layers=2, num_attention_heads=8, num_key_value_heads=4),
+    "big": dict(hidden_size=2048, intermediate_size=5632, num_layers=8, num_attention_heads=16, num_key_value_heads=4),
 }
 GRID = [  # model, stage type, quantization, gradient checkpointing, batch size, max_length, DPO reference
     ("tiny", "sft", "none", False, 4, 256, None),
@@ -52,6 +53,13 @@ GRID = [  # model, stage type, quantization, gradient checkpointing, batch size,
     ("wide", "sft", "none", True, 2, 512, None),
     ("wide", "sft", "nf4", True, 1, 512, None),
     ("wide", "dpo", "nf4", True, 1, 512, "previous_stage"),
+]
+GPU_GRID = [  # bf16 under autocast, as prefopt trains on a GPU (scripts/gpu_check.sh)
+    ("mid", "sft", "nf4", False, 4, 512, None),
+    ("big", "sft", "nf4", True, 4, 1024, None),
+    ("big", "sft", "nf4", False, 2, 1024, None),
+    ("big", "dpo", "nf4", True, 2, 1024, "previous_stage"),
+    ("big", "dpo", "none", False, 1, 1024, "precompute"),
 ]
 
 
@@ -121,8 +129,9 @@ def profiled_peak(fn) -> int:
 
 def measure(model_dir: Path, stage_type: str, *, quantization: str, gradient_checkpointing: bool, batch_size: int,
             max_length: int, reference: str | None = None, r: int = 8, optim: str = "adamw_torch",
-            steps: int = 2) -> dict:
-    """The measured peak of `steps` optimizer steps of one stage, and the plan's estimate for the same settings."""
+            steps: int = 2, dtype: str = "float32", device: str = "cpu") -> dict:
+    """The measured peak of `steps` optimizer steps of one stage, and the plan's estimate for the same settings.
+    On device "cuda" the peak is torch.cuda.max_memory_allocated (reset once the model is loaded)."""
     import torch
 
     from prefopt.api import train_stage
@@ -139,18 +148,23 @@ def measure(model_dir: Path, stage_type: str, *, quantization: str, gradient_che
         stage.update(reference="base" if reference == "base" else "previous_stage",
                      precompute_ref_log_probs=reference == "precompute")
     adapter = AdapterSection(r=r, alpha=2 * r, dropout=0.05)
-    base = load_base_model(str(model_dir), quantization=quantization, dtype="float32")
+    base = load_base_model(str(model_dir), quantization=quantization, dtype=dtype)
     tok = load_tokenizer(str(model_dir))
     model = attach_adapter(base, build_lora_config(r=r, alpha=2 * r, dropout=0.05))
     baseline = live_bytes(model)
     rows = long_rows(stage_type, batch_size * steps)
     with tempfile.TemporaryDirectory() as out:
-        delta = profiled_peak(lambda: train_stage(stage, model, tok, rows, output_dir=out, seed=0))
-    measured = baseline + delta
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            train_stage(stage, model, tok, rows, output_dir=out, seed=0)
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            measured = baseline + profiled_peak(lambda: train_stage(stage, model, tok, rows, output_dir=out, seed=0))
     est = estimate_stage(model_shape(str(model_dir)), stage_type=stage_type, quantization=quantization,
-                         dtype="float32", adapter=adapter, train=TrainSection(**train),
+                         dtype=dtype, adapter=adapter, train=TrainSection(**train),
                          reference="base" if reference == "base" else "previous_stage",
-                         precompute=reference == "precompute", device="cpu")
+                         precompute=reference == "precompute", device=device)
     return {"stage": stage_type, "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
             "batch_size": batch_size, "max_length": max_length, "reference": reference,
             "measured_bytes": measured, "baseline_bytes": baseline, "estimate_bytes": est["peak_bytes"],
@@ -161,17 +175,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--models", default=None, help="folder to build the test models in (default: a temp folder)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: fp32, the profiler's allocator peak; cuda: bf16 autocast, torch.cuda.max_memory_allocated")
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    grid, dtype = (GRID, "float32") if args.device == "cpu" else (GPU_GRID, "bfloat16")
     root = Path(args.models or tempfile.mkdtemp(prefix="prefopt-mem-"))
     results = []
     print(f"{'model':5} {'stage':5} {'quant':5} {'ckpt':5} {'batch':>5} {'len':>5} {'reference':14} "
           f"{'estimate MiB':>12} {'measured MiB':>12} {'ratio':>6}")
-    for name, stage, quant, gc, bs, length, ref in GRID:
-        res = {"model": name, **measure(build_model(name, root), stage, quantization=quant,
-                                        gradient_checkpointing=gc, batch_size=bs, max_length=length, reference=ref)}
+    for name, stage, quant, gc, bs, length, ref in grid:
+        res = {"model": name, **measure(build_model(name, root), stage, quantization=quant, gradient_checkpointing=gc,
+                                        batch_size=bs, max_length=length, reference=ref, dtype=dtype,
+                                        device=args.device)}
         results.append(res)
         print(f"{name:5} {stage:5} {quant:5} {str(gc):5} {bs:5} {length:5} {str(ref or '-'):14} "
               f"{res['estimate_bytes'] / 2**20:12.2f} {res['measured_bytes'] / 2**20:12.2f} {res['ratio']:6.3f}",
