@@ -4,9 +4,10 @@ Pure arithmetic on the shapes `AutoConfig` gives (parameters are counted on a we
 recipe's model, adapter and train sections and the stage type. Every term says where its bytes come from; the
 measured accuracy (scripts/measure_memory.py, tests/test_memory.py) is in the README's "Memory plan".
 
-The peak of a training step is at the start of the backward pass: everything autograd saved in the forward (the
-activations) is live, the fused LM head's backward tiles are allocated, and the adapter's gradients are about to be
-written -- on top of what lives the whole stage (base weights, adapter, optimizer state from the second step on).
+The peak of a training step is the larger of two moments, on top of what lives the whole stage (base weights,
+adapter, its gradients, optimizer state from the second step on): the LM head's backward, with everything autograd
+saved in the forward still live; or, under gradient checkpointing, one decoder layer recomputed with its saved set
+and the gradients in flight. (DPO's reference forward runs under no_grad after the policy's forward, below both.)
 """
 
 from __future__ import annotations
@@ -107,20 +108,21 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
 
 
 def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dtype: str, adapter, train,
-                   reference: str | None = None, precompute: bool = False, disable_dropout: bool = True,
-                   device: str = "cuda", gpus: int = 1) -> dict:
+                   reference: str | None = None, disable_dropout: bool = True, device: str = "cuda",
+                   gpus: int = 1) -> dict:
     """Peak bytes of one stage on one device: what is live at the peak, by component.
 
     `adapter` and `train` are the recipe's AdapterSection and TrainSection (or anything with the same fields);
     `reference` (DPO) is "previous_stage" (TRL's frozen "ref" copy of the adapter, run under no_grad) or "base"
-    (the adapter disabled); `precompute`: reference log-probs computed before training (no reference forward in a
-    step); `disable_dropout`: the preference trainers' default (TRL turns adapter dropout off; SFT keeps it).
-    `device` "cpu" is plain fp32 training (what the CPU tests measure); on "cuda" a bfloat16/float16 model trains
-    under autocast. With `gpus` > 1 (data parallel) every device holds the same, with its own per-device batch."""
+    (the adapter disabled). precompute_ref_log_probs does not enter: the "ref" copy stays (it computes them) and the
+    reference forward it saves is below the peak (measured: the same peak). `disable_dropout`: the preference
+    trainers' default (TRL turns adapter dropout off; SFT keeps it). `device` "cpu" trains in the model's dtype
+    (what the CPU tests measure); on "cuda" prefopt trains under bf16 autocast. With `gpus` > 1 (data parallel)
+    every device holds the same, with its own per-device batch, plus DDP's gradient buckets."""
     wbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     # activations' element size: the model's dtype on CPU; bf16 under the GPU's autocast (TRL's bf16=True)
     e = wbytes if device == "cpu" else 2
-    u = 4  # DoRA's unscaled sum: in the compute dtype on fp32, in fp32 under autocast
+    u = 4  # DoRA's unscaled sum: in the fp32 adapter's dtype, and summed in fp32 under autocast
     preference = stage_type in ("dpo", "orpo", "simpo")
     dropout = adapter.dropout > 0 and not (preference and disable_dropout)
     adapted = [(n, i, o) for n, i, o in shape.linears if _targeted(n, adapter.target_modules)]
@@ -132,7 +134,9 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     h = shape.hidden
     layer = tokens * _layer_saved(shape, per_layer, r, e, u, dropout)
     # gradient checkpointing keeps each layer's input (and the final norm's); otherwise every layer's saved set
-    kept = tokens * (h * e * shape.layers + h * 4) if train.gradient_checkpointing else layer * shape.layers + tokens * h * 4
+    final_norm = tokens * h * 4
+    kept = tokens * h * e * shape.layers if train.gradient_checkpointing else layer * shape.layers
+    kept += final_norm
     head_tokens = seqs * (train.max_length - 1)
     if stage_type in ("sft", "dpo"):
         # TRL's fused LM head: the final hidden states it saves and their fp32 gradient, and its logit tile buffer,
@@ -153,7 +157,7 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
         "adapter": trainable * 4 + norms,  # fp32: prefopt keeps the trainable adapter in fp32 (see stages.common)
         "gradients": trainable * 4 * (2 if gpus > 1 else 1),  # + DDP's gradient buckets
         "optimizer": trainable * _optimizer_bytes(train.optim),
-        # TRL's frozen "ref" copy of the adapter (kept with precompute too: it computes the log-probs)
+        # TRL's frozen "ref" copy of the adapter (with precompute too: it computes the log-probs)
         "reference": trainable * 4 + norms if stage_type == "dpo" and reference == "previous_stage" else 0,
         "activations": kept + recompute if recompute > head else kept,
         "logits": 0 if recompute > head else head,
@@ -183,20 +187,19 @@ def stage_settings(stage) -> dict:
     """The values of one recipe stage the estimate reads (the stage section itself is not passed on)."""
     return {"name": stage.name, "type": stage.type, "train": stage.train,
             "reference": getattr(stage, "reference", None),
-            "precompute": bool(getattr(stage, "precompute_ref_log_probs", False)),
             "disable_dropout": bool(stage.trainer_kwargs.get("disable_dropout", True))}
 
 
-def _estimate(shape, s: dict, common: dict, precompute: bool | None = None, **train_changes) -> dict:
+def _estimate(shape, s: dict, common: dict, **train_changes) -> dict:
     train = s["train"].model_copy(update=train_changes) if train_changes else s["train"]
     return estimate_stage(shape, stage_type=s["type"], train=train, reference=s["reference"],
-                          precompute=s["precompute"] if precompute is None else precompute,
                           disable_dropout=s["disable_dropout"], **common)
 
 
 def suggestions(shape, s: dict, common: dict, budget: int, index: int) -> list[dict]:
     """The nearest settings that fit `budget`: each one change (or checkpointing plus one change), with its peak
-    and the --set overrides that make it. Effective batch (batch_size x grad_accum) is kept where batch changes."""
+    and the --set overrides that make it. Effective batch (batch_size x grad_accum) is kept where batch changes.
+    precompute_ref_log_probs is never among them: it does not lower the peak (see estimate_stage)."""
     t = s["train"]
     key = f"stages.{index}.train"
     out = []
@@ -225,11 +228,6 @@ def suggestions(shape, s: dict, common: dict, budget: int, index: int) -> list[d
             if add({**base, "max_length": length}, (head if gc else "") + f"max_length {length} (longer rows cut)"):
                 break
             length -= 64
-    if s["type"] == "dpo" and not s["precompute"]:
-        peak = _estimate(shape, s, common, precompute=True)["peak_bytes"]
-        if peak <= budget:
-            out.append({"set": {f"stages.{index}.precompute_ref_log_probs": True}, "peak_bytes": peak,
-                        "note": "precompute_ref_log_probs: true"})
     return sorted(out, key=lambda x: -x["peak_bytes"])[:4]
 
 
@@ -255,7 +253,8 @@ def format_plan(plan: dict) -> list[str]:
     heads = ["weights", "adapter", "grads", "optim", "ref", "activ", "logits", "peak"]
     budget = plan["gpu_memory_bytes"]
     lines = [f"# memory plan ({unit} per device, {plan['device']}, {plan['gpus']} device(s); sequences at max_length)",
-             f"    {'stage':18}" + "".join(f"{h:>9}" for h in heads) + (f"  fits {budget / 1e9:g} GB" if budget else "")]
+             f"    {'stage':18}" + "".join(f"{h:>9}" for h in heads)
+             + (f"  fits {budget / 1e9:.3g} GB" if budget else "")]
     for st in plan["stages"]:
         vals = [st["components"][n] for n in names] + [st["peak_bytes"]]
         fit = "" if st["fits"] is None else ("  yes" if st["fits"] else "  NO")
@@ -264,7 +263,7 @@ def format_plan(plan: dict) -> list[str]:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
             lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")
         if st["fits"] is False and not st["suggestions"]:
-            lines.append("      nothing near fits: quantize the base (model.quantization: nf4), or a larger device")
+            lines.append("      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a larger device")
     if budget is None:
         lines.append("    (give --gpu-memory, e.g. 24GB, to check the fit)")
     return lines

@@ -50,6 +50,8 @@ GRID = [  # model, stage type, quantization, gradient checkpointing, batch size,
     ("mid", "dpo", "nf4", False, 2, 384, "previous_stage"),
     ("mid", "dpo", "none", False, 2, 192, "base"),
     ("mid", "dpo", "none", False, 2, 192, "precompute"),
+    ("mid", "orpo", "none", False, 2, 192, None),
+    ("mid", "simpo", "nf4", True, 2, 192, None),
     ("wide", "sft", "none", True, 2, 512, None),
     ("wide", "sft", "nf4", True, 1, 512, None),
     ("wide", "dpo", "nf4", True, 1, 512, "previous_stage"),
@@ -163,8 +165,7 @@ def measure(model_dir: Path, stage_type: str, *, quantization: str, gradient_che
             measured = baseline + profiled_peak(lambda: train_stage(stage, model, tok, rows, output_dir=out, seed=0))
     est = estimate_stage(model_shape(str(model_dir)), stage_type=stage_type, quantization=quantization,
                          dtype=dtype, adapter=adapter, train=TrainSection(**train),
-                         reference="base" if reference == "base" else "previous_stage",
-                         precompute=reference == "precompute", device=device)
+                         reference="base" if reference == "base" else "previous_stage", device=device)
     return {"stage": stage_type, "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
             "batch_size": batch_size, "max_length": max_length, "reference": reference,
             "measured_bytes": measured, "baseline_bytes": baseline, "estimate_bytes": est["peak_bytes"],
@@ -176,7 +177,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--models", default=None, help="folder to build the test models in (default: a temp folder)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cpu: fp32, the profiler's allocator peak; cuda: bf16 autocast, torch.cuda.max_memory_allocated")
+                    help="cpu: fp32, the profiler's allocator peak; cuda: bf16 autocast, "
+                    "torch.cuda.max_memory_allocated")
     args = ap.parse_args()
     import torch
 
