@@ -68,6 +68,6 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
 
     try:
         lines += ["", *format_plan(memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device))]
-    except PrefoptError as e:  # a hub id that cannot be reached: the rest of the plan still stands
-        lines += ["", f"# memory plan: unknown ({e})"]
+    except (PrefoptError, ValueError, ImportError) as e:  # an unreachable hub id, a model class that will not build
+        lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # on meta tensors: the rest still stands
     return "\n".join(lines)
