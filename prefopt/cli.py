@@ -82,15 +82,37 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
-def plan(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Validate RECIPE and show what `prefopt run` would do: resolved recipe, stages, data sizes, trainable params."""
+@click.option("--gpu-memory", default=None, metavar="SIZE",
+              help="Memory of one device to check the plan against: 24GB, 24GiB, 80G or bytes (default: the visible "
+              "GPU's, if any).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel devices; each holds the same (per-device batch), plus DDP's gradient buckets.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Plan for a GPU (bf16 autocast, as prefopt trains there) or for CPU training (the model's dtype).")
+@click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON only (other messages on stderr).")
+def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: int, device: str,
+         as_json: bool) -> None:
+    """Validate RECIPE and show what `prefopt run` would do: resolved recipe, stages, data sizes, trainable params,
+    and each stage's peak memory per device, by component, with settings that fit when it does not."""
     from .config import load_recipe
 
     try:
         rec = load_recipe(recipe, list(overrides))
-        from .plan import make_plan
+        from .memory import parse_size
+        from .plan import default_gpu_memory, make_plan, memory_plan
 
-        text = make_plan(rec)
+        budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
+        if as_json:
+            import json
+
+            from .pipeline import preflight
+
+            checked = preflight(rec)
+            out = {"recipe": rec.name, **memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device),
+                   "warnings": list(checked.warnings)}
+            text = json.dumps(out, indent=1)
+        else:
+            text = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device)
     except PrefoptError as e:
         _fail(e)
     except Exception as e:

@@ -21,7 +21,31 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
     return count_trainable(peft_model)
 
 
-def make_plan(recipe: Recipe) -> str:
+def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> dict:
+    """Each stage's peak memory per device, by component (prefopt.memory), for the recipe's model and stages."""
+    from .memory import memory_plan as plan_of, model_shape, stage_settings
+
+    m = recipe.model
+    try:
+        shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except OSError as e:
+        from .config import PrefoptError
+
+        raise PrefoptError(f"model.name_or_path: cannot read the config of '{m.name_or_path}' for the memory plan: "
+                           f"{str(e).splitlines()[0]}") from None
+    return plan_of(shape, quantization=m.quantization, dtype=m.dtype, adapter=recipe.adapter,
+                   stages=[stage_settings(st) for st in recipe.stages], gpu_memory=gpu_memory, gpus=gpus,
+                   device=device)
+
+
+def default_gpu_memory() -> int | None:
+    """The first visible GPU's memory, when there is one (the budget `prefopt plan` checks without --gpu-memory)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> str:
     from .data.report import summary_lines
     from .pipeline import adapter_note, preflight, stage_notes
 
@@ -39,4 +63,11 @@ def make_plan(recipe: Recipe) -> str:
         lines.append(f"{i:02d}-{note}")
         lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
         lines += [f"    {line}" for line in summary_lines(data.report)]
+    from .config import PrefoptError
+    from .memory import format_plan
+
+    try:
+        lines += ["", *format_plan(memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device))]
+    except (PrefoptError, ValueError, ImportError) as e:  # an unreachable hub id, a model class that will not build
+        lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # on meta tensors: the rest still stands
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU (the lent device machine): the GPU-marked tests, then bench_dora on the GPU,
-# within about 8 minutes. Figures and logs go to $OUT (or ./gpu_check_out). Needs prefopt's dependencies
+# On a machine with a CUDA GPU (the lent device machine): the GPU-marked tests, bench_dora on the GPU and the
+# memory plan against torch.cuda.max_memory_allocated (scripts/measure_memory.py --device cuda),
+# within about 12 minutes. Figures and logs go to $OUT (or ./gpu_check_out). Needs prefopt's dependencies
 # importable by $PY (a CUDA build of torch); nothing is downloaded.
 #     bash scripts/gpu_check.sh
 set -uo pipefail
@@ -15,4 +16,7 @@ timeout 330 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OU
 # bf16 weights, plain and under bf16 autocast; dropout 0 and 0.05; NF4 and bf16 bases
 timeout 150 "$PY" scripts/bench_dora.py --widths 2048 4096 --layers 2 --batch 4 --seq 512 --rounds 6 \
   --quant nf4 none --json "$OUT/bench_dora_gpu.json" 2>&1 | tee "$OUT/bench_dora_gpu.log" || status=1
+# the memory plan against torch.cuda.max_memory_allocated (bf16 autocast; mid/big test models, SFT and DPO)
+timeout 240 "$PY" scripts/measure_memory.py --device cuda --models "$OUT/mem_models" --json "$OUT/memory_gpu.json" \
+  2>&1 | tee "$OUT/memory_gpu.log" || status=1
 exit $status

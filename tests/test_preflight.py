@@ -195,7 +195,7 @@ def test_some_rows_over_max_length_are_counted_and_left_out(tmp_path, tiny_model
 def test_an_unexpected_error_is_one_line_and_a_log(tmp_path, tiny_model, small_data, monkeypatch):
     import prefopt.plan
 
-    def broken(recipe):
+    def broken(recipe, **_):  # make_plan takes the memory plan's options as keywords
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(prefopt.plan, "make_plan", broken)

@@ -1,0 +1,269 @@
+"""The memory plan: each stage's peak accelerator memory, by component, from the model's config alone.
+
+Pure arithmetic on the shapes `AutoConfig` gives (parameters are counted on a weightless meta-device copy), the
+recipe's model, adapter and train sections and the stage type. Every term says where its bytes come from; the
+measured accuracy (scripts/measure_memory.py, tests/test_memory.py) is in the README's "Memory plan".
+
+The peak of a training step is the larger of two moments, on top of what lives the whole stage (base weights,
+adapter, its gradients, optimizer state from the second step on): the LM head's backward, with everything autograd
+saved in the forward still live; or, under gradient checkpointing, one decoder layer recomputed with its saved set
+and the gradients in flight. (DPO's reference forward runs under no_grad after the policy's forward, below both.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+GiB = 2**30
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes' 4-bit blocks and double-quant blocks (of absmax values)
+LOGIT_TOKENS, LOGIT_VOCAB = 4096, 32768  # TRL's fused LM head tile (tokens x vocabulary), trl.kernels.chunked_logprob
+CPU_TILE_TEMPS = 4  # torch fallback of the tile kernels: z, p, grad and a product live at once
+OPTIMIZER_BYTES = {"8bit": 2, "adafactor": 4, "sgd": 4}  # per trainable parameter; everything else: AdamW-like, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know about a decoder-only model: per-layer widths and parameter counts."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int  # heads x head_dim
+    kv_dim: int  # key/value heads x head_dim
+    heads: int
+    linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every nn.Linear in the decoder layers
+    other_params: int  # embeddings, LM head, norms: kept unquantized
+
+
+def model_shape(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of the model at `path` (folder or hub id), read from its config; no weights are loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    linears, in_linears = [], 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not head:
+            linears.append((name, mod.in_features, mod.out_features))
+            in_linears += mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
+    total = sum(p.numel() for p in model.parameters())
+    tc = cfg.get_text_config()
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+    return ModelShape(vocab=tc.vocab_size, hidden=tc.hidden_size, intermediate=getattr(tc, "intermediate_size", 0)
+                      or 4 * tc.hidden_size, layers=tc.num_hidden_layers, q_dim=heads * head_dim,
+                      kv_dim=kv_heads * head_dim, heads=heads, linears=tuple(linears), other_params=total - in_linears)
+
+
+def _targeted(name: str, target_modules) -> bool:
+    return target_modules == "all-linear" or name.rsplit(".", 1)[-1] in set(target_modules)
+
+
+def _weights(shape: ModelShape, quantization: str, wbytes: int) -> int:
+    """Base weights: the decoder's linears as quantized, everything else (embeddings, head, norms) in `dtype`."""
+    n = sum(i * o for _, i, o in shape.linears)
+    if quantization == "nf4":  # 4 bits + one uint8 absmax per 64 (double quant) + one fp32 per 256 absmax
+        q = n // 2 + math.ceil(n / NF4_BLOCK) + 4 * math.ceil(n / NF4_BLOCK / NF4_BLOCK2)
+    elif quantization == "int8":  # int8 + an fp32 scale per output row
+        q = n + 4 * sum(o for _, _, o in shape.linears)
+    else:
+        q = n * wbytes
+    return q + shape.other_params * wbytes
+
+
+def _optimizer_bytes(optim: str) -> int:
+    for key, b in OPTIMIZER_BYTES.items():
+        if key in optim:
+            return b
+    return 8  # AdamW: exp_avg + exp_avg_sq in fp32
+
+
+ATTN_INPUT, MLP_INPUT = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}  # linears sharing one input
+
+
+def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, e: int, u: int,
+                 dropout: bool) -> int:
+    """Bytes autograd saves per token in one decoder layer (Llama-style: RMSNorms, attention through SDPA, gated MLP;
+    prefopt's DoRA/LoRA layer on the `adapted` (name, in, out) linears). Checked tensor by tensor with
+    saved_tensors_hooks on the test models: exact for every layer but the first (whose input needs no gradient)."""
+    h, f, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    # RMSNorm x2: its fp32 input and rsqrt; SDPA: RoPE'd q and k, v, output, logsumexp; MLP: gate, silu(gate), up
+    out = 2 * (h * 4 + 4) + (2 * q + 2 * kv) * e + shape.heads * 4 + 3 * f * e
+    inputs = {}
+    for name, i, o in adapted:
+        short = name.rsplit(".", 1)[-1]
+        # each adapted linear keeps A x (r) and the unscaled sum base(x)/s + B A x (o; fp32 under autocast) for the
+        # magnitude's gradient, and its input: with adapter dropout on, its own dropped-out copy and the mask (both
+        # the input's size); without, the input itself, one tensor for linears that share it (q/k/v, gate/up)
+        out += r * e + o * u
+        key = name if dropout else ("attn" if short in ATTN_INPUT else "mlp" if short in MLP_INPUT else name)
+        inputs[key] = i * (2 * e if dropout else e)
+    return out + sum(inputs.values())
+
+
+def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dtype: str, adapter, train,
+                   reference: str | None = None, disable_dropout: bool = True, device: str = "cuda",
+                   gpus: int = 1) -> dict:
+    """Peak bytes of one stage on one device: what is live at the peak, by component.
+
+    `adapter` and `train` are the recipe's AdapterSection and TrainSection (or anything with the same fields);
+    `reference` (DPO) is "previous_stage" (TRL's frozen "ref" copy of the adapter, run under no_grad) or "base"
+    (the adapter disabled). precompute_ref_log_probs does not enter: the "ref" copy stays (it computes them) and the
+    reference forward it saves is below the peak (measured: the same peak). `disable_dropout`: the preference
+    trainers' default (TRL turns adapter dropout off; SFT keeps it). `device` "cpu" trains in the model's dtype
+    (what the CPU tests measure); on "cuda" prefopt trains under bf16 autocast. With `gpus` > 1 (data parallel)
+    every device holds the same, with its own per-device batch, plus DDP's gradient buckets."""
+    wbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    # activations' element size: the model's dtype on CPU; bf16 under the GPU's autocast (TRL's bf16=True)
+    e = wbytes if device == "cpu" else 2
+    u = 4  # DoRA's unscaled sum: in the fp32 adapter's dtype, and summed in fp32 under autocast
+    preference = stage_type in ("dpo", "orpo", "simpo")
+    dropout = adapter.dropout > 0 and not (preference and disable_dropout)
+    adapted = [(n, i, o) for n, i, o in shape.linears if _targeted(n, adapter.target_modules)]
+    r, per_layer = adapter.r, adapted[: len(adapted) // max(shape.layers, 1)]
+    trainable = sum(r * (i + o) + (o if adapter.method == "dora" else 0) for _, i, o in adapted)
+    norms = sum(o for _, _, o in adapted) * 8 if adapter.method == "dora" else 0  # DoRA's cached ||W||^2, 1/norm
+    seqs = train.batch_size * (2 if preference else 1)  # chosen + rejected in one batch
+    tokens = seqs * train.max_length
+    h = shape.hidden
+    layer = tokens * _layer_saved(shape, per_layer, r, e, u, dropout)
+    # gradient checkpointing keeps each layer's input (and the final norm's); otherwise every layer's saved set
+    final_norm = tokens * h * 4
+    kept = tokens * h * e * shape.layers if train.gradient_checkpointing else layer * shape.layers
+    kept += final_norm
+    head_tokens = seqs * (train.max_length - 1)
+    if stage_type in ("sft", "dpo"):
+        # TRL's fused LM head: the final hidden states it saves and their fp32 gradient, and its logit tile buffer,
+        # (tokens x 32768 columns whatever the vocabulary); without Triton (CPU) the tile math runs as torch ops
+        # with a few fp32 temporaries of the tile's used columns
+        rows = min(head_tokens, LOGIT_TOKENS)
+        head = head_tokens * h * (e + 4) + rows * LOGIT_VOCAB * e
+        if device == "cpu":
+            head += CPU_TILE_TEMPS * rows * min(shape.vocab, LOGIT_VOCAB) * 4
+    else:  # ORPO / CPO (SimPO) materialise the logits, an fp32 log-softmax and its gradient (not measured)
+        head = head_tokens * shape.vocab * (e + 8)
+    # the peak: the LM head's backward on top of everything saved, or (with checkpointing) one layer recomputed
+    # with its saved set and the gradients in flight; the reference forward (policy saved + its head) is lower
+    in_flight = tokens * (2 * h + 2 * max(h, shape.intermediate, shape.q_dim)) * e
+    recompute = layer + in_flight if train.gradient_checkpointing else 0
+    comp = {
+        "base_weights": _weights(shape, quantization, wbytes),
+        "adapter": trainable * 4 + norms,  # fp32: prefopt keeps the trainable adapter in fp32 (see stages.common)
+        "gradients": trainable * 4 * (2 if gpus > 1 else 1),  # + DDP's gradient buckets
+        "optimizer": trainable * _optimizer_bytes(train.optim),
+        # TRL's frozen "ref" copy of the adapter (with precompute too: it computes the log-probs)
+        "reference": trainable * 4 + norms if stage_type == "dpo" and reference == "previous_stage" else 0,
+        "activations": kept + recompute if recompute > head else kept,
+        "logits": 0 if recompute > head else head,
+    }
+    return {"components": comp, "peak_bytes": sum(comp.values()), "tokens": tokens,
+            "sequence_length": train.max_length, "adapter_dropout": dropout}
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def parse_size(text: str | int) -> int:
+    """'24GB' / '24G' (10^9 bytes), '24GiB' (2^30), '512MiB', '80e9' or a number of bytes -> bytes."""
+    import re
+
+    from .config import PrefoptError
+
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+             "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise PrefoptError(f"--gpu-memory: '{text}' is not a size; give e.g. 24GB, 24GiB, 80G or a number of bytes")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def stage_settings(stage) -> dict:
+    """The values of one recipe stage the estimate reads (the stage section itself is not passed on)."""
+    return {"name": stage.name, "type": stage.type, "train": stage.train,
+            "reference": getattr(stage, "reference", None),
+            "disable_dropout": bool(stage.trainer_kwargs.get("disable_dropout", True))}
+
+
+def _estimate(shape, s: dict, common: dict, **train_changes) -> dict:
+    train = s["train"].model_copy(update=train_changes) if train_changes else s["train"]
+    return estimate_stage(shape, stage_type=s["type"], train=train, reference=s["reference"],
+                          disable_dropout=s["disable_dropout"], **common)
+
+
+def suggestions(shape, s: dict, common: dict, budget: int, index: int) -> list[dict]:
+    """The nearest settings that fit `budget`: each one change (or checkpointing plus one change), with its peak
+    and the --set overrides that make it. Effective batch (batch_size x grad_accum) is kept where batch changes.
+    precompute_ref_log_probs is never among them: it does not lower the peak (see estimate_stage)."""
+    t = s["train"]
+    key = f"stages.{index}.train"
+    out = []
+
+    def add(changes: dict, note: str):
+        peak = _estimate(shape, s, common, **changes)["peak_bytes"]
+        if peak <= budget:
+            out.append({"set": {f"{key}.{k}": v for k, v in changes.items()}, "peak_bytes": peak, "note": note})
+            return True
+        return False
+
+    for gc in ([False, True] if not t.gradient_checkpointing else [False]):
+        base = {"gradient_checkpointing": True} if gc else {}
+        head = "gradient_checkpointing on" + (", " if gc else "")
+        if gc and add(base, "gradient_checkpointing on"):
+            continue  # checkpointing alone fits: the combinations below only cost more steps
+        bs = t.batch_size
+        while bs > 1:
+            bs //= 2
+            ga = -(-t.batch_size * t.grad_accum // bs)
+            if add({**base, "batch_size": bs, "grad_accum": ga},
+                   (head if gc else "") + f"batch_size {bs} x grad_accum {ga} (same effective batch)"):
+                break
+        length = (t.max_length - 1) // 64 * 64
+        while length >= 64:
+            if add({**base, "max_length": length}, (head if gc else "") + f"max_length {length} (longer rows cut)"):
+                break
+            length -= 64
+    return sorted(out, key=lambda x: -x["peak_bytes"])[:4]
+
+
+def memory_plan(shape: ModelShape, *, quantization: str, dtype: str, adapter, stages: list[dict],
+                gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> dict:
+    """The plan of every stage (`stages` from stage_settings): components in bytes, peak, fits, suggestions."""
+    common = dict(quantization=quantization, dtype=dtype, adapter=adapter, device=device, gpus=gpus)
+    out = []
+    for i, s in enumerate(stages):
+        est = _estimate(shape, s, common)
+        fits = None if gpu_memory is None else est["peak_bytes"] <= gpu_memory
+        out.append({"stage": s["name"], "type": s["type"], **est, "fits": fits,
+                    "suggestions": suggestions(shape, s, common, gpu_memory, i) if fits is False else []})
+    return {"device": device, "gpus": gpus, "gpu_memory_bytes": gpu_memory,
+            "sequence_length": "max_length (every sequence at the cut: the worst case)", "stages": out}
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The human table: one row per stage, components and peak in GiB (MiB for small models), fit and fixes."""
+    big = max((st["peak_bytes"] for st in plan["stages"]), default=0) >= GiB
+    unit, div = ("GiB", GiB) if big else ("MiB", 2**20)
+    names = ["base_weights", "adapter", "gradients", "optimizer", "reference", "activations", "logits"]
+    heads = ["weights", "adapter", "grads", "optim", "ref", "activ", "logits", "peak"]
+    budget = plan["gpu_memory_bytes"]
+    lines = [f"# memory plan ({unit} per device, {plan['device']}, {plan['gpus']} device(s); sequences at max_length)",
+             f"    {'stage':18}" + "".join(f"{h:>9}" for h in heads)
+             + (f"  fits {budget / 1e9:.3g} GB" if budget else "")]
+    for st in plan["stages"]:
+        vals = [st["components"][n] for n in names] + [st["peak_bytes"]]
+        fit = "" if st["fits"] is None else ("  yes" if st["fits"] else "  NO")
+        lines.append(f"    {st['stage'][:18]:18}" + "".join(f"{v / div:9.2f}" for v in vals) + fit)
+        for sug in st["suggestions"]:
+            sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
+            lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")
+        if st["fits"] is False and not st["suggestions"]:
+            lines.append("      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a larger device")
+    if budget is None:
+        lines.append("    (give --gpu-memory, e.g. 24GB, to check the fit)")
+    return lines

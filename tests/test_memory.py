@@ -1,0 +1,117 @@
+"""The memory plan (prefopt.memory, `prefopt plan --json`) against measured peaks of real trainer steps on CPU.
+
+The measurement (scripts/measure_memory.py) is exact at the allocator: the model's tensors before the stage plus the
+largest number of bytes c10's CPU allocator had handed out and not yet taken back during two optimizer steps of the
+stage's TRL trainer. The plan must be within 15% of it for every configuration here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import DEMO_DATA, write_jsonl
+
+@pytest.fixture(scope="module")
+def test_models(tmp_path_factory, tiny_model):
+    """The measurement script's test models (mid: 8 layers, hidden 384; wide: 2 layers, hidden 1024), built once."""
+    from measure_memory import build_model
+
+    root = tmp_path_factory.mktemp("mem-models")
+    return {"tiny": tiny_model, "mid": build_model("mid", root), "wide": build_model("wide", root)}
+
+
+def plan_json(recipe_raw: dict, tmp_path, *args) -> dict:
+    from prefopt.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_raw))
+    res = CliRunner().invoke(main, ["plan", str(path), "--json", *args])
+    assert res.exit_code == 0, res.stderr + str(res.exception)
+    return json.loads(res.stdout)  # stdout holds the JSON and nothing else
+
+
+def one_stage_recipe(model, data, stage_type, *, quantization, gc, batch_size, max_length, reference=None) -> dict:
+    stage = {"name": stage_type, "type": stage_type,
+             "data": {"path": str(data), "eval_fraction": 0.0, "quality": {"dedup": "none"}},
+             "train": {"batch_size": batch_size, "grad_accum": 1, "max_length": max_length, "max_steps": 2,
+                       "gradient_checkpointing": gc, "optim": "adamw_torch", "checkpoint_every": "off"}}
+    if stage_type == "dpo":
+        stage.update(reference="previous_stage", precompute_ref_log_probs=reference == "precompute")
+    return {"name": "mem", "seed": 0, "model": {"name_or_path": str(model), "quantization": quantization,
+                                                "dtype": "float32"},
+            "adapter": {"method": "dora", "r": 8, "alpha": 16, "dropout": 0.05}, "stages": [stage]}
+
+
+CONFIGS = [  # model, stage, quantization, gradient checkpointing, batch size, max_length; the mid-size ones long
+    ("tiny", "sft", "none", False, 2, 128),  # enough that saved activations outweigh the LM head's tile buffer
+    ("mid", "sft", "none", False, 2, 512),
+    ("mid", "sft", "nf4", True, 2, 512),
+    ("mid", "dpo", "none", False, 1, 512),
+    ("mid", "dpo", "nf4", True, 1, 512),
+    ("wide", "sft", "nf4", True, 1, 512),  # checkpointing's peak: one layer recomputed, not the LM head
+]
+
+
+@pytest.mark.parametrize("name,stage_type,quant,gc,bs,length", CONFIGS,
+                         ids=["-".join(map(str, c)) for c in CONFIGS])
+def test_plan_json_within_15_percent_of_the_measured_peak(name, stage_type, quant, gc, bs, length, test_models,
+                                                          tmp_path):
+    from measure_memory import long_rows, measure
+
+    model = test_models[name]
+    got = measure(model, stage_type, quantization=quant, gradient_checkpointing=gc, batch_size=bs,
+                  max_length=length)
+    measured = got["measured_bytes"]
+    data = write_jsonl(tmp_path / "rows.jsonl", long_rows(stage_type, 4))
+    plan = plan_json(one_stage_recipe(model, data, stage_type, quantization=quant, gc=gc, batch_size=bs,
+                                      max_length=length), tmp_path, "--device", "cpu")
+    (st,) = plan["stages"]
+    assert st["peak_bytes"] == sum(st["components"].values())
+    c = st["components"]
+    weights = c["base_weights"] + c["adapter"]  # what lives before the trainer is built (it makes DPO's "ref" copy)
+    assert 0.85 <= weights / got["baseline_bytes"] <= 1.15, (weights, got["baseline_bytes"])
+    ratio = st["peak_bytes"] / measured
+    assert 0.85 <= ratio <= 1.15, f"estimate {st['peak_bytes']:,} vs measured {measured:,} B: ratio {ratio:.3f}; " \
+                                  f"components {st['components']}"
+
+
+def test_every_suggestion_fits_when_applied(tiny_model, tmp_path):
+    """A stage that does not fit gets settings that do; applying each one's --set overrides makes the plan fit."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [json.loads(r) for r in (DEMO_DATA / "prefs.jsonl").read_text()
+                                                  .splitlines()[:20]])
+    raw = one_stage_recipe(tiny_model, data, "dpo", quantization="nf4", gc=False, batch_size=8, max_length=256)
+    plan = plan_json(raw, tmp_path, "--gpu-memory", "150MB")
+    (st,) = plan["stages"]
+    assert st["fits"] is False and st["peak_bytes"] > 150e6
+    assert st["suggestions"], "a stage that does not fit names settings that do"
+    for sug in st["suggestions"]:
+        assert sug["peak_bytes"] <= 150e6
+        sets = [a for k, v in sug["set"].items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        again = plan_json(raw, tmp_path, "--gpu-memory", "150MB", *sets)
+        assert again["stages"][0]["fits"] is True, sug
+        assert again["stages"][0]["peak_bytes"] == sug["peak_bytes"]
+    kinds = {k.rsplit(".", 1)[-1] for s in st["suggestions"] for k in s["set"]}
+    assert {"batch_size", "max_length"} <= kinds
+    batch = next(s for s in st["suggestions"] if "stages.0.train.batch_size" in s["set"])["set"]
+    assert batch["stages.0.train.batch_size"] * batch["stages.0.train.grad_accum"] == 8  # effective batch kept
+
+
+def test_gpu_memory_sizes_and_a_bad_one(tiny_model, tmp_path):
+    from prefopt.cli import main
+    from prefopt.memory import parse_size
+
+    assert parse_size("24GB") == 24 * 10**9 == parse_size("24G") == parse_size("24e9")
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size(1000) == 1000
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(one_stage_recipe(tiny_model, DEMO_DATA / "sft.jsonl", "sft", quantization="nf4",
+                                                    gc=True, batch_size=2, max_length=64)))
+    res = CliRunner().invoke(main, ["plan", str(path), "--gpu-memory", "24 bananas"])
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "--gpu-memory: '24 bananas' is not a size" in res.stderr
+    res = CliRunner().invoke(main, ["plan", str(path), "--gpu-memory", "24GiB", "--gpus", "2"])
+    assert res.exit_code == 0, res.stderr
+    assert "# memory plan (MiB per device, cuda, 2 device(s)" in res.stdout and "  yes" in res.stdout
