@@ -41,6 +41,7 @@ class RunResult:
     run_dir: Path
     stages: list[StageResult] = field(default_factory=list)
     merge_report: dict | None = None
+    eval_log: dict | None = None
 
     @property
     def final_adapter(self) -> Path | None:
@@ -127,8 +128,9 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         "created_at": old.get("created_at") or _now(),
         "stages": [],
     }
-    if old.get("merge"):
-        manifest["merge"] = old["merge"]
+    for key in ("eval", "merge"):
+        if old.get(key):
+            manifest[key] = old[key]
 
     def save_manifest():
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
@@ -201,9 +203,102 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         prev_adapter = stage_dir / "adapter"
 
     save_manifest()
-    if recipe.merge is not None:
-        result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
+    try:
+        if recipe.eval is not None:
+            result.eval_log = evaluate_final(recipe, run_dir, manifest, checked.data, save_manifest, echo)
+        if recipe.merge is not None:
+            result.merge_report = merge_final(recipe, run_dir, manifest, save_manifest, echo)
+    finally:  # the report shows a run stopped by a gate too
+        write_report(run_dir, echo)
     return result
+
+
+def write_report(run_dir: Path, echo) -> None:
+    from .report import build_report
+
+    echo(f"prefopt: report: {build_report(run_dir)}")
+
+
+def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
+    """What an evaluation depends on: the eval section, every stage's inputs and the adapters it reads."""
+    ev = recipe.eval
+    stages = manifest["stages"] if ev.after == "every_stage" else manifest["stages"][-1:]
+    return recipe.section_hash(ev.model_dump(mode="json"), [s["inputs_hash"] for s in manifest["stages"]],
+                               [adapter_hash(run_dir / s["adapter"]) for s in stages])
+
+
+def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, save_manifest, echo,
+                   force: bool = False) -> dict:
+    """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
+    exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
+    from .config import GateFailed
+    from .eval import ModelSpec, StageEval, describe, evaluate_run
+
+    key = eval_inputs(recipe, manifest, run_dir)
+    log = runfolder.read_eval_log(run_dir)
+    if not force and log is not None and log.get("inputs_hash") == key and (manifest.get("eval") or {}).get(
+            "inputs_hash") == key:
+        echo("prefopt: eval: done and unchanged, skipped")
+    else:
+        manifest["eval"] = {"status": "running", "inputs_hash": key, "path": f"{runfolder.EVAL}/{runfolder.EVAL_LOG}"}
+        save_manifest()
+        m, a = recipe.model, recipe.adapter
+        spec = ModelSpec(recipe.model_path(), m.quantization, m.dtype, m.revision, m.trust_remote_code,
+                         m.chat_template, a.dora_impl, a.dora_dropout)
+        stages = [StageEval(name=e["name"], type=e["type"], adapter=run_dir / e["adapter"],
+                            eval_rows=d.eval.to_list() if d.eval is not None else [], metrics=e.get("metrics") or {},
+                            files=list(d.files), train_rows=len(d.train))
+                  for e, d in zip(manifest["stages"], data)]
+        try:
+            log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=recipe.eval.seed or recipe.seed,
+                               run_id=manifest["run_id"], recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(),
+                               inputs_hash=key, adapter_hash=adapter_hash(stages[-1].adapter),
+                               wandb=recipe.tracking.wandb, group=f"{recipe.name}-{manifest['run_id']}", echo=echo)
+        except BaseException:
+            manifest["eval"]["status"] = "failed"
+            save_manifest()
+            raise
+        failed = runfolder.failed_gates(log)
+        manifest["eval"].update(status="done", passed=log["passed"], gates_failed=[g["name"] for g in failed])
+        save_manifest()
+        echo(f"prefopt: eval: {describe(log)}")
+    if not log.get("passed"):
+        raise GateFailed(f"{runfolder.gate_line(runfolder.failed_gates(log))}; the run stops before the merge "
+                         f"(see {run_dir / runfolder.EVAL / runfolder.EVAL_LOG})")
+    return log
+
+
+def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
+    """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
+    section, or the defaults when it has none). Raises GateFailed when a gate fails."""
+    from .config import PrefoptError, load_recipe
+    from .data import load_stage_data
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest is None or not (run_dir / runfolder.RECIPE).is_file():
+        raise PrefoptError(f"{run_dir}: not a prefopt run folder (no run.json / recipe.yaml)")
+    import yaml
+
+    raw_eval = (yaml.safe_load((run_dir / runfolder.RECIPE).read_text()) or {}).get("eval")
+    ov = list(overrides or [])
+    if raw_eval is None:
+        ov = ["eval={}"] + ov
+    recipe = load_recipe(run_dir / runfolder.RECIPE, ov)
+    unfinished = [s["name"] for s in manifest.get("stages", []) if s.get("status") != "done"]
+    if unfinished or len(manifest.get("stages", [])) != len(recipe.stages):
+        raise PrefoptError(f"{run_dir}: stages not finished ({', '.join(unfinished) or 'the recipe changed'}); "
+                           f"finish the run first (prefopt run {run_dir / runfolder.RECIPE})")
+    checked = preflight(recipe, echo=echo)
+    data = checked.data or [load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir) for st in recipe.stages]
+
+    def save_manifest():
+        write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+    try:
+        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=True)
+    finally:
+        write_report(run_dir, echo)
 
 
 def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
@@ -218,6 +313,10 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
     if report is not None:
         echo("prefopt: merge: done and unchanged, skipped")
+        if runfolder.read_eval_log(run_dir) is not None:  # the evaluation or its reviews may be newer
+            from .eval.card import write_model_card
+
+            write_model_card(out, run_dir)
         return report
     thresholds = Thresholds(mc.max_rel_logit_diff, mc.mean_kl, mc.min_top1_agreement)
     manifest["merge"] = {"status": "running", "path": "merged", "inputs_hash": key}
