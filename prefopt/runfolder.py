@@ -288,7 +288,7 @@ def failed_gates(log: dict | None) -> list[dict]:
 
 def gate_line(gates: list[dict]) -> str:
     """One line naming each failed gate and its figures."""
-    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, threshold {_fmt(g['threshold'])}"
+    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, needs at least {_fmt(g['threshold'])}"
                      for g in gates)
 
 

@@ -18,6 +18,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["WANDB_MODE"] = "offline"  # never reach the network, whatever the recipe says
+# the evaluation's user-level cache (base MMLU results): one per test session, never the user's own
+os.environ["PREFOPT_CACHE"] = __import__("tempfile").mkdtemp(prefix="prefopt-test-cache-")
 
 DEMO_DATA = ROOT / "data" / "demo"
 

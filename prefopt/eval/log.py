@@ -65,15 +65,15 @@ def check_gates(gates, *, mmlu: dict | None, heldout: dict, last_preference: str
 
     if gates.max_mmlu_drop is not None:
         delta = mmlu.get("delta_points") if mmlu else None
-        judge("max_mmlu_drop", "MMLU delta in points (tuned - base), at least", -gates.max_mmlu_drop, delta,
+        judge("max_mmlu_drop", "MMLU delta in points (tuned - base)", -gates.max_mmlu_drop, delta,
               lambda v: v >= -gates.max_mmlu_drop)
     if gates.min_reward_accuracy is not None:
         acc = (heldout.get(last_preference) or {}).get("reward_accuracy") if last_preference else None
-        judge("min_reward_accuracy", f"held-out reward accuracy ({last_preference or 'no preference stage'}), at least",
+        judge("min_reward_accuracy", f"held-out reward accuracy ({last_preference or 'no preference stage'})",
               gates.min_reward_accuracy, acc, lambda v: v >= gates.min_reward_accuracy)
     if gates.min_task_delta is not None:
         delta = (heldout.get(last_stage) or {}).get("task_delta")
-        judge("min_task_delta", f"held-out task delta ({last_stage}), at least", gates.min_task_delta, delta,
+        judge("min_task_delta", f"held-out task delta ({last_stage})", gates.min_task_delta, delta,
               lambda v: v >= gates.min_task_delta)
     return out
 
