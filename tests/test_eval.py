@@ -90,6 +90,14 @@ def test_the_base_is_scored_with_the_adapter_disabled(run, tiny_model, mmlu_dir)
     cached = json.loads((run / "eval" / "mmlu_base.json").read_text())["items"]
     assert [(i["subject"], i["id"], i["correct"]) for i in items] == \
         [(i["subject"], i["id"], i["correct"]) for i in cached]
+    for plain_item, base_item in zip(items, cached):
+        assert plain_item["loglik"] == pytest.approx(base_item["loglik"], abs=1e-4)
+    # ... and the tuned model is another model: its log-likelihoods moved
+    from prefopt.eval import ModelSpec, _load
+
+    tuned, tok = _load(ModelSpec(str(tiny_model), "nf4", "float32"), run / "stages" / "01-dpo" / "adapter")
+    moved = mmlu.score(tuned, tok, path=str(mmlu_dir), num_fewshot=1, limit=None, batch_size=8, seed=0)
+    assert max(abs(a - b) for t, c in zip(moved, cached) for a, b in zip(t["loglik"], c["loglik"])) > 1e-3
 
 
 def test_heldout_metrics_per_stage(run):
@@ -185,11 +193,17 @@ def test_prefopt_eval_reruns_the_evaluation(run, tmp_path):
     shutil.copytree(run, copy)
     (copy / "eval" / "completions.jsonl").unlink()
     res = CliRunner().invoke(main, ["eval", str(copy), "--set", "eval.completions.n=2", "--set",
-                                    "eval.gates.min_reward_accuracy=0.0"])
+                                    "eval.gates.min_reward_accuracy=0.0", "--set", "eval.after=every_stage"])
     assert res.exit_code == 0, res.output
     assert len((copy / "eval" / "completions.jsonl").read_text().splitlines()) == 2
     log = json.loads((copy / "eval" / "eval_log.json").read_text())
     assert [g["name"] for g in log["gates"]] == ["max_mmlu_drop", "min_reward_accuracy"]
+    # every_stage: the SFT adapter was evaluated too (MMLU against the same base items, held-out metrics)
+    sft = log["per_stage"]["sft"]
+    assert sft["mmlu"]["tuned"]["n"] == log["mmlu"]["tuned"]["n"] and "perplexity" in sft["heldout"]
+    # the evaluation is a W&B run of its own, with the completions as a table (offline in the tests)
+    blobs = [p.read_bytes() for p in (copy / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert any(b"completions" in b and b"mmlu/delta_points" in b for b in blobs)
 
 
 def test_paired_standard_error():

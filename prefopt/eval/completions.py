@@ -55,7 +55,7 @@ def show(prompt) -> str:
     return prompt
 
 
-def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: int, batch_size: int = 8) -> list[str]:
+def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: int, batch_size: int = 32) -> list[str]:
     """Greedy completions of each prompt by `model` as it is (the caller chooses adapter on or off)."""
     import torch
     from transformers import set_seed

@@ -31,6 +31,9 @@ def sft_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict, *, seed
     if not short:
         return out
     prompts, refs = [prompt_of(r) for r in short], [reference_of(r) for r in short]
+    # a short answer needs few tokens: generating far past the longest reference only costs time
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+    max_new_tokens = min(max_new_tokens, longest + 8)
     with model.disable_adapter():
         base = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     tuned = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)

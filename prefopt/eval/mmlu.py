@@ -188,23 +188,27 @@ def build_tasks(path: str, num_fewshot: int) -> list:
 
 
 def score(model, tokenizer, *, path: str, num_fewshot: int, limit: int | None, batch_size: int, seed: int) -> list[dict]:
-    """Per-item results of one model: [{subject, id, correct, doc_hash}] in a fixed order."""
+    """Per-item results of one model: [{subject, id, correct, doc_hash, loglik}] in a fixed order."""
     import logging
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    from lm_eval.tasks import TaskManager
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # the tasks are built here, so lm-eval need not index its thousands of task files (seconds per call)
     out = simple_evaluate(model=lm, tasks=build_tasks(path, num_fewshot), num_fewshot=num_fewshot, limit=limit,
-                          log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                          task_manager=TaskManager(include_defaults=False), log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                           torch_random_seed=seed, fewshot_random_seed=seed)
     items = []
     for task, samples in sorted(out["samples"].items()):
         subject = task.removeprefix(TASK_PREFIX)
         for smp in sorted(samples, key=lambda x: int(x["doc_id"])):
             items.append({"subject": subject, "id": int(smp["doc_id"]), "correct": bool(float(smp["acc"]) > 0.5),
-                          "doc_hash": smp.get("doc_hash")})
+                          "doc_hash": smp.get("doc_hash"),
+                          "loglik": [float(r[0]) for r in smp["filtered_resps"]]})  # per choice A-D
     return items
 
 
