@@ -245,3 +245,30 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     out = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.count("data:image/png;base64") >= 3
+
+
+def test_eval_section_schema(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    raw = {"name": "x", "model": {"name_or_path": "m"}, "stages": [{"name": "s", "type": "sft", "data": {"path": str(data)}}]}
+    assert recipe_from_dict(raw).eval is None  # no eval: section, no evaluation (runs as before)
+    ev = recipe_from_dict({**raw, "eval": {}}).eval
+    assert (ev.after, ev.mmlu.path, ev.mmlu.num_fewshot, ev.mmlu.limit) == ("last", "cais/mmlu", 5, None)
+    assert (ev.completions.n, ev.completions.max_new_tokens, ev.gates.max_mmlu_drop) == (25, 256, 2.0)
+    assert recipe_from_dict({**raw, "eval": {"mmlu": None}}).eval.mmlu is None
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({**raw, "eval": {"mmlu": {"limt": 5}, "after": "sometimes", "completions": {"n": -1}}})
+    msg = str(e.value)
+    assert "eval.mmlu.limt: unknown key; did you mean limit?" in msg
+    assert "eval.after" in msg and "eval.completions.n" in msg
+    from prefopt.config import EvalSection
+
+    def fields(model):
+        for name, f in model.model_fields.items():
+            yield name, f
+            ann = next((a for a in (f.annotation, *getattr(f.annotation, "__args__", ())) if isinstance(a, type)
+                        and hasattr(a, "model_fields")), None)
+            if ann is not None:
+                yield from fields(ann)
+
+    assert all(f.description for _, f in fields(EvalSection)), "help text on every eval field"
