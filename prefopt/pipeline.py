@@ -228,7 +228,7 @@ def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
 
 
 def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, save_manifest, echo,
-                   force: bool = False) -> dict:
+                   force: bool = False, withdraw_merged: bool = True) -> dict:
     """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
     exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
     from .config import GateFailed
@@ -263,6 +263,15 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
         save_manifest()
         echo(f"prefopt: eval: {describe(log)}")
     if not log.get("passed"):
+        merged = run_dir / runfolder.MERGED
+        if merged.exists() and withdraw_merged:
+            # an earlier merge of a model that now fails a gate must not sit there as the run's result
+            shutil.rmtree(merged)
+            manifest.pop("merge", None)
+            save_manifest()
+            echo(f"prefopt: eval: removed {merged}, an earlier merge; the model fails a gate now")
+        elif merged.exists():
+            echo(f"prefopt: eval: warning: {merged} holds an earlier merge of a model that fails a gate now")
         raise GateFailed(f"{runfolder.gate_line(runfolder.failed_gates(log))}; the run stops before the merge "
                          f"(see {run_dir / runfolder.EVAL / runfolder.EVAL_LOG})")
     return log
@@ -296,7 +305,7 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
 
     try:
-        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=True)
+        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=True, withdraw_merged=False)
     finally:
         write_report(run_dir, echo)
 

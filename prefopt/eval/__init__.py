@@ -77,7 +77,9 @@ def _mmlu(model, tok, cfg, spec: ModelSpec, run_dir: Path, seed: int, echo) -> d
 
     m = cfg.mmlu
     data_fp = mmlu.data_fingerprint(m.path, m.num_fewshot, m.limit)
-    key = hashlib.sha256(json.dumps([spec.identity(), data_fp, seed]).encode()).hexdigest()[:16]
+    # the base's result depends on the base and the items/prompts, not on the seed (few-shot examples are the
+    # first n of dev, choices are scored by log-likelihood): a sweep over seeds or betas reuses it
+    key = hashlib.sha256(json.dumps([spec.identity(), data_fp]).encode()).hexdigest()[:16]
     cached = [cache_dir() / f"mmlu-base-{key}.json", run_dir / runfolder.EVAL / "mmlu_base.json"]
     base = None
     for p in cached:
