@@ -52,6 +52,8 @@ def _e(x) -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return _e(v)
@@ -151,9 +153,9 @@ def build_report(run_dir: str | Path) -> Path:
 
     if log:
         body.append("<h2>Held-out metrics (final model)</h2>")
-        keys = sorted({k for h in (log.get("heldout") or {}).values() for k in h})
-        body.append(_table([[name] + [h.get(k, "") for k in keys] for name, h in (log.get("heldout") or {}).items()],
-                           ["stage"] + keys))
+        held = log.get("heldout") or {}
+        keys = sorted({k for h in held.values() for k in h})
+        body.append(_table([[k] + [h.get(k) for h in held.values()] for k in keys], ["metric", *held]))
         for name, entry in (log.get("per_stage") or {}).items():
             h = entry.get("heldout") or {}
             body.append(f"<p>after stage {_e(name)}: " + ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in h.items()) + "</p>")

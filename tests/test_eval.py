@@ -137,8 +137,8 @@ def test_report_holds_the_plots_and_the_data_report(run):
     p.close()
     pngs = [s for s in p.imgs if s.startswith("data:image/png;base64,")]
     assert len(pngs) >= 3, "training loss, DPO rewards, MMLU per subject"
-    assert "near_duplicate_marker" in text and "Completions (5" in text and "http" not in text.replace(
-        "http-equiv", "")
+    assert "near_duplicate_marker" in text and "Completions (5" in text
+    assert all(src.startswith("data:") for src in p.imgs) and "<script" not in text and 'href="http' not in text
 
 
 def test_review_is_recorded_and_shown(run):
