@@ -220,10 +220,12 @@ def write_report(run_dir: Path, echo) -> None:
 
 
 def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
-    """What an evaluation depends on: the eval section, every stage's inputs and the adapters it reads."""
+    """What an evaluation's figures depend on: the eval section (its gates aside: they only judge the figures),
+    every stage's inputs and the adapters it reads."""
     ev = recipe.eval
     stages = manifest["stages"] if ev.after == "every_stage" else manifest["stages"][-1:]
-    return recipe.section_hash(ev.model_dump(mode="json"), [s["inputs_hash"] for s in manifest["stages"]],
+    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}),
+                               [s["inputs_hash"] for s in manifest["stages"]],
                                [adapter_hash(run_dir / s["adapter"]) for s in stages])
 
 
@@ -232,13 +234,16 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
     """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
     exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
     from .config import GateFailed
-    from .eval import ModelSpec, StageEval, describe, evaluate_run
+    from .eval import ModelSpec, StageEval, describe, evaluate_run, regate
 
     key = eval_inputs(recipe, manifest, run_dir)
     log = runfolder.read_eval_log(run_dir)
     if not force and log is not None and log.get("inputs_hash") == key and (manifest.get("eval") or {}).get(
             "inputs_hash") == key:
-        echo("prefopt: eval: done and unchanged, skipped")
+        log = regate(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
+        manifest["eval"].update(passed=log["passed"], gates_failed=[g["name"] for g in runfolder.failed_gates(log)])
+        save_manifest()
+        echo(f"prefopt: eval: figures unchanged, not evaluated again; {describe(log)}")
     else:
         manifest["eval"] = {"status": "running", "inputs_hash": key, "path": f"{runfolder.EVAL}/{runfolder.EVAL_LOG}"}
         save_manifest()

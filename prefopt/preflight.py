@@ -64,6 +64,8 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
         checked.dropped.append(dropped)
         if configs[i] is not None and len(data.train):
             problems += check_schedule(recipe, i, configs[i], len(data.train))
+    if checked.data and checked.data[-1] is not None:
+        problems += check_completion_prompts(recipe, checked.data[-1])
     if problems:
         raise RecipeError(problems, recipe._source)
     for w in checked.warnings:
@@ -209,6 +211,19 @@ def check_eval(recipe: Recipe) -> list[str]:
         problems.append(f"{recipe.locate('eval', 'gates', 'min_reward_accuracy')}: the recipe has no preference "
                         "stage to measure a reward accuracy on")
     return problems
+
+
+def check_completion_prompts(recipe: Recipe, last_data) -> list[str]:
+    """Completions come from the last stage's held-out rows unless a prompts file is given: enough of them."""
+    ev = recipe.eval
+    if ev is None or ev.completions.prompts or ev.completions.n == 0:
+        return []
+    held = len(last_data.eval) if last_data.eval is not None else 0
+    if held >= ev.completions.n:
+        return []
+    return [f"{recipe.locate('eval', 'completions', 'n')}: {ev.completions.n} completions, but the last stage "
+            f"'{recipe.stages[-1].name}' holds out {held} rows to take prompts from; lower n, raise its "
+            "eval_fraction, or give eval.completions.prompts"]
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -177,7 +177,8 @@ def test_an_impossible_gate_stops_before_the_merge(run, tmp_path):
     assert not (copy / "merged").exists()
     log = json.loads((copy / "eval" / "eval_log.json").read_text())
     assert log["passed"] is False and log["gates"][0]["verdict"] == "fail"
-    assert log["mmlu"]["base_cached_from"], "the base result came from the cache, not a second evaluation"
+    assert log["gates"][0]["threshold"] == 100 and log["config"]["eval"]["gates"]["max_mmlu_drop"] == -100
+    assert "not evaluated again" in res.output, "a new gate judges the same figures"
     manifest = json.loads((copy / "run.json").read_text())
     assert manifest["eval"]["passed"] is False and manifest["eval"]["gates_failed"] == ["max_mmlu_drop"]
     # prefopt merge refuses it (exit 3) unless --ignore-gates
@@ -198,6 +199,7 @@ def test_prefopt_eval_reruns_the_evaluation(run, tmp_path):
     assert len((copy / "eval" / "completions.jsonl").read_text().splitlines()) == 2
     log = json.loads((copy / "eval" / "eval_log.json").read_text())
     assert [g["name"] for g in log["gates"]] == ["max_mmlu_drop", "min_reward_accuracy"]
+    assert log["mmlu"]["base_cached_from"], "the base result came from the cache, not a second evaluation"
     # every_stage: the SFT adapter was evaluated too (MMLU against the same base items, held-out metrics)
     sft = log["per_stage"]["sft"]
     assert sft["mmlu"]["tuned"]["n"] == log["mmlu"]["tuned"]["n"] and "perplexity" in sft["heldout"]
@@ -234,6 +236,10 @@ def test_preflight_names_the_bad_eval_files(tiny_model, data, mmlu_dir, tmp_path
     raw = eval_recipe(tiny_model, data, bad)
     raw["eval"]["mmlu"]["path"] = "nobody/no-such-mmlu"
     with pytest.raises(RecipeError, match="eval.mmlu.path: 'nobody/no-such-mmlu' is not in the local datasets cache"):
+        prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "r2")
+    raw = eval_recipe(tiny_model, data, mmlu_dir)
+    raw["eval"]["completions"]["n"] = 9  # the DPO stage holds out 8 rows
+    with pytest.raises(RecipeError, match="eval.completions.n: 9 completions, but the last stage 'dpo' holds out 8"):
         prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "r2")
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
 

@@ -194,8 +194,7 @@ def evaluate_run(run_dir: Path, *, cfg, spec: ModelSpec, stages: list[StageEval]
         runfolder.write_atomic(out / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         runfolder.write_atomic(out / "completions.md", comp.to_markdown(rows, f"Completions: {run_dir.name}"))
 
-    prefs = [s.name for s in stages if s.type != "sft"]
-    gates = elog.check_gates(cfg.gates, mmlu=mmlu_result, heldout=heldout, last_preference=prefs[-1] if prefs else None,
+    gates = elog.check_gates(cfg.gates, mmlu=mmlu_result, heldout=heldout, last_preference=_last_preference(stages),
                              last_stage=final.name)
     # reviews belong to a model: they carry over only while the final adapter is the one they read
     reviews = [r for r in old.get("reviews", []) if r.get("adapter_hash") == adapter_hash]
@@ -213,6 +212,26 @@ def evaluate_run(run_dir: Path, *, cfg, spec: ModelSpec, stages: list[StageEval]
         from ..tracking import log_eval
 
         log_eval(wandb, run_dir=run_dir, group=group, name=f"{run_dir.name}/eval", log=log, completions=rows)
+    return log
+
+
+def _last_preference(stages) -> str | None:
+    prefs = [s.name for s in stages if s.type != "sft"]
+    return prefs[-1] if prefs else None
+
+
+def regate(run_dir: Path, gates, stages: list[tuple[str, str]]) -> dict:
+    """Judge an existing eval log's figures against (new) gates, without evaluating again; returns the log.
+    `stages` is the recipe's (name, type) list."""
+    from . import log as elog
+
+    log = runfolder.read_eval_log(run_dir)
+    pref = [n for n, t in stages if t != "sft"]
+    log["gates"] = elog.check_gates(gates, mmlu=log.get("mmlu"), heldout=log.get("heldout") or {},
+                                    last_preference=pref[-1] if pref else None, last_stage=stages[-1][0])
+    log["passed"] = all(g["verdict"] == "pass" for g in log["gates"])
+    log["config"]["eval"]["gates"] = gates.model_dump(mode="json")
+    runfolder.write_eval_log(run_dir, log)
     return log
 
 
