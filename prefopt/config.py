@@ -269,6 +269,13 @@ class EvalSection(_Section):
     gates: GatesSection = Field(default_factory=GatesSection, description="Gates checked before the merge.")
     seed: int | None = Field(None, description="Seed for generation and lm-eval (null: the recipe's seed).")
 
+    @model_validator(mode="after")
+    def _mmlu_gate_needs_mmlu(self) -> "EvalSection":
+        if self.mmlu is None and self.gates.max_mmlu_drop is not None:
+            raise ValueError("gates.max_mmlu_drop is set but mmlu is null (nothing to measure the drop on); set "
+                             "mmlu, or gates.max_mmlu_drop: null")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- the recipe
 

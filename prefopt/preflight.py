@@ -204,9 +204,6 @@ def check_eval(recipe: Recipe) -> list[str]:
         elif rp.suffix not in (".jsonl", ".txt"):
             problems.append(f"{where}: {prompts} is not a .jsonl or .txt file")
     g = ev.gates
-    if g.max_mmlu_drop is not None and ev.mmlu is None:
-        problems.append(f"{recipe.locate('eval', 'gates', 'max_mmlu_drop')}: a gate on MMLU with eval.mmlu: null; "
-                        "set eval.mmlu, or max_mmlu_drop: null")
     if g.min_reward_accuracy is not None and not any(s.type in PREFERENCE_TYPES for s in recipe.stages):
         problems.append(f"{recipe.locate('eval', 'gates', 'min_reward_accuracy')}: the recipe has no preference "
                         "stage to measure a reward accuracy on")

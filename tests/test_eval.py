@@ -208,6 +208,13 @@ def test_prefopt_eval_reruns_the_evaluation(run, tmp_path):
     assert any(b"completions" in b and b"mmlu/delta_points" in b for b in blobs)
 
 
+def test_hub_mmlu_subjects_are_lm_evals():
+    from prefopt.eval.mmlu import hub_subjects, is_local
+
+    subjects = hub_subjects()
+    assert len(subjects) == 57 and "abstract_algebra" in subjects and not is_local("cais/mmlu")
+
+
 def test_paired_standard_error():
     from prefopt.eval.mmlu import paired
 
@@ -261,7 +268,9 @@ def test_eval_section_schema(tmp_path):
     ev = recipe_from_dict({**raw, "eval": {}}).eval
     assert (ev.after, ev.mmlu.path, ev.mmlu.num_fewshot, ev.mmlu.limit) == ("last", "cais/mmlu", 5, None)
     assert (ev.completions.n, ev.completions.max_new_tokens, ev.gates.max_mmlu_drop) == (25, 256, 2.0)
-    assert recipe_from_dict({**raw, "eval": {"mmlu": None}}).eval.mmlu is None
+    assert recipe_from_dict({**raw, "eval": {"mmlu": None, "gates": {"max_mmlu_drop": None}}}).eval.mmlu is None
+    with pytest.raises(RecipeError, match="eval: gates.max_mmlu_drop is set but mmlu is null"):
+        recipe_from_dict({**raw, "eval": {"mmlu": None}})
     with pytest.raises(RecipeError) as e:
         recipe_from_dict({**raw, "eval": {"mmlu": {"limt": 5}, "after": "sometimes", "completions": {"n": -1}}})
     msg = str(e.value)
