@@ -392,7 +392,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     failed a gate is refused (GateFailed) unless ignore_gates. With an eval log, merged/README.md is its model card."""
     from .config import GateFailed, load_recipe
     from .data import load_stage_data
-    from .runfolder import failed_gates, gate_line, read_eval_log, read_manifest
+    from .runfolder import adapter_hash, failed_gates, gate_line, read_eval_log, read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -402,6 +402,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     if last["status"] != "done":
         raise MergeError(f"{run_dir}: the last stage '{last['name']}' is {last['status']}; finish the run first")
     log = read_eval_log(run_dir)
+    if log is not None and log.get("adapter_hash") != adapter_hash(run_dir / last["adapter"]):
+        log = None  # an evaluation of an earlier adapter says nothing about this one
     if failed_gates(log) and not ignore_gates:
         raise GateFailed(f"{run_dir}: {gate_line(failed_gates(log))}; refusing to merge (pass --ignore-gates to "
                          "merge anyway)")

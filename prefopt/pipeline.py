@@ -255,9 +255,9 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
                             files=list(d.files), train_rows=len(d.train))
                   for e, d in zip(manifest["stages"], data)]
         try:
-            log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=recipe.eval.seed or recipe.seed,
-                               run_id=manifest["run_id"], recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(),
-                               inputs_hash=key, adapter_hash=adapter_hash(stages[-1].adapter),
+            seed = recipe.seed if recipe.eval.seed is None else recipe.eval.seed
+            log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=seed, run_id=manifest["run_id"],
+                               recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(), inputs_hash=key, adapter_hash=adapter_hash(stages[-1].adapter),
                                wandb=recipe.tracking.wandb, group=f"{recipe.name}-{manifest['run_id']}", echo=echo)
         except BaseException:
             manifest["eval"]["status"] = "failed"
@@ -286,7 +286,6 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
     """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
     section, or the defaults when it has none). Raises GateFailed when a gate fails."""
     from .config import PrefoptError, load_recipe
-    from .data import load_stage_data
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -303,8 +302,8 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
     if unfinished or len(manifest.get("stages", [])) != len(recipe.stages):
         raise PrefoptError(f"{run_dir}: stages not finished ({', '.join(unfinished) or 'the recipe changed'}); "
                            f"finish the run first (prefopt run {run_dir / runfolder.RECIPE})")
-    checked = preflight(recipe, echo=echo)
-    data = checked.data or [load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir) for st in recipe.stages]
+    recipe = runfolder.self_contained(recipe)  # a path given with --set: absolute from here on
+    data = preflight(recipe, echo=echo).data
 
     def save_manifest():
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
