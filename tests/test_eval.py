@@ -206,6 +206,12 @@ def test_prefopt_eval_reruns_the_evaluation(run, tmp_path):
     # the evaluation is a W&B run of its own, with the completions as a table (offline in the tests)
     blobs = [p.read_bytes() for p in (copy / "wandb").glob("offline-run-*/run-*.wandb")]
     assert any(b"completions" in b and b"mmlu/delta_points" in b for b in blobs)
+    # limit: at most this many test questions per subject; other items, so the base is scored again
+    res = CliRunner().invoke(main, ["eval", str(copy), "--set", "eval.mmlu.limit=2"])
+    assert res.exit_code == 0, res.output
+    log = json.loads((copy / "eval" / "eval_log.json").read_text())
+    assert log["mmlu"]["base"]["n"] == log["mmlu"]["tuned"]["n"] == 6 and log["mmlu"]["base_cached_from"] is None
+    assert len((copy / "eval" / "mmlu_items.jsonl").read_text().splitlines()) == 6
 
 
 def test_hub_mmlu_subjects_are_lm_evals():
