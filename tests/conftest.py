@@ -18,10 +18,16 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["WANDB_MODE"] = "offline"  # never reach the network, whatever the recipe says
-# the evaluation's user-level cache (base MMLU results): one per test session, never the user's own
-os.environ["PREFOPT_CACHE"] = __import__("tempfile").mkdtemp(prefix="prefopt-test-cache-")
 
 DEMO_DATA = ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eval_cache(tmp_path_factory):
+    """The evaluation's user-level cache (base MMLU results): one per test session, never the user's own."""
+    path = tmp_path_factory.mktemp("prefopt-cache")
+    os.environ["PREFOPT_CACHE"] = str(path)  # subprocesses (the demo test) inherit it
+    return path
 
 
 @pytest.fixture(scope="session")
