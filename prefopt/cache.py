@@ -21,6 +21,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from . import runfolder
+from .runfolder import adapter_hash
+
 REF_LOGPS = "ref_logps"
 STAGES = "stages"
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -102,3 +105,45 @@ def stored_stage(store: Path | None, inputs_hash: str) -> Path | None:
         return None
     dest = Path(store) / STAGES / inputs_hash
     return dest if (dest / "stage.json").is_file() and (dest / "adapter" / "adapter_config.json").is_file() else None
+
+def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store):
+    """(done, the stage's record, where it was reused from, the checkpoint to resume from, whether there are
+    checkpoints of other inputs) -- read from the run folder and the shared store."""
+    tmp = runfolder.stage_tmp(stage_dir)
+    resume = runfolder.resumable(tmp, inputs)
+    reused = None
+    stored = stored_stage(store, inputs) if resume is None else None
+    if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
+        reuse_stored(stored, stage_dir)
+        meta = json.loads((stored / "stage.json").read_text())
+        reused = meta.get("from")
+        was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
+    if runfolder.stage_done(was, inputs, stage_dir):
+        return True, was, reused, None, False
+    return False, was, None, resume, resume is None and runfolder.last_checkpoint(tmp) is not None
+
+def reuse_stored(stored: Path, stage_dir: Path) -> None:
+    """A stage finished elsewhere with the same inputs: its files, copied into place atomically."""
+    tmp = runfolder.stage_tmp(stage_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(stored, tmp, ignore=shutil.ignore_patterns("stage.json"))
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    os.replace(tmp, stage_dir)
+
+def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
+    """Everything the reference log-probs depend on (not beta or loss_type, which only use them)."""
+    import torch
+
+    from .data import trained_max_length
+
+    st = recipe.stages[i]
+    ref = "base" if (prev_adapter is None or st.reference == "base") else adapter_hash(prev_adapter)
+    kw = {k: v for k, v in st.trainer_kwargs.items()
+          if k in ("truncation_mode", "ld_alpha", "padding_free", "pad_to_multiple_of", "use_logits_to_keep",
+                   "bf16", "fp16", "tf32")}
+    return recipe.section_hash(
+        "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
+        recipe.adapter.model_dump(mode="json"), data.fingerprint,
+        st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
+        trained_max_length(st), kw, "cuda" if torch.cuda.is_available() else "cpu")

@@ -11,8 +11,9 @@ from .config import PrefoptError
 
 
 def _fail(err: Exception) -> None:
+    """A user error: exit code 2; a failed evaluation gate: exit code 3 (GateFailed.exit_code)."""
     click.echo(f"prefopt: error: {err}", err=True)
-    sys.exit(2)
+    sys.exit(getattr(err, "exit_code", 2))
 
 
 def _bug(err: BaseException, run_dir=None) -> None:
@@ -161,8 +162,9 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 @click.option("--max-rel-logit-diff", type=float, default=0.05, show_default=True)
 @click.option("--mean-kl", type=float, default=1e-4, show_default=True)
 @click.option("--min-top1-agreement", type=float, default=0.9, show_default=True)
+@click.option("--ignore-gates", is_flag=True, help="Merge a run whose evaluation failed a gate (refused otherwise).")
 def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
-          max_rel_logit_diff, mean_kl, min_top1_agreement) -> None:
+          max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
     try:
         from .merging import Thresholds, merge_adapter, merge_run
@@ -179,7 +181,7 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
         elif run_dir:
             if base_model or quantization:
                 raise PrefoptError("--base/--quantization go with --adapter; a run folder records its base")
-            merge_run(run_dir, out, **kw)
+            merge_run(run_dir, out, ignore_gates=ignore_gates, **kw)
         else:
             raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
     except PrefoptError as e:
@@ -189,6 +191,102 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
         sys.exit(130)
     except Exception as e:
         _bug(e, run_dir)
+
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a value of the run's recorded recipe, e.g. eval.mmlu.limit=50")
+def eval_(run_dir: str, overrides: tuple[str, ...]) -> None:
+    """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions, gates (exit code 3
+    when a gate fails)."""
+    try:
+        from .eval import describe
+        from .evaluation import evaluate_existing
+
+        log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True))
+    except PrefoptError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        click.echo("prefopt: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        _bug(e, run_dir)
+    click.echo(describe(log))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--reviewer", default=None, help="Your name, recorded in the eval log.")
+@click.option("--verdict", type=click.Choice(["approve", "reject"]), default=None, help="approve or reject the model.")
+@click.option("--note", default=None, help="A note kept with the review.")
+def review(run_dir: str, reviewer: str | None, verdict: str | None, note: str | None) -> None:
+    """Show a run's completions and verdict, or sign it: --reviewer NAME --verdict approve|reject [--note TEXT]."""
+    try:
+        from pathlib import Path
+
+        from . import runfolder
+
+        if (reviewer is None) != (verdict is None):
+            raise PrefoptError("--reviewer and --verdict go together (or give neither, to read the run)")
+        log = runfolder.read_eval_log(run_dir)
+        if log is None:
+            raise PrefoptError(f"{run_dir}: no eval/eval_log.json; evaluate the run first (prefopt eval {run_dir})")
+        if reviewer is None:
+            click.echo(_review_text(Path(run_dir), log))
+            return
+        from .eval.log import add_review
+
+        entry = add_review(Path(run_dir), reviewer=reviewer, verdict=verdict, note=note)
+        from .report import build_report
+
+        if (Path(run_dir) / runfolder.MERGED / runfolder.MERGE_REPORT).is_file():
+            from .eval.card import write_model_card
+
+            write_model_card(Path(run_dir) / runfolder.MERGED, Path(run_dir))
+        build_report(run_dir)
+    except PrefoptError as e:
+        _fail(e)
+    except Exception as e:
+        _bug(e, run_dir)
+    click.echo(f"review recorded: {entry['reviewer']} {entry['verdict']} at {entry['at']}")
+
+
+def _review_text(run_dir, log: dict) -> str:
+    import json
+
+    from . import runfolder
+    from .eval import describe
+
+    out = []
+    path = run_dir / runfolder.EVAL / "completions.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    for r in rows:
+        out += [f"--- {r['index'] + 1}/{len(rows)} " + "-" * 40, r["prompt"], "  [base]  " + r["base"],
+                "  [tuned] " + r["tuned"]]
+    out += ["", f"verdict: {describe(log)}"]
+    out += [f"review: {r['at']} {r['reviewer']}: {r['verdict']}" + (f" ({r['note']})" if r.get("note") else "")
+            for r in log.get("reviews", [])] or ["reviews: none yet"]
+    return "\n".join(out)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report(run_dir: str) -> None:
+    """Rebuild RUN_DIR/report.html from the run folder."""
+    try:
+        from . import runfolder
+        from .report import build_report
+
+        if runfolder.read_manifest(run_dir) is None:
+            raise PrefoptError(f"{run_dir}: not a prefopt run folder (no run.json)")
+        path = build_report(run_dir)
+    except PrefoptError as e:
+        _fail(e)
+    except Exception as e:
+        _bug(e, run_dir)
+    click.echo(str(path))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,12 @@ class DataError(PrefoptError):
         self.key = key
 
 
+class GateFailed(PrefoptError):
+    """An evaluation gate failed: the run stops before the merge (exit code 3 from the CLI)."""
+
+    exit_code = 3
+
+
 class RecipeError(PrefoptError):
     """Every problem found in a recipe (or its data), one per line."""
 
@@ -317,6 +323,60 @@ class MergeSection(_Section):
     min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Fail if top-1 tokens agree less often.")
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class MMLUSection(_Section):
+    """MMLU through lm-evaluation-harness, base and tuned on the same items in the same process."""
+
+    path: str = Field("cais/mmlu", description="Hub dataset id (cais/mmlu), or a local folder in the original Hendrycks "
+                      "layout: dev/<subject>_dev.csv and test/<subject>_test.csv, no header (question, A, B, C, D, "
+                      "answer letter). A local folder works offline.")
+    num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question, taken from the dev split.")
+    limit: int | None = Field(None, gt=0, description="At most this many test questions per subject (null: all).")
+    batch_size: int = Field(8, gt=0, description="lm-eval batch size (log-likelihood requests per forward).")
+
+
+class CompletionsSection(_Section):
+    """The same prompts through base and tuned, greedy, side by side, for a person to read."""
+
+    n: int = Field(25, ge=0, description="How many prompts (the method asks for 20-30 read by a person).")
+    max_new_tokens: int = Field(256, gt=0, description="Longest completion, in tokens (greedy decoding).")
+    prompts: str | None = Field(None, description="A .jsonl/.txt file of prompts (one per line: a string, or an object "
+                                "with `prompt` or `messages`); null: the last stage's held-out prompts.")
+
+
+class GatesSection(_Section):
+    """Thresholds the tuned model must meet before it is merged; null turns a gate off."""
+
+    max_mmlu_drop: float | None = Field(2.0, description="Fail if MMLU falls by more than this many points against "
+                                        "the base (tuned - base < -max_mmlu_drop).")
+    min_reward_accuracy: float | None = Field(None, ge=0, le=1, description="Fail if the last preference stage's "
+                                              "held-out reward accuracy is below this.")
+    min_task_delta: float | None = Field(None, description="Fail if the held-out task metric (preference stages: "
+                                         "tuned-over-base win rate - 0.5; SFT: exact match tuned - base) is below this.")
+
+
+class EvalSection(_Section):
+    """Measure the result before it is merged: held-out metrics, MMLU delta, completions, an eval log, gates."""
+
+    after: Literal["last", "every_stage"] = Field("last", description="last: evaluate the final adapter after the last "
+                                                  "stage, before the merge; every_stage: every stage's adapter too.")
+    mmlu: MMLUSection | None = Field(default_factory=MMLUSection, description="MMLU through lm-evaluation-harness "
+                                     "(null skips it).")
+    completions: CompletionsSection = Field(default_factory=CompletionsSection,
+                                            description="Completions side by side (n: 0 skips them).")
+    gates: GatesSection = Field(default_factory=GatesSection, description="Gates checked before the merge.")
+    seed: int | None = Field(None, description="Seed for generation and lm-eval (null: the recipe's seed).")
+
+    @model_validator(mode="after")
+    def _mmlu_gate_needs_mmlu(self) -> "EvalSection":
+        if self.mmlu is None and self.gates.max_mmlu_drop is not None:
+            raise ValueError("gates.max_mmlu_drop is set but mmlu is null (nothing to measure the drop on); set "
+                             "mmlu, or gates.max_mmlu_drop: null")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- the recipe
 
 
@@ -331,6 +391,8 @@ class Recipe(_Section):
     cache_dir: str | None = Field(
         None, description="Shared cache of finished stages and reference log-probs, reused across run folders: "
         "null is $PREFOPT_CACHE_DIR or ~/.cache/prefopt; 'off' turns sharing off.")
+    eval: EvalSection | None = Field(None, description="Evaluate before the merge: held-out metrics, MMLU delta, "
+                                     "completions, eval log, gates (off if absent; the shipped recipes have one).")
 
     # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
     _base_dir: Path | None = PrivateAttr(None)
@@ -436,7 +498,10 @@ def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
             model = "stages"
             continue
         ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        # `eval: EvalSection | None` suggests EvalSection's keys too
+        ann = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        model = ann
     return model if isinstance(model, type) else None
 
 

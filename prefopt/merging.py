@@ -386,11 +386,13 @@ def merge_adapter(
     return report
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, **kwargs) -> dict:
-    """Merge a run folder's final adapter; probes are the last stage's held-out rows."""
-    from .config import load_recipe
+def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, ignore_gates: bool = False,
+              **kwargs) -> dict:
+    """Merge a run folder's final adapter; probes are the last stage's held-out rows. A run whose evaluation
+    failed a gate is refused (GateFailed) unless ignore_gates. With an eval log, merged/README.md is its model card."""
+    from .config import GateFailed, load_recipe
     from .data import recipe_stage_data
-    from .runfolder import read_manifest
+    from .runfolder import adapter_hash, failed_gates, gate_line, read_eval_log, read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -399,6 +401,12 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     last = manifest["stages"][-1]
     if last["status"] != "done":
         raise MergeError(f"{run_dir}: the last stage '{last['name']}' is {last['status']}; finish the run first")
+    log = read_eval_log(run_dir)
+    if log is not None and log.get("adapter_hash") != adapter_hash(run_dir / last["adapter"]):
+        log = None  # an evaluation of an earlier adapter says nothing about this one
+    if failed_gates(log) and not ignore_gates:
+        raise GateFailed(f"{run_dir}: {gate_line(failed_gates(log))}; refusing to merge (pass --ignore-gates to "
+                         "merge anyway)")
     if "probe_rows" not in kwargs:
         kwargs["probe_rows"], kwargs["probe_note"] = None, None
         try:
@@ -419,4 +427,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
         kwargs.setdefault("base", recipe.model_path())
         kwargs.setdefault("quantization", recipe.model.quantization)
         kwargs.setdefault("dtype", recipe.model.dtype)
-    return merge_adapter(adapter_dir, Path(out_dir) if out_dir else run_dir / "merged", **kwargs)
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    report = merge_adapter(adapter_dir, out, **kwargs)
+    if log is not None:
+        from .eval.card import write_model_card
+
+        write_model_card(out, run_dir)
+    return report

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import __version__
 from . import cache, dist, runfolder
 from .config import PREFERENCE_TYPES, Recipe
-from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, write_atomic  # noqa: F401 (re-exported)
+from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, stage_tmp, write_atomic  # noqa: F401
 
 
 @dataclass
@@ -41,6 +41,7 @@ class RunResult:
     run_dir: Path
     stages: list[StageResult] = field(default_factory=list)
     merge_report: dict | None = None
+    eval_log: dict | None = None
 
     @property
     def final_adapter(self) -> Path | None:
@@ -158,7 +159,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             entry["reference"] = "base" if (prev_adapter is None or st.reference == "base") else "previous_stage"
         manifest["stages"].append(entry)
         # read and decided on the main process, the same for every rank
-        done, was, reused, resume, stale = dist.main_first(_decide, old_stages.get(st.name), inputs, stage_dir,
+        done, was, reused, resume, stale = dist.main_first(cache.decide_stage, old_stages.get(st.name), inputs, stage_dir,
                                                            store)
         if reused:
             entry["reused_from"] = reused
@@ -187,7 +188,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         try:
             ref_cache = None
             if st.type == "dpo" and st.precompute_ref_log_probs:
-                ref_cache = cache.RefLogpsCache(ref_logps_key(recipe, i, prev_adapter, data),
+                ref_cache = cache.RefLogpsCache(cache.ref_logps_key(recipe, i, prev_adapter, data),
                                                 [run_dir / "cache"] + ([store] if store else []))
             metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
                                           attempt=entry["attempts"], inputs_hash=inputs,
@@ -211,8 +212,17 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         prev_adapter = stage_dir / "adapter"
 
     save_manifest()
-    if recipe.merge is not None:  # the main process merges; the others wait for it
-        result.merge_report = dist.main_first(merge_final, recipe, run_dir, manifest, save_manifest, echo)
+    from .evaluation import evaluate_final, write_report
+
+    try:  # evaluation and merge: the main process; the others wait for it
+        if recipe.eval is not None:
+            result.eval_log = dist.main_first(evaluate_final, recipe, run_dir, manifest, checked.data, save_manifest,
+                                              echo)
+        if recipe.merge is not None:
+            result.merge_report = dist.main_first(merge_final, recipe, run_dir, manifest, save_manifest, echo)
+    finally:  # the report shows a run stopped by a gate too
+        if dist.is_main():
+            write_report(run_dir, echo)
     return result
 
 
@@ -237,8 +247,9 @@ def _open_run_folder(recipe: Recipe, run_dir: Path, fresh: bool, echo) -> tuple[
         "created_at": old.get("created_at") or _now(),
         "stages": [],
     }
-    if old.get("merge"):
-        manifest["merge"] = old["merge"]
+    for key in ("eval", "merge"):
+        if old.get(key):
+            manifest[key] = old[key]
     # first, so the folder is recognisably a prefopt run folder from here on
     write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
     write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
@@ -249,49 +260,10 @@ def _open_run_folder(recipe: Recipe, run_dir: Path, fresh: bool, echo) -> tuple[
     return manifest, {s["name"]: s for s in old.get("stages", [])}
 
 
-def _decide(was: dict | None, inputs: str, stage_dir: Path, store):
-    """(done, the stage's record, where it was reused from, the checkpoint to resume from, whether there are
-    checkpoints of other inputs) -- read from the run folder and the shared store."""
-    tmp = stage_tmp(stage_dir)
-    resume = runfolder.resumable(tmp, inputs)
-    reused = None
-    stored = cache.stored_stage(store, inputs) if resume is None else None
-    if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
-        reuse_stored(stored, stage_dir)
-        meta = json.loads((stored / "stage.json").read_text())
-        reused = meta.get("from")
-        was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
-    if runfolder.stage_done(was, inputs, stage_dir):
-        return True, was, reused, None, False
-    return False, was, None, resume, resume is None and runfolder.last_checkpoint(tmp) is not None
 
 
-def reuse_stored(stored: Path, stage_dir: Path) -> None:
-    """A stage finished elsewhere with the same inputs: its files, copied into place atomically."""
-    tmp = stage_tmp(stage_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(stored, tmp, ignore=shutil.ignore_patterns("stage.json"))
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    os.replace(tmp, stage_dir)
 
 
-def ref_logps_key(recipe: Recipe, i: int, prev_adapter: Path | None, data) -> str:
-    """Everything the reference log-probs depend on (not beta or loss_type, which only use them)."""
-    import torch
-
-    from .data import trained_max_length
-
-    st = recipe.stages[i]
-    ref = "base" if (prev_adapter is None or st.reference == "base") else adapter_hash(prev_adapter)
-    kw = {k: v for k, v in st.trainer_kwargs.items()
-          if k in ("truncation_mode", "ld_alpha", "padding_free", "pad_to_multiple_of", "use_logits_to_keep",
-                   "bf16", "fp16", "tf32")}
-    return recipe.section_hash(
-        "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
-        recipe.adapter.model_dump(mode="json"), data.fingerprint,
-        st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
-        trained_max_length(st), kw, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def data_entry(report: dict) -> dict:
@@ -312,6 +284,10 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
     if report is not None:
         echo("prefopt: merge: done and unchanged, skipped")
+        if runfolder.read_eval_log(run_dir) is not None:  # the evaluation or its reviews may be newer
+            from .eval.card import write_model_card
+
+            write_model_card(out, run_dir)
         return report
     thresholds = Thresholds(mc.max_rel_logit_diff, mc.mean_kl, mc.min_top1_agreement)
     manifest["merge"] = {"status": "running", "path": "merged", "inputs_hash": key}
@@ -327,10 +303,6 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     manifest["merge"].update(status="done", verification=report.get("verification"))
     save_manifest()
     return report
-
-
-def stage_tmp(stage_dir: Path) -> Path:
-    return stage_dir.with_name(f".{stage_dir.name}.tmp")
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,

@@ -63,6 +63,11 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
         lines.append(f"{i:02d}-{note}")
         lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
         lines += [f"    {line}" for line in summary_lines(data.report)]
+    if recipe.eval is not None:
+        from .config import resolve_path
+
+        mmlu_path = recipe.eval.mmlu and str(resolve_path(recipe.eval.mmlu.path, recipe._base_dir) or recipe.eval.mmlu.path)
+        lines += ["# eval (before the merge)", f"    {eval_note(recipe.eval, mmlu_path)}"]
     from .config import PrefoptError
     from .memory import format_plan
 
@@ -71,3 +76,24 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
     except (PrefoptError, ValueError, ImportError) as e:  # an unreachable hub id, a model class that will not build
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # on meta tensors: the rest still stands
     return "\n".join(lines)
+
+
+def eval_note(ev, mmlu_path: str | None) -> str:
+    """One line: when the evaluation runs, on what, and its gates (mmlu_path: the MMLU path resolved)."""
+    from .eval import mmlu
+
+    parts = [f"after: {ev.after}"]
+    if ev.mmlu is not None:
+        if mmlu.is_local(mmlu_path):
+            tests = mmlu.files_used(mmlu_path, 0)
+            n = sum(mmlu.count_rows(f) for f in tests)
+            what = f"{len(tests)} subjects, {n} test questions" + (f" (at most {ev.mmlu.limit} each)" if ev.mmlu.limit else "")
+        else:
+            what = "hub"
+        parts.append(f"MMLU {ev.mmlu.path} ({what}, {ev.mmlu.num_fewshot}-shot), base vs tuned")
+    parts.append(f"{ev.completions.n} completions side by side")
+    g = ev.gates
+    gates = [f"{k} {v:g}" for k, v in (("max_mmlu_drop", g.max_mmlu_drop), ("min_reward_accuracy",
+                                        g.min_reward_accuracy), ("min_task_delta", g.min_task_delta)) if v is not None]
+    parts.append("gates: " + (", ".join(gates) if gates else "none"))
+    return "; ".join(parts)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import DataError, Recipe, RecipeError, resolve_path
+from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, resolve_path
 
 
 @dataclass
@@ -39,6 +39,7 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
         configs.append(None if typed else cfg)  # a config holding a wrong-typed value checks nothing further
         problems += named + typed + probs
     problems += check_wandb(recipe)
+    problems += check_eval(recipe)
     model_problems, tokenizer = check_model(recipe)
     problems += model_problems
 
@@ -56,6 +57,8 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
         checked.data.append(data)
         if configs[i] is not None and len(data.train):
             problems += check_schedule(recipe, i, configs[i], len(data.train))
+    if checked.data and checked.data[-1] is not None:
+        problems += check_completion_prompts(recipe, checked.data[-1])
     if problems:
         raise RecipeError(problems, recipe._source)
     for w in checked.warnings:
@@ -158,6 +161,59 @@ def check_wandb(recipe: Recipe) -> list[str]:
                 "found (no WANDB_API_KEY, no api.wandb.ai entry in ~/.netrc); run `wandb login`, or use mode: "
                 "offline (sync later) or disabled"]
     return []
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def check_eval(recipe: Recipe) -> list[str]:
+    """The eval section's files: a local MMLU folder in the Hendrycks layout (the bad file named), a hub id the
+    cache holds when offline, a completions prompts file that exists."""
+    ev = recipe.eval
+    if ev is None:
+        return []
+    from .eval import mmlu
+
+    problems = []
+    if ev.mmlu is not None:
+        p = ev.mmlu.path
+        where = recipe.locate("eval", "mmlu", "path")
+        local = resolve_path(p, recipe._base_dir)
+        if local is not None:
+            problems += [f"{where}: {msg}" for msg in mmlu.check_local_folder(local, ev.mmlu.num_fewshot)[:10]]
+        elif not _HUB_ID.match(p) or p.startswith((".", "/", "~")):
+            problems.append(f"{where}: folder not found: {p} (looked in the current folder and beside the recipe); "
+                            "give a folder in the Hendrycks layout (dev/<subject>_dev.csv, test/<subject>_test.csv) "
+                            "or a hub id such as cais/mmlu")
+        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not mmlu.hub_cached(p):
+            problems.append(f"{where}: '{p}' is not in the local datasets cache and HF_HUB_OFFLINE is set; download it "
+                            "once online, or give a local folder in the Hendrycks layout")
+    prompts = ev.completions.prompts
+    if prompts:
+        where = recipe.locate("eval", "completions", "prompts")
+        rp = resolve_path(prompts, recipe._base_dir)
+        if rp is None or not rp.is_file():
+            problems.append(f"{where}: file not found: {prompts}")
+        elif rp.suffix not in (".jsonl", ".txt"):
+            problems.append(f"{where}: {prompts} is not a .jsonl or .txt file")
+    g = ev.gates
+    if g.min_reward_accuracy is not None and not any(s.type in PREFERENCE_TYPES for s in recipe.stages):
+        problems.append(f"{recipe.locate('eval', 'gates', 'min_reward_accuracy')}: the recipe has no preference "
+                        "stage to measure a reward accuracy on")
+    return problems
+
+
+def check_completion_prompts(recipe: Recipe, last_data) -> list[str]:
+    """Completions come from the last stage's held-out rows unless a prompts file is given: enough of them."""
+    ev = recipe.eval
+    if ev is None or ev.completions.prompts or ev.completions.n == 0:
+        return []
+    held = len(last_data.eval) if last_data.eval is not None else 0
+    if held >= ev.completions.n:
+        return []
+    return [f"{recipe.locate('eval', 'completions', 'n')}: {ev.completions.n} completions, but the last stage "
+            f"'{recipe.stages[-1].name}' holds out {held} rows to take prompts from; lower n, raise its "
+            "eval_fraction, or give eval.completions.prompts"]
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -7,6 +7,9 @@ runs/<name>/
   recipe.yaml                     resolved recipe: every default, absolute data/model paths, data hashes
   stages/NN-<name>/adapter/       PEFT adapter (safetensors, DoRA magnitude included) + tokenizer
   stages/NN-<name>/log_history.json
+  eval/                           eval_log.json (hashes, config, metrics, gates, reviews), mmlu_items.jsonl,
+                                  completions.jsonl / completions.md, mmlu_base.json (the base's cached result)
+  report.html                     the run report (prefopt report rebuilds it from this folder alone)
   merged/                         the merged checkpoint and merge_report.json (recipe `merge:` or `prefopt merge`)
   dropped/NN-<name>/              stages a later version of the recipe no longer has
   wandb/  logs/                   W&B files; tracebacks of unexpected errors
@@ -26,11 +29,14 @@ MANIFEST = "run.json"
 RECIPE = "recipe.yaml"
 MERGED = "merged"
 MERGE_REPORT = "merge_report.json"
+EVAL = "eval"  # eval/eval_log.json, mmlu_items.jsonl, completions.jsonl/.md
+EVAL_LOG = "eval_log.json"
+REPORT = "report.html"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Everything prefopt itself writes at the top of a run folder; `--fresh` removes these and nothing else.
 DATA = "data"  # `prefopt data`: data/data.json, data/NN-name/{data_report.json, review_sample.*}
 DATA_MANIFEST = "data.json"
-OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA, "cache")
+OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA, "cache", EVAL, REPORT)
 
 
 class RunFolderError(PrefoptError):
@@ -88,6 +94,11 @@ def self_contained(recipe):
         q = st.data.quality
         q.decontaminate = [str(resolve_path(p, recipe._base_dir) or p) if looks_local(p) else p
                            for p in q.decontaminate]
+    if r.eval is not None:  # the eval's local files too (a hub id stays as written)
+        if r.eval.mmlu is not None and (rp := resolve_path(r.eval.mmlu.path, recipe._base_dir)) is not None:
+            r.eval.mmlu.path = str(rp)
+        if r.eval.completions.prompts and (rp := resolve_path(r.eval.completions.prompts, recipe._base_dir)):
+            r.eval.completions.prompts = str(rp)
     return r
 
 
@@ -165,6 +176,11 @@ def is_run_folder(run_dir: Path) -> bool:
 
 CHECKPOINT_DONE = "prefopt_checkpoint_complete"
 STAGE_INPUTS = "inputs_hash"  # in a stage's temp folder: the inputs hash its checkpoints belong to
+
+
+def stage_tmp(stage_dir: Path) -> Path:
+    """A stage's temp folder: written while it trains (checkpoints included), renamed into place when done."""
+    return stage_dir.with_name(f".{stage_dir.name}.tmp")
 
 
 def mark_checkpoint(path: Path) -> None:
@@ -308,6 +324,37 @@ def merge_done(run_dir: Path, manifest: dict, key: str, *, verify: bool) -> dict
     if verify and not (v and v.get("passed")):
         return None
     return report
+
+
+def read_eval_log(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / EVAL / EVAL_LOG
+    try:
+        log = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return log if isinstance(log, dict) else None
+
+
+def write_eval_log(run_dir: Path, log: dict) -> None:
+    (Path(run_dir) / EVAL).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(run_dir) / EVAL / EVAL_LOG, json.dumps(log, indent=2))
+
+
+def failed_gates(log: dict | None) -> list[dict]:
+    """The gates an eval log records as failed ([] when there is no log or every gate passed)."""
+    if not log:
+        return []
+    return [g for g in log.get("gates", []) if g.get("verdict") == "fail"]
+
+
+def gate_line(gates: list[dict]) -> str:
+    """One line naming each failed gate and its figures."""
+    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, needs at least {_fmt(g['threshold'])}"
+                     for g in gates)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def log_path(run_dir: Path | None) -> Path:

@@ -89,3 +89,32 @@ def stage_run(wandb_cfg, *, run_dir: Path, group: str, name: str, job_type: str,
         raise
     finally:
         run.finish(exit_code=exit_code)
+
+
+def log_eval(wandb_cfg, *, run_dir: Path, group: str, name: str, log: dict, completions: list[dict]) -> None:
+    """The evaluation as its own W&B run in the recipe's group: the figures in the summary, the completions as a
+    table (prompt, base, tuned)."""
+    mode, _ = effective_mode(wandb_cfg.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="eval",
+                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
+                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    try:
+        m = log.get("mmlu") or {}
+        if m:
+            run.summary.update({"mmlu/base_acc": m["base"]["acc"], "mmlu/tuned_acc": m["tuned"]["acc"],
+                                "mmlu/delta_points": m["delta_points"], "mmlu/paired_stderr": m["paired_stderr"]})
+        for stage, values in (log.get("heldout") or {}).items():
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    run.summary[f"heldout/{stage}/{k}"] = v
+        run.summary["eval/passed"] = bool(log.get("passed"))
+        if completions:
+            table = wandb.Table(columns=["index", "prompt", "base", "tuned"],
+                                data=[[c["index"], c["prompt"], c["base"], c["tuned"]] for c in completions])
+            run.log({"completions": table})
+    finally:
+        run.finish()

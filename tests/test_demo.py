@@ -26,3 +26,8 @@ def test_demo_recipe_learns_the_preference(tmp_path, tiny_model):
     assert report["base_mode"] == "dequantized" and report["verification"]["passed"]
     assert manifest["merge"]["status"] == "done"
     assert "merge PASSED" in proc.stderr
+    # ... evaluated before the merge, on the shipped synthetic MMLU-layout set, with a report to open
+    log = json.loads((out / "eval" / "eval_log.json").read_text())
+    assert log["passed"] and log["mmlu"]["tuned"]["n"] == 24 and manifest["eval"]["passed"]
+    assert len((out / "eval" / "completions.jsonl").read_text().splitlines()) == 25
+    assert (out / "report.html").is_file() and (out / "merged" / "README.md").is_file()

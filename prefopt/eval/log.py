@@ -1,0 +1,94 @@
+"""The eval log (eval/eval_log.json): what was evaluated, on what, with which result, and who approved it.
+
+{run_id, recipe_hash, created_at, versions {prefopt, torch, ...}, datasets [{role, path, sha256, rows, ...}],
+ config (the resolved recipe), heldout {stage: {...}}, per_stage {stage: {mmlu, heldout}} (after: every_stage),
+ mmlu {path, num_fewshot, limit, base {acc, n}, tuned {acc, n}, delta_points, paired_stderr, per_subject},
+ completions {n, file}, gates [{name, what, threshold, value, verdict}], passed, reviews [{reviewer, verdict,
+ note, at}]}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from pathlib import Path
+
+from .. import runfolder
+from ..config import PrefoptError
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "lm_eval", "accelerate")
+VERDICTS = ("approve", "reject")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    out = {"prefopt": __version__}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_entry(role: str, path: str, **counts) -> dict:
+    p = Path(path)
+    return {"role": role, "path": str(path), "sha256": sha256(p) if p.is_file() else None,
+            **({} if p.is_file() else {"note": "not a local file (a hub id): no content hash"}), **counts}
+
+
+def check_gates(gates, *, mmlu: dict | None, heldout: dict, last_preference: str | None, last_stage: str) -> list[dict]:
+    """Each gate that is set: its threshold, the figure it judges and the verdict (pass / fail / missing: the
+    figure was not measured, which fails too: a gate nobody could check does not pass)."""
+    out = []
+
+    def judge(name, what, threshold, value, ok):
+        verdict = "missing" if value is None else ("pass" if ok(value) else "fail")
+        out.append({"name": name, "what": what, "threshold": threshold, "value": value,
+                    "verdict": "fail" if verdict == "missing" else verdict,
+                    **({"note": "not measured"} if value is None else {})})
+
+    if gates.max_mmlu_drop is not None:
+        delta = mmlu.get("delta_points") if mmlu else None
+        judge("max_mmlu_drop", "MMLU delta in points (tuned - base)", -gates.max_mmlu_drop, delta,
+              lambda v: v >= -gates.max_mmlu_drop)
+    if gates.min_reward_accuracy is not None:
+        acc = (heldout.get(last_preference) or {}).get("reward_accuracy") if last_preference else None
+        judge("min_reward_accuracy", f"held-out reward accuracy ({last_preference or 'no preference stage'})",
+              gates.min_reward_accuracy, acc, lambda v: v >= gates.min_reward_accuracy)
+    if gates.min_task_delta is not None:
+        delta = (heldout.get(last_stage) or {}).get("task_delta")
+        judge("min_task_delta", f"held-out task delta ({last_stage})", gates.min_task_delta, delta,
+              lambda v: v >= gates.min_task_delta)
+    return out
+
+
+def add_review(run_dir: Path, *, reviewer: str, verdict: str, note: str | None = None) -> dict:
+    """Append a dated review to the run's eval log; returns the entry."""
+    if verdict not in VERDICTS:
+        raise PrefoptError(f"--verdict must be approve or reject, got {verdict!r}")
+    if not reviewer.strip():
+        raise PrefoptError("--reviewer: give the reviewer's name")
+    log = runfolder.read_eval_log(run_dir)
+    if log is None:
+        raise PrefoptError(f"{run_dir}: no eval/eval_log.json; evaluate the run first (prefopt eval {run_dir})")
+    entry = {"reviewer": reviewer.strip(), "verdict": verdict, "note": note, "at": now(),
+             "adapter_hash": log.get("adapter_hash")}
+    log.setdefault("reviews", []).append(entry)
+    runfolder.write_eval_log(run_dir, log)
+    return entry

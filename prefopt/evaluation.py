@@ -1,0 +1,116 @@
+"""The evaluation step of a run (after the last stage, before the merge) and `prefopt eval RUN_DIR`: the eval
+section's figures, the gates (GateFailed, exit 3), the run report. pipeline.run calls it; it computes nothing
+itself (prefopt.eval does)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from . import runfolder
+from .config import Recipe
+from .runfolder import adapter_hash, read_manifest, write_atomic
+
+
+def write_report(run_dir: Path, echo) -> None:
+    from .report import build_report
+
+    echo(f"prefopt: report: {build_report(run_dir)}")
+
+
+def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
+    """What an evaluation's figures depend on: the eval section (its gates aside: they only judge the figures),
+    every stage's inputs and the adapters it reads."""
+    ev = recipe.eval
+    stages = manifest["stages"] if ev.after == "every_stage" else manifest["stages"][-1:]
+    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}),
+                               [s["inputs_hash"] for s in manifest["stages"]],
+                               [adapter_hash(run_dir / s["adapter"]) for s in stages])
+
+
+def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, save_manifest, echo,
+                   force: bool = False, withdraw_merged: bool = True) -> dict:
+    """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
+    exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
+    from .config import GateFailed
+    from .eval import ModelSpec, StageEval, describe, evaluate_run, regate
+
+    key = eval_inputs(recipe, manifest, run_dir)
+    log = runfolder.read_eval_log(run_dir)
+    if not force and log is not None and log.get("inputs_hash") == key and (manifest.get("eval") or {}).get(
+            "inputs_hash") == key:
+        log = regate(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
+        manifest["eval"].update(passed=log["passed"], gates_failed=[g["name"] for g in runfolder.failed_gates(log)])
+        save_manifest()
+        echo(f"prefopt: eval: figures unchanged, not evaluated again; {describe(log)}")
+    else:
+        manifest["eval"] = {"status": "running", "inputs_hash": key, "path": f"{runfolder.EVAL}/{runfolder.EVAL_LOG}"}
+        save_manifest()
+        m, a = recipe.model, recipe.adapter
+        spec = ModelSpec(recipe.model_path(), m.quantization, m.dtype, m.revision, m.trust_remote_code,
+                         m.chat_template, a.dora_impl, a.dora_dropout)
+        stages = [StageEval(name=e["name"], type=e["type"], adapter=run_dir / e["adapter"],
+                            eval_rows=d.eval.to_list() if d.eval is not None else [], metrics=e.get("metrics") or {},
+                            files=list(d.files), train_rows=len(d.train))
+                  for e, d in zip(manifest["stages"], data)]
+        try:
+            seed = recipe.seed if recipe.eval.seed is None else recipe.eval.seed
+            log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=seed, run_id=manifest["run_id"],
+                               recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(), inputs_hash=key, adapter_hash=adapter_hash(stages[-1].adapter),
+                               wandb=recipe.tracking.wandb, group=f"{recipe.name}-{manifest['run_id']}", echo=echo)
+        except BaseException:
+            manifest["eval"]["status"] = "failed"
+            save_manifest()
+            raise
+        failed = runfolder.failed_gates(log)
+        manifest["eval"].update(status="done", passed=log["passed"], gates_failed=[g["name"] for g in failed])
+        save_manifest()
+        echo(f"prefopt: eval: {describe(log)}")
+    if not log.get("passed"):
+        merged = run_dir / runfolder.MERGED
+        if merged.exists() and withdraw_merged:
+            # an earlier merge of a model that now fails a gate must not sit there as the run's result
+            shutil.rmtree(merged)
+            manifest.pop("merge", None)
+            save_manifest()
+            echo(f"prefopt: eval: removed {merged}, an earlier merge; the model fails a gate now")
+        elif merged.exists():
+            echo(f"prefopt: eval: warning: {merged} holds an earlier merge of a model that fails a gate now")
+        raise GateFailed(f"{runfolder.gate_line(runfolder.failed_gates(log))}; the run stops before the merge "
+                         f"(see {run_dir / runfolder.EVAL / runfolder.EVAL_LOG})")
+    return log
+
+
+def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
+    """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
+    section, or the defaults when it has none). Raises GateFailed when a gate fails."""
+    from .config import PrefoptError, load_recipe
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest is None or not (run_dir / runfolder.RECIPE).is_file():
+        raise PrefoptError(f"{run_dir}: not a prefopt run folder (no run.json / recipe.yaml)")
+    import yaml
+
+    raw_eval = (yaml.safe_load((run_dir / runfolder.RECIPE).read_text()) or {}).get("eval")
+    ov = list(overrides or [])
+    if raw_eval is None:
+        ov = ["eval={}"] + ov
+    recipe = load_recipe(run_dir / runfolder.RECIPE, ov)
+    unfinished = [s["name"] for s in manifest.get("stages", []) if s.get("status") != "done"]
+    if unfinished or len(manifest.get("stages", [])) != len(recipe.stages):
+        raise PrefoptError(f"{run_dir}: stages not finished ({', '.join(unfinished) or 'the recipe changed'}); "
+                           f"finish the run first (prefopt run {run_dir / runfolder.RECIPE})")
+    recipe = runfolder.self_contained(recipe)  # a path given with --set: absolute from here on
+    from .preflight import preflight
+
+    data = preflight(recipe, echo=echo).data
+
+    def save_manifest():
+        write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+    try:
+        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=True, withdraw_merged=False)
+    finally:
+        write_report(run_dir, echo)
