@@ -343,7 +343,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     if main:
         write_reports(tmp, data)
     with tracking.stage_run(
-        recipe.tracking.wandb if main else recipe.tracking.wandb.model_copy(update={"mode": "disabled"}),
+        recipe.tracking.wandb,
         run_dir=run_dir,
         group=f"{recipe.name}-{run_id}",
         # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"

@@ -39,9 +39,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model, small_da
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(tiny_model, small_data, 2)))  # 2 ranks x 2 rows = the same global batch
     out = tmp_path / "ddp"
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "ddp-cache")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "0", "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((out / "run.json").read_text())
