@@ -75,6 +75,9 @@ class ModelSection(_Section):
         "ChatML template; any other string is used as a Jinja template.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Container dtype of the packed NF4 weights: uint8, or the training dtype (bfloat16) for "
+        "FSDP, which flattens every weight of a block into one float tensor. The numbers are the same.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless asked.")
 
 

@@ -22,8 +22,10 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def quantization_config(quantization: str, dtype: str):
-    """The bitsandbytes config the base is loaded with (None when unquantized)."""
+def quantization_config(quantization: str, dtype: str, quant_storage: str = "uint8"):
+    """The bitsandbytes config the base is loaded with (None when unquantized). quant_storage: the container dtype
+    of the packed 4-bit weights (a float one lets FSDP flatten them with the bf16 weights; same numbers)."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
@@ -32,6 +34,7 @@ def quantization_config(quantization: str, dtype: str):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(dtype),
+            bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8" else torch_dtype(quant_storage),
         )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -64,12 +67,13 @@ def load_base_model(
     dtype: str = "bfloat16",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quant_storage: str = "uint8",
 ):
     """The frozen base, ready for an adapter. Loads safetensors only (never pickle)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    qcfg = quantization_config(quantization, dtype)
+    qcfg = quantization_config(quantization, dtype, quant_storage)
     kwargs = dict(
         dtype=torch_dtype(dtype),
         revision=revision,

@@ -329,7 +329,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     dist.barrier()
     set_seed(recipe.seed)
     base = load_base_model(recipe.model_path(), quantization=m.quantization, dtype=m.dtype, revision=m.revision,
-                           trust_remote_code=m.trust_remote_code)
+                           trust_remote_code=m.trust_remote_code, quant_storage=m.quant_storage)
     tokenizer = load_tokenizer(recipe.model_path(), chat_template=m.chat_template, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)
     a = recipe.adapter

@@ -44,12 +44,12 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
     problems += model_problems
 
     checked = Checked()
-    from .data import data_problem, prepare_stage, trained_max_length
+    from .data import data_problem, evaluation_sets, prepare_stage, trained_max_length
 
     for i, st in enumerate(recipe.stages):
         try:
             data = prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                                 max_length=trained_max_length(st))
+                                 max_length=trained_max_length(st), extra_decontaminate=evaluation_sets(recipe))
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
             checked.data.append(None)

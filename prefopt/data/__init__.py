@@ -31,6 +31,18 @@ def trained_max_length(stage) -> int | None:
     return n if isinstance(n, int) or n is None else stage.train.max_length  # a wrong type is preflight's to report
 
 
+def evaluation_sets(recipe) -> list[str]:
+    """The local evaluation data the recipe evaluates on (eval.mmlu.path as a folder): every stage's rows are
+    decontaminated against it too. A hub id is not fetched for this (name it in quality.decontaminate)."""
+    from ..config import looks_local, resolve_path
+
+    ev = getattr(recipe, "eval", None)
+    if ev is None or ev.mmlu is None or not looks_local(ev.mmlu.path):
+        return []
+    rp = resolve_path(ev.mmlu.path, recipe._base_dir)
+    return [str(rp)] if rp is not None and rp.is_dir() else []
+
+
 def recipe_stage_data(recipe, i: int, tokenizer=None) -> StageData:
     """Stage i's data exactly as `prefopt run` prepares it (the model's tokenizer, the trained max_length), so the
     held-out rows are the ones the run held out. Loads the tokenizer when none is given."""
@@ -42,7 +54,7 @@ def recipe_stage_data(recipe, i: int, tokenizer=None) -> StageData:
                                    trust_remote_code=m.trust_remote_code)
     st = recipe.stages[i]
     return prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                         max_length=trained_max_length(st))
+                         max_length=trained_max_length(st), extra_decontaminate=evaluation_sets(recipe))
 
 
 def data_problem(recipe, i: int, e: DataError) -> str:
@@ -81,4 +93,4 @@ def check_recipe_data(recipe) -> None:
 
 __all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
            "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows",
-           "recipe_stage_data", "sha256_of", "trained_max_length"]
+           "evaluation_sets", "recipe_stage_data", "sha256_of", "trained_max_length"]

@@ -18,7 +18,7 @@ from .report import summary_lines, write_reports
 def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
     from .. import runfolder
     from ..preflight import build_trl_config, check_model, check_train_names
-    from . import data_problem, trained_max_length
+    from . import data_problem, evaluation_sets, trained_max_length
     from .prepare import prepare_stage
 
     run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
@@ -32,7 +32,8 @@ def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
             problems += build_trl_config(recipe, i)[1]
         try:
             datas.append(prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                                       max_length=trained_max_length(st)))
+                                       max_length=trained_max_length(st),
+                                       extra_decontaminate=evaluation_sets(recipe)))
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
     if problems:
