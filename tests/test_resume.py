@@ -1,6 +1,7 @@
 """Run folder contract: atomic stages, skip what is done and unchanged, redo the rest, survive a kill."""
 
 import json
+import os
 
 import pytest
 
@@ -79,7 +80,7 @@ def _dpo_losses(run_dir) -> dict:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def _run_until_checkpoint(cmd, out, sig, after: int, timeout=300):
+def _run_until_checkpoint(cmd, out, sig, after: int, env, timeout=300):
     """Start `prefopt run`, wait until DPO has written `after` complete checkpoints, send `sig`; returns the exit
     code and the step of the newest complete checkpoint when the signal was sent."""
     import signal as _signal
@@ -90,7 +91,7 @@ def _run_until_checkpoint(cmd, out, sig, after: int, timeout=300):
     from prefopt.runfolder import last_checkpoint
 
     proc = subprocess.Popen([sys.executable, "-m", "prefopt.cli", *cmd], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     tmp = out / "stages" / ".01-dpo.tmp"
     t0, seen = time.time(), set()
     while time.time() - t0 < timeout and proc.poll() is None:
@@ -124,7 +125,9 @@ def test_interrupted_preference_stage_resumes_exactly(sig_name, after, tmp_path,
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
     cmd = ["run", str(path), "--output-dir", str(out)]
-    code, step, err = _run_until_checkpoint(cmd, out, getattr(_signal, sig_name), after)
+    # its own shared cache: the reference run's finished stages must not be reused, the point is to train and kill
+    env = {**os.environ, "PREFOPT_CACHE_DIR": str(tmp_path / "run-cache")}
+    code, step, err = _run_until_checkpoint(cmd, out, getattr(_signal, sig_name), after, env)
     m = _manifest(out)
     assert m["stages"][0]["status"] == "done"
     sft_bytes = (out / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -139,7 +142,8 @@ def test_interrupted_preference_stage_resumes_exactly(sig_name, after, tmp_path,
     import subprocess
     import sys
 
-    again = subprocess.run([sys.executable, "-m", "prefopt.cli", *cmd], capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "prefopt.cli", *cmd], capture_output=True, text=True, timeout=600,
+                           env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     m = _manifest(out)
     k = m["stages"][1]["resumed_from_step"]
