@@ -216,11 +216,13 @@ class TrainSection(_Section):
         "assistant", description="SFT: train on the assistant turns only (every other token masked), or on all tokens.")
 
 
-    @field_validator("checkpoint_every")
+    @field_validator("checkpoint_every", mode="before")
     @classmethod
     def _checkpoint_every(cls, v):
         import re as _re
 
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
         if isinstance(v, bool):
             raise ValueError("must be steps (an integer), a percentage such as '10%', minutes such as '30min', or 'off'")
         if isinstance(v, int):
@@ -229,7 +231,7 @@ class TrainSection(_Section):
             return v
         v = v.strip()
         m = _re.fullmatch(r"(\d+(?:\.\d+)?)(%|min)", v)
-        if v == "off" or (m and float(m.group(1)) > 0 and (m.group(2) == "min" or float(m.group(1)) <= 100)):
+        if v == "off" or (m and float(m.group(1)) > 0 and (m.group(2) == "min" or float(m.group(1)) < 100)):
             return v
         raise ValueError(f"'{v}' is not steps (an integer), a percentage such as '10%', minutes such as '30min', "
                          "or 'off'")
@@ -275,7 +277,9 @@ class DPOStage(_StageBase):
         description="previous_stage: a frozen copy of the adapter as the stage begins (the SFT model); "
         "base: the base model with the adapter disabled.",
     )
-    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+    precompute_ref_log_probs: bool = Field(
+        True, description="Compute the reference's log-probs once, before training (read from prefopt's cache when "
+        "nothing they depend on changed), instead of a reference forward every step of every epoch.")
 
 
 class ORPOStage(_StageBase):
@@ -394,6 +398,11 @@ class Recipe(_Section):
     cache_dir: str | None = Field(
         None, description="Shared cache of finished stages and reference log-probs, reused across run folders: "
         "null is $PREFOPT_CACHE_DIR or ~/.cache/prefopt; 'off' turns sharing off.")
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _cache_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
     eval: EvalSection | None = Field(None, description="Evaluate before the merge: held-out metrics, MMLU delta, "
                                      "completions, eval log, gates (off if absent; the shipped recipes have one).")
 

@@ -38,7 +38,12 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     if not td.is_initialized():
-        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        import datetime
+
+        # the other ranks wait while the main process evaluates and merges: minutes to hours for a large model
+        minutes = float(os.environ.get("PREFOPT_DIST_TIMEOUT_MIN", "240"))
+        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                              timeout=datetime.timedelta(minutes=minutes))
 
 
 def barrier() -> None:
@@ -58,6 +63,20 @@ def broadcast(obj):
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a decision made per rank, made the same everywhere)."""
+    if world_size() <= 1:
+        return flag
+    import torch
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if td.get_backend() == "nccl" else "cpu")
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def main_first(fn, *args, **kwargs):

@@ -24,7 +24,8 @@ def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
     every stage's inputs and the adapters it reads."""
     ev = recipe.eval
     stages = manifest["stages"] if ev.after == "every_stage" else manifest["stages"][-1:]
-    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}),
+    local = [p for p in ((ev.mmlu.path if ev.mmlu else None), ev.completions.prompts) if p]
+    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}), [runfolder.content_hash(p) for p in local],
                                [s["inputs_hash"] for s in manifest["stages"]],
                                [adapter_hash(run_dir / s["adapter"]) for s in stages])
 

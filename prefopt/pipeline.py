@@ -141,6 +141,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             i,
             data.fingerprint,  # the rows after the data step: a changed file or filter that keeps them keeps the stage
             adapter_hash(prev_adapter) if prev_adapter else None,
+            *([("processes", dist.world_size())] if dist.world_size() > 1 else []),  # the global batch changes
         )
         entry = {
             "name": st.name,

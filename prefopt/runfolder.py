@@ -122,6 +122,20 @@ def stage_identity(stage: dict) -> dict:
     return {**stage, "data": data}
 
 
+def content_hash(path: str) -> str | None:
+    """What a local file or folder holds (every file's name and bytes); None for what is not local (a hub id)."""
+    import hashlib
+
+    p = Path(path)
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    for f in sorted([p] if p.is_file() else (x for x in p.rglob("*") if x.is_file())):
+        h.update(f"{f.relative_to(p) if f != p else f.name}:".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def model_identity(model: dict) -> dict:
     """The model section for inputs hashes: a local folder stands for what is in it (small files by content,
     weight files by name and size), not for where it lies; a hub id stands for itself."""
@@ -137,6 +151,11 @@ def model_identity(model: dict) -> dict:
             h.update(f"{p.name}:{size}:".encode())
             if size < (8 << 20):
                 h.update(p.read_bytes())
+            else:  # large weights: 64 evenly spaced 64 KiB samples (a fine-tune changes bytes all over the file)
+                with open(p, "rb") as f:
+                    for k in range(64):
+                        f.seek(k * (size - 65536) // 63)
+                        h.update(f.read(65536))
     return {**model, "name_or_path": "local:" + h.hexdigest()[:16]}
 
 

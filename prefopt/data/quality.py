@@ -80,7 +80,12 @@ BANDS = 16  # LSH bands of 8 rows each: a pair at Jaccard 0.85 becomes a candida
 
 
 def engine() -> str:
-    """rensa (Rust, ~50x faster) when installed, else datasketch; both are MinHash + LSH with the same banding."""
+    """rensa (Rust, ~50x faster) when installed, else datasketch; both are MinHash + LSH with the same banding.
+    PREFOPT_NEAR_ENGINE=datasketch forces the pure-Python one (the benchmark's second configuration)."""
+    import os
+
+    if os.environ.get("PREFOPT_NEAR_ENGINE") in ("rensa", "datasketch"):
+        return os.environ["PREFOPT_NEAR_ENGINE"]
     try:
         import rensa  # noqa: F401
 

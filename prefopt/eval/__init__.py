@@ -51,7 +51,7 @@ class ModelSpec:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PREFOPT_CACHE") or os.path.join(
+    root = os.environ.get("PREFOPT_CACHE") or os.environ.get("PREFOPT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prefopt")
     return Path(root) / "eval"
 

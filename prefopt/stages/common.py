@@ -100,9 +100,14 @@ class CheckpointCallback(_callback_base()):
 
         from .. import signals
 
-        if self.minutes is not None and time.monotonic() - self.last >= self.minutes * 60:
+        from .. import dist
+
+        due = dist.any_rank(self.minutes is not None and time.monotonic() - self.last >= self.minutes * 60)
+        stop = dist.any_rank(signals.stop_requested())  # every rank stops (and saves) at the same step
+        if due:
             control.should_save = True
-        if signals.stop_requested():
+        if stop:
+            signals.STATE["stop"] = True
             control.should_save = args.save_strategy != "no" or self.minutes is not None
             control.should_training_stop = True
         return control
@@ -112,7 +117,10 @@ class CheckpointCallback(_callback_base()):
 
         from ..runfolder import mark_checkpoint
 
+        from .. import dist
+
         self.last = time.monotonic()
+        dist.barrier()  # every rank has written its part (RNG state) before the checkpoint counts as complete
         if state.is_world_process_zero:
             mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -202,11 +210,20 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     if signals.stop_requested():
         raise signals.Terminated()
     metrics = {"train": _finite(result.metrics)}
+    if resume_from:  # the trainer's train_loss averages this session's steps only: the whole stage's, from its log
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if logged:
+            metrics["train"]["train_loss"] = sum(logged) / len(logged)
     if trainer.eval_dataset is not None:
         metrics["eval"] = _finite(trainer.evaluate())
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        # sharded weights: gathering the state dict is a collective, so every rank calls the trainer's own save
+        # (its model.save_pretrained keeps to prefopt's adapter, see _checkpoints_hold_our_adapter_only)
+        trainer.save_model(str(out_dir / "adapter"))
     if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
         model = trainer.accelerator.unwrap_model(trainer.model)
-        model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+        if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+            model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir / "adapter"))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return metrics

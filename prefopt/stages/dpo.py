@@ -57,13 +57,32 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
     return metrics
 
 
+def _reference_pass(trainer, ds, batch_size: int) -> dict:
+    """The reference's log-probs of every row: TRL's own per-batch computation (the "ref" adapter, or the base),
+    over a data loader split across the processes and gathered back in order. Not TRL's _precompute_ref_logps, which
+    goes through a datasets cache file that only the main process can find for an in-memory dataset, and hashes
+    every weight of the model first."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = trainer.accelerator.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=trainer.data_collator,
+                                                    shuffle=False, num_workers=0))
+    model = trainer.ref_model or trainer.model
+    chosen, rejected = [], []
+    for batch in loader:
+        c, r = trainer.compute_ref_log_probs(model, batch)
+        c, r = trainer.accelerator.gather_for_metrics((c, r))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    return {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+
+
 def reference_logps(trainer, cache) -> dict:
     """The reference's log-probs of every row, once, before training: read from prefopt's cache when its key (the
     reference, base, tokenizer, rows, max_length, ...) matches, else computed by TRL's precompute and stored.
     TRL's own cache is keyed on in-memory datasets' random fingerprints, so it never hits across runs."""
     import time
 
-    import torch
     from datasets import Dataset, concatenate_datasets
 
     trainer.args.precompute_ref_log_probs = True
@@ -73,23 +92,22 @@ def reference_logps(trainer, cache) -> dict:
         ds = getattr(trainer, f"{split}_dataset")
         if ds is None or isinstance(ds, dict):
             continue
-        cols = cache.load(split, len(ds)) if cache is not None else None
+        from .. import dist
+
+        # read on the main process and shared, so every rank takes the same path (TRL's precompute is collective)
+        cols = dist.broadcast(cache.load(split, len(ds)) if cache is not None and dist.is_main() else None)
         if cols is not None:
             ds = concatenate_datasets([ds, Dataset.from_dict({k: v.tolist() for k, v in cols.items()})], axis=1)
         else:
-            from trl.trainer.utils import hash_module
-
             t0 = time.perf_counter()
-            if getattr(trainer, "_precompute_model_hash", None) is None:
-                trainer._precompute_model_hash = hash_module(trainer.model)
             bs = trainer.args.precompute_ref_batch_size or (trainer.args.per_device_train_batch_size if split ==
                                                             "train" else trainer.args.per_device_eval_batch_size)
-            ds = trainer._precompute_ref_logps(ds, split, bs)
+            cols = _reference_pass(trainer, ds, bs)
+            ds = concatenate_datasets([ds, Dataset.from_dict({k: v.tolist() for k, v in cols.items()})], axis=1)
             out["seconds"] += time.perf_counter() - t0
             out["cache"] = "miss"
-            if cache is not None:
-                cache.save(split, {k: torch.tensor(ds[k], dtype=torch.float32) for k in
-                                   ("ref_chosen_logps", "ref_rejected_logps")})
+            if cache is not None and dist.is_main():
+                cache.save(split, cols)
         setattr(trainer, f"{split}_dataset", ds)
         out["rows"] += len(ds)
     out["seconds"] = round(out["seconds"], 3)
