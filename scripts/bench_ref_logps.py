@@ -54,7 +54,8 @@ def main() -> None:
                            "train": {**train, "epochs": a.epochs}}],
                "tracking": {"wandb": {"mode": "disabled"}}}
         results = {}
-        for name, over in (("live", {}), ("precompute", {"stages.1.precompute_ref_log_probs": True}),
+        for name, over in (("live", {"stages.1.precompute_ref_log_probs": False}),
+                           ("precompute", {"stages.1.precompute_ref_log_probs": True}),
                            ("cached", {"stages.1.precompute_ref_log_probs": True, "stages.1.beta": 0.1000001})):
             recipe = prefopt.recipe_from_dict(raw, overrides=over)
             t0, c0 = time.perf_counter(), time.process_time()
