@@ -11,8 +11,12 @@ from .config import PrefoptError
 
 
 def _fail(err: Exception) -> None:
-    """A user error: exit code 2; a failed evaluation gate: exit code 3 (GateFailed.exit_code)."""
-    click.echo(f"prefopt: error: {err}", err=True)
+    """A user error: exit code 2; a failed evaluation gate: exit code 3 (GateFailed.exit_code). Under torchrun only
+    the main process says it (every rank exits with the same code)."""
+    from .dist import is_main
+
+    if is_main():
+        click.echo(f"prefopt: error: {err}", err=True)
     sys.exit(getattr(err, "exit_code", 2))
 
 
@@ -20,9 +24,14 @@ def _bug(err: BaseException, run_dir=None) -> None:
     """An error prefopt did not foresee: one line, and the full traceback in a log file (exit code 1)."""
     import traceback
 
+    from .dist import is_main, rank
     from .runfolder import log_path
 
+    if not is_main() and "the main process failed" in str(err):  # the main process reports it, once
+        sys.exit(1)
     path = log_path(run_dir)
+    if not is_main():
+        path = path.with_name(f"{path.stem}-rank{rank()}{path.suffix}")
     try:
         path.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
         where = f"; full traceback in {path}"
@@ -109,8 +118,11 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
             from .pipeline import preflight
 
             checked = preflight(rec)
-            out = {"recipe": rec.name, **memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device),
-                   "warnings": list(checked.warnings)}
+            try:
+                plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device)
+            except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
+                plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
+            out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
             text = json.dumps(out, indent=1)
         else:
             text = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device)

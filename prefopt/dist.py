@@ -91,10 +91,16 @@ def main_first(fn, *args, **kwargs):
             error = e
     kind = None if error is None else "user" if isinstance(error, PrefoptError) else \
         "interrupt" if isinstance(error, KeyboardInterrupt) else "bug"
-    shared = broadcast((result, kind, str(error) if error is not None else None))
+    shared = broadcast((result, kind, str(error) if error is not None else None,
+                        type(error).__name__ if error is not None else None))
     if error is not None:
         raise error
     if shared[1] == "user":
+        from . import config
+
+        cls = getattr(config, shared[3] or "", None)  # the same kind of user error (a failed gate exits 3 everywhere)
+        if isinstance(cls, type) and issubclass(cls, PrefoptError) and cls.__init__ is Exception.__init__:
+            raise cls(shared[2])
         raise PrefoptError(shared[2])
     if shared[1] == "interrupt":
         raise KeyboardInterrupt()

@@ -216,6 +216,15 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     save_manifest()
     from .evaluation import evaluate_final, write_report
 
+    if recipe.eval is not None and dist.world_size() > 1:
+        # lm-eval and generation issue collectives of their own under a launcher, which the waiting ranks would
+        # answer with the wrong ones; the evaluation (and so the gated merge) is one process's job afterwards
+        manifest["eval"] = {"status": "pending", "why": f"not run under {dist.world_size()} processes"}
+        save_manifest()
+        echo(f"prefopt: eval: not run under {dist.world_size()} processes, and so no merge; run `prefopt eval "
+             f"{run_dir}` (one process), then `prefopt merge {run_dir}`")
+        dist.barrier()
+        return result
     try:  # evaluation and merge: the main process; the others wait for it
         if recipe.eval is not None:
             result.eval_log = dist.main_first(evaluate_final, recipe, run_dir, manifest, checked.data, save_manifest,
@@ -225,6 +234,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     finally:  # the report shows a run stopped by a gate too
         if dist.is_main():
             write_report(run_dir, echo)
+        dist.barrier()  # no rank exits (and has the launcher stop the others) before the main process has written
     return result
 
 

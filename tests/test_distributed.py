@@ -62,3 +62,37 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model, small_da
         assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4
         for (s, a), (_, b) in zip(want, got):
             assert b == pytest.approx(a, rel=1e-4), (stage, s, a, b)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_torchrun_leaves_the_evaluation_to_one_process(tmp_path, tiny_model, small_data):
+    """Under a launcher the evaluation (lm-eval, generation: collectives of their own) is not run, and so neither is
+    the gated merge: the run says so once; `prefopt eval RUN` in one process then judges the gate (exit 3)."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from conftest import DEMO_DATA
+    from prefopt.cli import main
+
+    raw = _recipe(tiny_model, small_data, 2)
+    raw["eval"] = {"mmlu": {"path": str(DEMO_DATA / "mmlu_synthetic"), "num_fewshot": 0},
+                   "completions": {"n": 2, "max_new_tokens": 4}, "gates": {"max_mmlu_drop": -100}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("eval: not run under 2 processes") == 1, proc.stderr[-3000:]
+    assert not (out / "merged").exists()
+    assert json.loads((out / "run.json").read_text())["eval"]["status"] == "pending"
+    result = CliRunner().invoke(main, ["eval", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "gate max_mmlu_drop failed" in result.output and not (out / "merged").exists()
