@@ -106,7 +106,7 @@ def stored_stage(store: Path | None, inputs_hash: str) -> Path | None:
     dest = Path(store) / STAGES / inputs_hash
     return dest if (dest / "stage.json").is_file() and (dest / "adapter" / "adapter_config.json").is_file() else None
 
-def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store):
+def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store, model_path: str | None = None):
     """(done, the stage's record, where it was reused from, the checkpoint to resume from, whether there are
     checkpoints of other inputs) -- read from the run folder and the shared store."""
     tmp = runfolder.stage_tmp(stage_dir)
@@ -114,7 +114,7 @@ def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store):
     reused = None
     stored = stored_stage(store, inputs) if resume is None else None
     if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
-        reuse_stored(stored, stage_dir)
+        reuse_stored(stored, stage_dir, model_path)
         meta = json.loads((stored / "stage.json").read_text())
         reused = meta.get("from")
         was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
@@ -122,11 +122,17 @@ def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store):
         return True, was, reused, None, False
     return False, was, None, resume, resume is None and runfolder.last_checkpoint(tmp) is not None
 
-def reuse_stored(stored: Path, stage_dir: Path) -> None:
-    """A stage finished elsewhere with the same inputs: its files, copied into place atomically."""
+def reuse_stored(stored: Path, stage_dir: Path, model_path: str | None = None) -> None:
+    """A stage finished elsewhere with the same inputs: its files, copied into place atomically. The adapter's
+    record of its base names this run's model (the same content, by the inputs hash; maybe another path)."""
     tmp = runfolder.stage_tmp(stage_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(stored, tmp, ignore=shutil.ignore_patterns("stage.json"))
+    info = tmp / "adapter" / "prefopt_base.json"
+    if model_path and info.is_file():
+        meta = json.loads(info.read_text())
+        meta["name_or_path"] = model_path
+        info.write_text(json.dumps(meta, indent=2))
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     os.replace(tmp, stage_dir)

@@ -162,7 +162,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         # read and decided on the main process, the same for every rank
         # --fresh trains every stage again: nothing is reused from the shared store (finished stages still go to it)
         done, was, reused, resume, stale = dist.main_first(cache.decide_stage, old_stages.get(st.name), inputs,
-                                                           stage_dir, None if fresh else store)
+                                                           stage_dir, None if fresh else store, recipe.model_path())
         if reused:
             entry["reused_from"] = reused
             echo(f"prefopt: stage {st.name}: reused from {reused} (the shared store {store}: same inputs)")

@@ -18,6 +18,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["WANDB_MODE"] = "offline"  # never reach the network, whatever the recipe says
+# never the user's own shared cache (module-scoped runs come before the per-test one below)
+os.environ.setdefault("PREFOPT_CACHE_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="prefopt-cache-")))
 
 DEMO_DATA = ROOT / "data" / "demo"
 
