@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -40,6 +41,21 @@ def _bug(err: BaseException, run_dir=None) -> None:
     first = (str(err).strip().splitlines() or [""])[0]
     click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
     sys.exit(1)
+
+
+@contextlib.contextmanager
+def _handled(run_dir=None, interrupted: str = "interrupted"):
+    """A command's body: a user error -> one line, exit 2 (3 for a failed gate); Ctrl-C -> exit 130; anything else
+    is a bug -> one line and a traceback log, exit 1."""
+    try:
+        yield
+    except PrefoptError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        click.echo(f"prefopt: {interrupted}", err=True)
+        sys.exit(130)
+    except Exception as e:
+        _bug(e, run_dir)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,18 +159,11 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
     sample per stage in runs/<name>/data/ (loads no model unless a stage asks for the reference filter)."""
     from .config import load_recipe
 
-    try:
+    with _handled(output_dir):
         rec = load_recipe(recipe, list(overrides))
         from .data.command import run_data_step
 
         out = run_data_step(rec, output_dir=output_dir, echo=lambda s: click.echo(s, err=True))
-    except PrefoptError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        click.echo("prefopt: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        _bug(e, output_dir)
     click.echo(f"data reports: {out}")
 
 
@@ -178,7 +187,7 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
-    try:
+    with _handled(run_dir, "interrupted; nothing was written to the output folder"):
         from .merging import Thresholds, merge_adapter, merge_run
 
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
@@ -196,13 +205,6 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
             merge_run(run_dir, out, ignore_gates=ignore_gates, **kw)
         else:
             raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
-    except PrefoptError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        click.echo("prefopt: interrupted; nothing was written to the output folder", err=True)
-        sys.exit(130)
-    except Exception as e:
-        _bug(e, run_dir)
 
 
 
@@ -213,18 +215,11 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
 def eval_(run_dir: str, overrides: tuple[str, ...]) -> None:
     """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions, gates (exit code 3
     when a gate fails)."""
-    try:
+    with _handled(run_dir):
         from .eval import describe
         from .evaluation import evaluate_existing
 
         log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True))
-    except PrefoptError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        click.echo("prefopt: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        _bug(e, run_dir)
     click.echo(describe(log))
 
 
