@@ -210,7 +210,8 @@ def base_info(model, *, name_or_path: str, quantization: str, dtype: str) -> dic
 
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
-                qs = m.weight.quant_state
+                # under FSDP the weight is a DTensor shard outside the forward; bitsandbytes keeps the state on the module
+                qs = getattr(m.weight, "quant_state", None) or getattr(m, "quant_state", None)
                 info["bnb"] = {"quant_type": qs.quant_type, "blocksize": qs.blocksize, "double_quant": bool(qs.nested)}
                 break
     return info

@@ -216,14 +216,30 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
             metrics["train"]["train_loss"] = sum(logged) / len(logged)
     if trainer.eval_dataset is not None:
         metrics["eval"] = _finite(trainer.evaluate())
-    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        # sharded weights: gathering the state dict is a collective, so every rank calls the trainer's own save
-        # (its model.save_pretrained keeps to prefopt's adapter, see _checkpoints_hold_our_adapter_only)
-        trainer.save_model(str(out_dir / "adapter"))
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # under FSDP / ZeRO-3 each rank holds a shard of every weight: gathering them is a collective (every rank calls)
+    state = gathered_adapter_state(model, deepspeed=getattr(trainer, "is_deepspeed_enabled", False)) if sharded \
+        else None
     if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
-            model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+        model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True,
+                              **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(str(out_dir / "adapter"))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return metrics
+
+
+def gathered_adapter_state(model, *, deepspeed: bool = False) -> dict:
+    """The adapters' weights (every "lora_" parameter), whole, on the CPU: FSDP2 holds each as a DTensor shard,
+    DeepSpeed ZeRO-3 as a placeholder with its partition aside. A collective: every rank calls it, in the same order.
+    (The trainer's own save_model writes a sharded checkpoint of the whole model, or nothing, not a PEFT adapter.)"""
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        if deepspeed:
+            import deepspeed as ds
+
+            with ds.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in params}
+        return {n: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().cpu().clone() for n, p in params}
