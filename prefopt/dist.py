@@ -107,3 +107,21 @@ def main_first(fn, *args, **kwargs):
     if shared[1] == "bug":
         raise RuntimeError(f"the main process failed: {shared[2]}")
     return shared[0]
+
+
+def launcher_problems(*, quantization: str, quant_storage: str, storage_key: str) -> list[str]:
+    """What the accelerate config asks for that prefopt cannot do right, said before any model loads. (accelerate
+    launch hands its config to the processes as environment variables.)"""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return []
+    problems = []
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        problems.append(f"accelerate config: fsdp_version {version}: prefopt runs FSDP version 2 (fully_shard), the "
+                        "one its adapter save and DoRA forward are tested under; set fsdp_version: 2 (as "
+                        "recipes/accelerate/fsdp_qlora.yaml does)")
+    if quantization == "nf4" and quant_storage == "uint8":
+        problems.append(f"{storage_key}: uint8 keeps the 4-bit base weights out of FSDP's shards (every process "
+                        "would hold all of them); set quant_storage to the training dtype (bfloat16 on GPUs)")
+    return problems

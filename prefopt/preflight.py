@@ -40,6 +40,10 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
         problems += named + typed + probs
     problems += check_wandb(recipe)
     problems += check_eval(recipe)
+    from .dist import launcher_problems
+
+    problems += launcher_problems(quantization=recipe.model.quantization, quant_storage=recipe.model.quant_storage,
+                                  storage_key=recipe.locate("model", "quant_storage"))
     model_problems, tokenizer = check_model(recipe)
     problems += model_problems
 

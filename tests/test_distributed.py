@@ -96,3 +96,82 @@ def test_torchrun_leaves_the_evaluation_to_one_process(tmp_path, tiny_model, sma
     result = CliRunner().invoke(main, ["eval", str(out)])
     assert result.exit_code == 3, result.output
     assert "gate max_mmlu_drop failed" in result.output and not (out / "merged").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quantization):
+    """The shipped FSDP config (recipes/accelerate/fsdp_qlora.yaml, fp32 here) on 2 CPU processes: every weight a DTensor
+    shard (the 4-bit base too, in float32 storage), DoRA's norm computed on the gathered weights inside the layer's
+    forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the same
+    per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
+    accelerators; tests/fsdp_cpu.py takes its GPU branch on the CPU, see there.)"""
+    from conftest import ROOT
+
+    def recipe(batch_size):
+        raw = _recipe(tiny_model, small_data, batch_size)
+        raw["model"].update(quantization=quantization, **({"quant_storage": "float32"} if quantization == "nf4" else {}))
+        for st in raw["stages"]:
+            st["train"]["gradient_checkpointing"] = True  # the recipe default
+        return raw
+
+    single = prefopt.run(recipe_from_dict(recipe(4)), output_dir=tmp_path / "single")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(2)))
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "fsdp-cache"),
+           "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                           "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"),
+                           "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(_free_port()),
+                           str(ROOT / "tests" / "fsdp_cpu.py"), "run", str(path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shards = [json.loads(line.split("fsdp-cpu: ", 1)[1]) for line in proc.stderr.splitlines() if "fsdp-cpu: " in line]
+    assert len(shards) == 4, proc.stderr[-3000:]  # 2 ranks x 2 stages
+    for s in shards:  # FSDP really ran: (nearly) every weight a DTensor, half of its elements on each rank
+        assert s["dtensors"] >= s["params"] - 1 and 2 * s["local"] == s["full"], s
+        assert "FSDPLinear" in s["classes"] and ("Linear4bit" in s["classes"]) == (quantization == "nf4"), s
+    m = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
+    assert proc.stderr.count("prefopt: stage sft done") == 1
+    from safetensors.torch import load_file
+
+    for stage in ("00-sft", "01-dpo"):
+        want, got = _losses(single.run_dir, stage), _losses(out, stage)
+        assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4
+        for (s, a), (_, b) in zip(want, got):
+            assert b == pytest.approx(a, rel=1e-4), (stage, s, a, b)
+        a = load_file(single.run_dir / "stages" / stage / "adapter" / "adapter_model.safetensors")
+        b = load_file(out / "stages" / stage / "adapter" / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b) and not any(k.count(".ref.") for k in b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+@pytest.mark.parametrize("env,quantization,expect", [
+    ({"FSDP_VERSION": "1"}, "none", "fsdp_version 1: prefopt runs FSDP version 2"),
+    ({"FSDP_VERSION": "2"}, "nf4", "uint8 keeps the 4-bit base weights out of FSDP's shards"),
+])
+def test_fsdp_settings_prefopt_cannot_honour_are_user_errors(tmp_path, tiny_model, small_data, monkeypatch, env,
+                                                            quantization, expect):
+    from click.testing import CliRunner
+
+    from prefopt.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo", quantization=quantization)))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(main, ["run", str(path), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert expect in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "stages").exists()  # said before any model loads
