@@ -365,7 +365,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     ) as (report_to, log_summary):
         metrics = STAGES[st.type](
             model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}",
-            resume_from=resume_from, ref_cache=ref_cache,
+            resume_from=resume_from, ref_cache=ref_cache, echo=echo,
         )
         log_summary(metrics)
     info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)

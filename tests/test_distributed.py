@@ -106,6 +106,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fsdp_on_cpu(tmp_path, raw: dict, *launch_args):
+    """`accelerate launch --config_file recipes/accelerate/fsdp_qlora.yaml` on 2 CPU processes."""
+    from conftest import ROOT
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "fsdp-cache"),
+           "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                           "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"), *launch_args,
+                           "--num_processes", "2", "--main_process_port", str(_free_port()),
+                           str(ROOT / "tests" / "fsdp_cpu.py"), "run", str(path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    return out, proc
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quantization):
@@ -114,8 +131,6 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
     forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the same
     per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
     accelerators; tests/fsdp_cpu.py takes its GPU branch on the CPU, see there.)"""
-    from conftest import ROOT
-
     def recipe(batch_size):
         raw = _recipe(tiny_model, small_data, batch_size)
         raw["model"].update(quantization=quantization, **({"quant_storage": "float32"} if quantization == "nf4" else {}))
@@ -124,16 +139,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
         return raw
 
     single = prefopt.run(recipe_from_dict(recipe(4)), output_dir=tmp_path / "single")
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe(2)))
-    out = tmp_path / "fsdp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "fsdp-cache"),
-           "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
-                           "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"),
-                           "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(_free_port()),
-                           str(ROOT / "tests" / "fsdp_cpu.py"), "run", str(path), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    out, proc = _fsdp_on_cpu(tmp_path, recipe(2), "--mixed_precision", "no")
     assert proc.returncode == 0, proc.stderr[-4000:]
     shards = [json.loads(line.split("fsdp-cpu: ", 1)[1]) for line in proc.stderr.splitlines() if "fsdp-cpu: " in line]
     assert len(shards) == 4, proc.stderr[-3000:]  # 2 ranks x 2 stages
@@ -175,3 +181,18 @@ def test_fsdp_settings_prefopt_cannot_honour_are_user_errors(tmp_path, tiny_mode
     assert result.exit_code == 2, result.output
     assert expect in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "stages").exists()  # said before any model loads
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_fsdp2_mixed_precision_dpo_starts_at_its_reference(tmp_path, tiny_model, small_data):
+    """The shipped FSDP config as it is (bf16): FSDP's mixed-precision policy runs the policy on bf16 weights, so a
+    reference precomputed before the model is wrapped (fp32 weights, autocast) is not the policy at step 0 (measured:
+    margin -0.0069). prefopt computes the reference live there, through the wrapped model: margin exactly 0."""
+    out, proc = _fsdp_on_cpu(tmp_path, _recipe(tiny_model, small_data, 2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("prefopt: stage dpo: reference computed live, every step: under FSDP with bf16") == 1
+    history = json.loads((out / "stages" / "01-dpo" / "log_history.json").read_text())
+    first = next(h for h in history if "rewards/margins" in h)
+    assert first["step"] == 1 and first["rewards/margins"] == 0.0, first
+    entry = json.loads((out / "run.json").read_text())["stages"][1]
+    assert entry["ref_logps"]["mode"] == "live" and "bf16" in entry["ref_logps"]["why"]

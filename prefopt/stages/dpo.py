@@ -41,7 +41,7 @@ def check(stage, where: str) -> list[str]:
 
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
-        callbacks=(), resume_from=None, ref_cache=None, **_) -> dict:
+        callbacks=(), resume_from=None, ref_cache=None, echo=None, **_) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     trainer = make_trainer(DPOTrainer, DPOConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
@@ -50,11 +50,37 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in peft_model.peft_config:
             peft_model.delete_adapter("ref")
-    ref = reference_logps(trainer, ref_cache) if stage.precompute_ref_log_probs else None
+    precompute, mismatch = stage.precompute_ref_log_probs, precision_mismatch(trainer)
+    if precompute and mismatch:
+        if "precompute_ref_log_probs" in stage.model_fields_set:  # the recipe asked for it: done, and said
+            (echo or print)(f"prefopt: warning: stage {stage.name}: {mismatch}; precomputed as the recipe asks")
+        else:
+            precompute = False
+            (echo or print)(f"prefopt: stage {stage.name}: reference computed live, every step: {mismatch}")
+    ref = reference_logps(trainer, ref_cache) if precompute else None
     metrics = train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
     if ref is not None:
-        metrics["ref_logps"] = ref
+        metrics["ref_logps"] = ref if not mismatch else {**ref, "warning": mismatch}
+    elif stage.precompute_ref_log_probs:
+        metrics["ref_logps"] = {"mode": "live", "why": mismatch}
     return metrics
+
+
+def precision_mismatch(trainer) -> str | None:
+    """Why precomputed reference log-probs would not be the policy's numbers at step 0, or None.
+
+    They are computed before the trainer wraps the model: on its float weights, under accelerate's autocast. That is
+    the training forward's precision on one process and under DDP (autocast both; measured: margin 0.0 at step 0 in
+    bf16), but not under FSDP's mixed-precision policy (every weight cast to bf16, no autocast) or DeepSpeed's bf16
+    engine (the weights themselves bf16): measured under FSDP2 bf16, the step-0 margin was -0.0069 precomputed and
+    0.0 with the reference computed live, through the wrapped model, as the policy is."""
+    kind = "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else \
+        "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None
+    precision = getattr(trainer.args, "mixed_precision", "no") or "no"
+    if kind is None or precision == "no":
+        return None
+    return (f"under {kind} with {precision} mixed precision the policy runs on {precision} weights, and a reference "
+            "precomputed before the model is wrapped would not (at step 0 policy != reference)")
 
 
 def _reference_pass(trainer, ds, batch_size: int) -> dict:
