@@ -155,7 +155,8 @@ def enable_fast_dora(model: nn.Module, dropout: str = "lowrank") -> int:
         module.__class__ = _fast_class(type(module))
         module._prefopt_dora_dropout = dropout
         module._prefopt_plans, module._prefopt_cur = {}, None
-        _base_norm2(module, module.get_base_layer())  # ||W_i||^2 now, from weights nothing has touched yet
+        if not _sharded(module.get_base_layer().weight):  # (a ZeRO-3 placeholder has no rows: its forward is PEFT's)
+            _base_norm2(module, module.get_base_layer())  # ||W_i||^2 now, from weights nothing has touched yet
         n += 1
     return n
 

@@ -73,6 +73,7 @@ def load_base_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    whole_weights_on_load()
     qcfg = quantization_config(quantization, dtype, quant_storage)
     kwargs = dict(
         dtype=torch_dtype(dtype),
@@ -159,6 +160,21 @@ def _same_adapter(saved, wanted) -> list[str]:
         if getattr(saved, key) != getattr(wanted, key):
             diffs.append(f"{key}: saved {getattr(saved, key)!r}, recipe {getattr(wanted, key)!r}")
     return diffs
+
+
+def whole_weights_on_load() -> None:
+    """Every model prefopt loads is loaded whole, on every process; under DeepSpeed ZeRO-3 the trainer partitions it.
+
+    A DeepSpeed trainer leaves transformers a process-wide ZeRO-3 config, and from then on every from_pretrained /
+    from_config builds a partitioned model (zero.Init): the stage after the first would load differently from the
+    first, and the merge -- one process, after training, while the others wait -- would hang in zero.Init's
+    collectives (seen: 'Cannot copy out of meta tensor'). A trainer sets it again when it is built."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    except ImportError:
+        return
+    if is_deepspeed_zero3_enabled():
+        unset_hf_deepspeed_config()
 
 
 def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True,

@@ -326,7 +326,8 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
 
     from . import tracking
     from .data.report import write_reports
-    from .models import BASE_INFO, adapter_config_from_section, attach_adapter, base_info, load_base_model, load_tokenizer
+    from .models import (BASE_INFO, adapter_config_from_section, attach_adapter, base_info, load_base_model,
+                         load_tokenizer, whole_weights_on_load)
     from .stages import STAGES
 
     st = recipe.stages[i]
@@ -370,6 +371,7 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
         log_summary(metrics)
     info = base_info(base, name_or_path=recipe.model_path(), quantization=m.quantization, dtype=m.dtype)
     del model, base
+    whole_weights_on_load()  # the finished trainer's ZeRO-3 config would partition the next load (see there)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

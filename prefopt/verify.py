@@ -90,6 +90,9 @@ def _empty(config_dir: Path, dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models import whole_weights_on_load
+
+    whole_weights_on_load()
     cfg = AutoConfig.from_pretrained(str(config_dir))
     cfg.use_cache = False
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real

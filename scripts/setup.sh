@@ -17,7 +17,7 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q ${PREFOPT_TORCH:-torch==2.13.0}
   fi
 fi
-python -m pip install -q -e ".[dev,fast]"
+python -m pip install -q -e ".[dev,fast,deepspeed]"
 
 if [ ! -f demo/tiny-llama/model.safetensors ]; then
   python scripts/demo_assets.py model demo/tiny-llama --data data/demo

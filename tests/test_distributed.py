@@ -106,21 +106,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fsdp_on_cpu(tmp_path, raw: dict, *launch_args):
-    """`accelerate launch --config_file recipes/accelerate/fsdp_qlora.yaml` on 2 CPU processes."""
+def _sharded_on_cpu(tmp_path, raw: dict, config: str, *launch_args):
+    """`accelerate launch --config_file recipes/accelerate/<config>.yaml` on 2 CPU processes (tests/launch_cpu.py)."""
     from conftest import ROOT
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "fsdp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "fsdp-cache"),
-           "ACCELERATE_USE_CPU": "true"}
+    out = tmp_path / "sharded"
+    (tmp_path / "shards").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "sharded-cache"),
+           "LAUNCH_CPU_REPORT": str(tmp_path / "shards"),
+           "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
-                           "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"), *launch_args,
+                           "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), *launch_args,
                            "--num_processes", "2", "--main_process_port", str(_free_port()),
-                           str(ROOT / "tests" / "fsdp_cpu.py"), "run", str(path), "--output-dir", str(out)],
+                           str(ROOT / "tests" / "launch_cpu.py"), "run", str(path), "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     return out, proc
+
+
+def _shards(out) -> list[dict]:
+    return [json.loads(line) for f in sorted((out.parent / "shards").glob("rank*.jsonl"))
+            for line in f.read_text().splitlines()]
+
+
+def _same_as_one_process(single_dir, out):
+    from safetensors.torch import load_file
+
+    for stage in ("00-sft", "01-dpo"):
+        want, got = _losses(single_dir, stage), _losses(out, stage)
+        assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4
+        for (s, a), (_, b) in zip(want, got):
+            assert b == pytest.approx(a, rel=1e-4), (stage, s, a, b)
+        a = load_file(single_dir / "stages" / stage / "adapter" / "adapter_model.safetensors")
+        b = load_file(out / "stages" / stage / "adapter" / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b) and not any(k.count(".ref.") for k in b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -130,7 +151,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
     shard (the 4-bit base too, in float32 storage), DoRA's norm computed on the gathered weights inside the layer's
     forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the same
     per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
-    accelerators; tests/fsdp_cpu.py takes its GPU branch on the CPU, see there.)"""
+    accelerators; tests/launch_cpu.py takes its GPU branch on the CPU, see there.)"""
     def recipe(batch_size):
         raw = _recipe(tiny_model, small_data, batch_size)
         raw["model"].update(quantization=quantization, **({"quant_storage": "float32"} if quantization == "nf4" else {}))
@@ -139,27 +160,17 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
         return raw
 
     single = prefopt.run(recipe_from_dict(recipe(4)), output_dir=tmp_path / "single")
-    out, proc = _fsdp_on_cpu(tmp_path, recipe(2), "--mixed_precision", "no")
+    out, proc = _sharded_on_cpu(tmp_path, recipe(2), "fsdp_qlora", "--mixed_precision", "no")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    shards = [json.loads(line.split("fsdp-cpu: ", 1)[1]) for line in proc.stderr.splitlines() if "fsdp-cpu: " in line]
+    shards = _shards(out)
     assert len(shards) == 4, proc.stderr[-3000:]  # 2 ranks x 2 stages
     for s in shards:  # FSDP really ran: (nearly) every weight a DTensor, half of its elements on each rank
-        assert s["dtensors"] >= s["params"] - 1 and 2 * s["local"] == s["full"], s
+        assert s["sharded"] >= s["params"] - 1 and 2 * s["local"] == s["full"], s
         assert "FSDPLinear" in s["classes"] and ("Linear4bit" in s["classes"]) == (quantization == "nf4"), s
     m = json.loads((out / "run.json").read_text())
     assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
     assert proc.stderr.count("prefopt: stage sft done") == 1
-    from safetensors.torch import load_file
-
-    for stage in ("00-sft", "01-dpo"):
-        want, got = _losses(single.run_dir, stage), _losses(out, stage)
-        assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4
-        for (s, a), (_, b) in zip(want, got):
-            assert b == pytest.approx(a, rel=1e-4), (stage, s, a, b)
-        a = load_file(single.run_dir / "stages" / stage / "adapter" / "adapter_model.safetensors")
-        b = load_file(out / "stages" / stage / "adapter" / "adapter_model.safetensors")
-        assert sorted(a) == sorted(b) and not any(k.count(".ref.") for k in b)
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    _same_as_one_process(single.run_dir, out)
 
 
 @pytest.mark.parametrize("env,quantization,expect", [
@@ -188,7 +199,7 @@ def test_fsdp2_mixed_precision_dpo_starts_at_its_reference(tmp_path, tiny_model,
     """The shipped FSDP config as it is (bf16): FSDP's mixed-precision policy runs the policy on bf16 weights, so a
     reference precomputed before the model is wrapped (fp32 weights, autocast) is not the policy at step 0 (measured:
     margin -0.0069). prefopt computes the reference live there, through the wrapped model: margin exactly 0."""
-    out, proc = _fsdp_on_cpu(tmp_path, _recipe(tiny_model, small_data, 2))
+    out, proc = _sharded_on_cpu(tmp_path, _recipe(tiny_model, small_data, 2), "fsdp_qlora")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("prefopt: stage dpo: reference computed live, every step: under FSDP with bf16") == 1
     history = json.loads((out / "stages" / "01-dpo" / "log_history.json").read_text())
@@ -196,3 +207,25 @@ def test_fsdp2_mixed_precision_dpo_starts_at_its_reference(tmp_path, tiny_model,
     assert first["step"] == 1 and first["rewards/margins"] == 0.0, first
     entry = json.loads((out / "run.json").read_text())["stages"][1]
     assert entry["ref_logps"]["mode"] == "live" and "bf16" in entry["ref_logps"]["why"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_deepspeed_zero3_on_cpu_matches_one_process(tmp_path, tiny_model, small_data):
+    """The shipped recipes/accelerate/zero3.yaml (fp32 here) on 2 CPU processes with DeepSpeed's CPU accelerator:
+    every weight a ZeRO-3 partition, DoRA through PEFT's forward (the layers' hooks gather the weights), DPO's
+    reference live (TRL's reference forward needs the engine's partitioned weights), the adapter gathered and saved,
+    every stage and the merge loading whole weights -- and the same losses and adapter as one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is the `deepspeed` extra (scripts/setup.sh installs it)")
+    raw = lambda bs: {**_recipe(tiny_model, small_data, bs)}  # noqa: E731
+    single = prefopt.run(recipe_from_dict(raw(4)), output_dir=tmp_path / "single")
+    out, proc = _sharded_on_cpu(tmp_path, raw(2), "zero3", "--mixed_precision", "no")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shards = _shards(out)
+    assert len(shards) == 4, proc.stderr[-3000:]
+    for s in shards:  # ZeRO-3 really ran: every weight partitioned, half of its elements on each rank
+        assert s["sharded"] == s["params"] and 2 * s["local"] == s["full"], s
+    assert proc.stderr.count("prefopt: stage dpo: reference computed live, every step: under DeepSpeed ZeRO-3") == 1
+    m = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
+    assert m["stages"][1]["ref_logps"]["mode"] == "live"
+    _same_as_one_process(single.run_dir, out)

@@ -50,13 +50,17 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in peft_model.peft_config:
             peft_model.delete_adapter("ref")
-    precompute, mismatch = stage.precompute_ref_log_probs, precision_mismatch(trainer)
-    if precompute and mismatch:
+    precompute, mismatch, impossible = stage.precompute_ref_log_probs, precision_mismatch(trainer), zero3(trainer)
+    say = echo or print
+    if precompute and impossible:
+        precompute, mismatch = False, impossible
+        say(f"prefopt: stage {stage.name}: reference computed live, every step: {impossible}")
+    elif precompute and mismatch:
         if "precompute_ref_log_probs" in stage.model_fields_set:  # the recipe asked for it: done, and said
-            (echo or print)(f"prefopt: warning: stage {stage.name}: {mismatch}; precomputed as the recipe asks")
+            say(f"prefopt: warning: stage {stage.name}: {mismatch}; precomputed as the recipe asks")
         else:
             precompute = False
-            (echo or print)(f"prefopt: stage {stage.name}: reference computed live, every step: {mismatch}")
+            say(f"prefopt: stage {stage.name}: reference computed live, every step: {mismatch}")
     ref = reference_logps(trainer, ref_cache) if precompute else None
     metrics = train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)
     if ref is not None:
@@ -64,6 +68,18 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
     elif stage.precompute_ref_log_probs:
         metrics["ref_logps"] = {"mode": "live", "why": mismatch}
     return metrics
+
+
+def zero3(trainer) -> str | None:
+    """Why the reference cannot be precomputed: under DeepSpeed ZeRO-3 TRL's reference forward gathers the weights
+    the engine partitions, and before the engine wraps the model they are not DeepSpeed's yet (seen: 'Parameter'
+    object has no attribute 'ds_status'). Live, the reference runs through the engine like the policy."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return "under DeepSpeed ZeRO-3 the reference runs through the engine's partitioned weights" \
+        if is_deepspeed_zero3_enabled() else None
 
 
 def precision_mismatch(trainer) -> str | None:
