@@ -109,18 +109,34 @@ def main_first(fn, *args, **kwargs):
     return shared[0]
 
 
-def launcher_problems(*, quantization: str, quant_storage: str, storage_key: str) -> list[str]:
+def launcher_problems(*, quantization: str, quant_storage: str, quant_key: str, storage_key: str) -> list[str]:
     """What the accelerate config asks for that prefopt cannot do right, said before any model loads. (accelerate
     launch hands its config to the processes as environment variables.)"""
     env = os.environ
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return []
     problems = []
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        if quantization != "none":
+            problems.append(f"{quant_key}: {quantization} under DeepSpeed ZeRO-3: DeepSpeed partitions only "
+                            "weights it creates itself (zero.Init), and prefopt loads every stage's base whole, so "
+                            "the quantized weights would not be partitioned (seen: 'Params4bit' object has no "
+                            "attribute 'ds_status'); shard a quantized base with FSDP "
+                            "(recipes/accelerate/fsdp_qlora.yaml), or use quantization: none")
+        if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
+            problems.append("accelerate config: zero3_init_flag true: prefopt loads every stage's base whole (the "
+                            "same way in every stage, and for the merge) and DeepSpeed partitions it when training "
+                            "starts; set zero3_init_flag: false (as recipes/accelerate/zero3.yaml does)")
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return problems
     version = env.get("FSDP_VERSION", "1")
     if version != "2":
         problems.append(f"accelerate config: fsdp_version {version}: prefopt runs FSDP version 2 (fully_shard), the "
                         "one its adapter save and DoRA forward are tested under; set fsdp_version: 2 (as "
                         "recipes/accelerate/fsdp_qlora.yaml does)")
+    if quantization == "int8":
+        problems.append(f"{quant_key}: int8 under FSDP: bitsandbytes' 8-bit weights cannot be sharded (seen: "
+                        "'Creating a Parameter from an instance of type Int8Params requires ...'); use nf4 with "
+                        "quant_storage bfloat16, or quantization: none")
     if quantization == "nf4" and quant_storage == "uint8":
         problems.append(f"{storage_key}: uint8 keeps the 4-bit base weights out of FSDP's shards (every process "
                         "would hold all of them); set quant_storage to the training dtype (bfloat16 on GPUs)")

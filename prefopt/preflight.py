@@ -43,6 +43,7 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
     from .dist import launcher_problems
 
     problems += launcher_problems(quantization=recipe.model.quantization, quant_storage=recipe.model.quant_storage,
+                                  quant_key=recipe.locate("model", "quantization"),
                                   storage_key=recipe.locate("model", "quant_storage"))
     model_problems, tokenizer = check_model(recipe)
     problems += model_problems

@@ -176,8 +176,13 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
 @pytest.mark.parametrize("env,quantization,expect", [
     ({"FSDP_VERSION": "1"}, "none", "fsdp_version 1: prefopt runs FSDP version 2"),
     ({"FSDP_VERSION": "2"}, "nf4", "uint8 keeps the 4-bit base weights out of FSDP's shards"),
+    ({"FSDP_VERSION": "2"}, "int8", "int8 under FSDP: bitsandbytes' 8-bit weights cannot be sharded"),
+    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "nf4",
+     "r.yaml line 9): nf4 under DeepSpeed ZeRO-3: DeepSpeed partitions only weights it creates itself"),
+    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, "none", "zero3_init_flag true: prefopt loads every stage's base whole"),
 ])
-def test_fsdp_settings_prefopt_cannot_honour_are_user_errors(tmp_path, tiny_model, small_data, monkeypatch, env,
+def test_launcher_settings_prefopt_cannot_honour_are_user_errors(tmp_path, tiny_model, small_data, monkeypatch, env,
                                                             quantization, expect):
     from click.testing import CliRunner
 
@@ -210,22 +215,46 @@ def test_fsdp2_mixed_precision_dpo_starts_at_its_reference(tmp_path, tiny_model,
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_deepspeed_zero3_on_cpu_matches_one_process(tmp_path, tiny_model, small_data):
-    """The shipped recipes/accelerate/zero3.yaml (fp32 here) on 2 CPU processes with DeepSpeed's CPU accelerator:
-    every weight a ZeRO-3 partition, DoRA through PEFT's forward (the layers' hooks gather the weights), DPO's
-    reference live (TRL's reference forward needs the engine's partitioned weights), the adapter gathered and saved,
-    every stage and the merge loading whole weights -- and the same losses and adapter as one process."""
+@pytest.mark.parametrize("config,quantization", [("zero3", "none"), ("zero2", "nf4")])
+def test_deepspeed_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, config, quantization):
+    """The shipped recipes/accelerate/zero{3,2}.yaml (fp32 here) on 2 CPU processes with DeepSpeed's CPU accelerator.
+    ZeRO-3: every weight partitioned, DoRA through PEFT's forward (the layers' hooks gather the weights), DPO's
+    reference live (TRL's reference forward needs the engine's partitioned weights), every stage and the merge
+    loading whole weights. ZeRO-2 on a 4-bit base: the reference precomputed. Both: the adapter gathered and saved,
+    the same losses and adapter as one process."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is the `deepspeed` extra (scripts/setup.sh installs it)")
-    raw = lambda bs: {**_recipe(tiny_model, small_data, bs)}  # noqa: E731
-    single = prefopt.run(recipe_from_dict(raw(4)), output_dir=tmp_path / "single")
-    out, proc = _sharded_on_cpu(tmp_path, raw(2), "zero3", "--mixed_precision", "no")
+
+    def recipe(batch_size):
+        raw = _recipe(tiny_model, small_data, batch_size)
+        raw["model"]["quantization"] = quantization
+        return raw
+
+    single = prefopt.run(recipe_from_dict(recipe(4)), output_dir=tmp_path / "single")
+    out, proc = _sharded_on_cpu(tmp_path, recipe(2), config, "--mixed_precision", "no")
     assert proc.returncode == 0, proc.stderr[-4000:]
     shards = _shards(out)
     assert len(shards) == 4, proc.stderr[-3000:]
-    for s in shards:  # ZeRO-3 really ran: every weight partitioned, half of its elements on each rank
-        assert s["sharded"] == s["params"] and 2 * s["local"] == s["full"], s
-    assert proc.stderr.count("prefopt: stage dpo: reference computed live, every step: under DeepSpeed ZeRO-3") == 1
     m = json.loads((out / "run.json").read_text())
+    if config == "zero3":
+        for s in shards:  # ZeRO-3 really ran: every weight partitioned, half of its elements on each rank
+            assert s["sharded"] == s["params"] and 2 * s["local"] == s["full"], s
+        assert proc.stderr.count("prefopt: stage dpo: reference computed live, every step: under DeepSpeed ZeRO-3") == 1
+        assert m["stages"][1]["ref_logps"]["mode"] == "live"
+    else:
+        assert all(s["sharded"] == 0 and "Linear4bit" in s["classes"] for s in shards), shards
+        assert m["stages"][1]["ref_logps"]["cache"] == "miss"
     assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
-    assert m["stages"][1]["ref_logps"]["mode"] == "live"
     _same_as_one_process(single.run_dir, out)
+
+
+def test_shipped_accelerate_configs_parse():
+    """Every shipped accelerate config loads in accelerate's own config reader (ddp.yaml's launch is torchrun's)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import ROOT
+
+    configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"ddp", "fsdp_qlora", "zero2", "zero3"}
+    for c in configs:
+        cfg = load_config_from_file(str(c))
+        assert cfg.num_processes == 2 and cfg.distributed_type is not None, c
