@@ -16,7 +16,7 @@ def _fail(err: Exception) -> None:
     the main process says it (every rank exits with the same code)."""
     from .dist import is_main
 
-    if is_main():
+    if is_main() and not getattr(err, "said", False):  # (said: by a process of its own, `prefopt eval`)
         click.echo(f"prefopt: error: {err}", err=True)
     sys.exit(getattr(err, "exit_code", 2))
 
@@ -212,14 +212,16 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a value of the run's recorded recipe, e.g. eval.mmlu.limit=50")
-def eval_(run_dir: str, overrides: tuple[str, ...]) -> None:
+@click.option("--in-run", is_flag=True, hidden=True, help="The run's own evaluation, started by `prefopt run` under a "
+              "launcher: an unchanged evaluation is not redone, and a failed gate withdraws an earlier merge.")
+def eval_(run_dir: str, overrides: tuple[str, ...], in_run: bool) -> None:
     """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions, gates (exit code 3
     when a gate fails)."""
     with _handled(run_dir):
         from .eval import describe
         from .evaluation import evaluate_existing
 
-        log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True))
+        log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True), in_run=in_run)
     click.echo(describe(log))
 
 

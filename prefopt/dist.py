@@ -141,3 +141,25 @@ def launcher_problems(*, quantization: str, quant_storage: str, quant_key: str, 
         problems.append(f"{storage_key}: uint8 keeps the 4-bit base weights out of FSDP's shards (every process "
                         "would hold all of them); set quant_storage to the training dtype (bfloat16 on GPUs)")
     return problems
+
+
+# torchrun's and accelerate launch's variables: a child without them is a process of its own, outside the group
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "TORCH_NCCL_", "PET_")
+
+
+def run_alone(args: list[str]) -> int:
+    """`python -m prefopt ARGS` as a single process of its own (outside the process group, on this process's GPU),
+    from the main process while the others wait; its exit code. For work whose libraries issue collectives of their
+    own when they see a launcher (lm-eval, generation)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else None
+    env["CUDA_VISIBLE_DEVICES"] = devices[local_rank()] if devices and local_rank() < len(devices) else \
+        str(local_rank()) if visible is None else visible
+    return subprocess.run([sys.executable, "-m", "prefopt", *args], env=env).returncode

@@ -83,7 +83,28 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
     return log
 
 
-def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
+def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
+    """The recipe's evaluation under a launcher: `prefopt eval RUN_DIR --in-run` as a process of its own (the others
+    wait), then its outcome read back into this run's manifest; a failed gate is GateFailed here too."""
+    from . import dist
+    from .config import GateFailed, PrefoptError
+
+    echo(f"prefopt: eval: in a process of its own (lm-eval and generation are single-process): prefopt eval {run_dir}")
+    code = dist.run_alone(["eval", str(run_dir), "--in-run"])
+    manifest["eval"] = (read_manifest(run_dir) or {}).get("eval")  # written by the child
+    log = runfolder.read_eval_log(run_dir)
+    if code == GateFailed.exit_code and log is not None:
+        err = GateFailed(f"{runfolder.gate_line(runfolder.failed_gates(log))}; the run stops before the merge (see "
+                         f"{run_dir / runfolder.EVAL / runfolder.EVAL_LOG})")
+        err.said = True  # by the evaluating process, in these words
+        raise err
+    if code != 0 or log is None:
+        raise PrefoptError(f"eval: `prefopt eval {run_dir}` failed (exit code {code}, see above); the stages are "
+                           f"done: run it again, alone, when fixed")
+    return log
+
+
+def evaluate_existing(run_dir: str | Path, overrides=None, echo=print, in_run: bool = False) -> dict:
     """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
     section, or the defaults when it has none). Raises GateFailed when a gate fails."""
     from .config import PrefoptError, load_recipe
@@ -112,6 +133,9 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print) -> dict:
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
 
     try:
-        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=True, withdraw_merged=False)
+        # in_run: the run's own evaluation (a launcher's main process asked): an unchanged one is not redone
+        return evaluate_final(recipe, run_dir, manifest, data, save_manifest, echo, force=not in_run,
+                              withdraw_merged=in_run)
     finally:
-        write_report(run_dir, echo)
+        if not in_run:  # the run writes its report when it ends
+            write_report(run_dir, echo)

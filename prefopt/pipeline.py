@@ -214,19 +214,14 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         prev_adapter = stage_dir / "adapter"
 
     save_manifest()
-    from .evaluation import evaluate_final, write_report
+    from .evaluation import evaluate_apart, evaluate_final, write_report
 
-    if recipe.eval is not None and dist.world_size() > 1:
-        # lm-eval and generation issue collectives of their own under a launcher, which the waiting ranks would
-        # answer with the wrong ones; the evaluation (and so the gated merge) is one process's job afterwards
-        manifest["eval"] = {"status": "pending", "why": f"not run under {dist.world_size()} processes"}
-        save_manifest()
-        echo(f"prefopt: eval: not run under {dist.world_size()} processes, and so no merge; run `prefopt eval "
-             f"{run_dir}` (one process), then `prefopt merge {run_dir}`")
-        dist.barrier()
-        return result
     try:  # evaluation and merge: the main process; the others wait for it
-        if recipe.eval is not None:
+        if recipe.eval is not None and dist.world_size() > 1:
+            # lm-eval and generation issue collectives of their own under a launcher, which the waiting ranks would
+            # answer with the wrong ones: the main process evaluates in a process of its own (`prefopt eval`)
+            result.eval_log = dist.main_first(evaluate_apart, run_dir, manifest, echo)
+        elif recipe.eval is not None:
             result.eval_log = dist.main_first(evaluate_final, recipe, run_dir, manifest, checked.data, save_manifest,
                                               echo)
         if recipe.merge is not None:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import prefopt
-from conftest import chain_recipe
+from conftest import DEMO_DATA, chain_recipe
 from prefopt import recipe_from_dict
 
 
@@ -65,37 +65,40 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model, small_da
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_torchrun_leaves_the_evaluation_to_one_process(tmp_path, tiny_model, small_data):
-    """Under a launcher the evaluation (lm-eval, generation: collectives of their own) is not run, and so neither is
-    the gated merge: the run says so once; `prefopt eval RUN` in one process then judges the gate (exit 3)."""
-    import socket
-
-    from click.testing import CliRunner
-
-    from conftest import DEMO_DATA
-    from prefopt.cli import main
-
+def test_torchrun_evaluates_in_a_process_of_its_own(tmp_path, tiny_model, small_data):
+    """Under a launcher the recipe's evaluation (lm-eval, generation: collectives of their own) runs as `prefopt
+    eval` in a process of its own, from the main process, while the others wait: a failed gate stops every rank
+    before the merge, said once; rerun with the gate relaxed, the stages are skipped, the evaluation is redone (its
+    gates changed) and the run merges."""
     raw = _recipe(tiny_model, small_data, 2)
     raw["eval"] = {"mmlu": {"path": str(DEMO_DATA / "mmlu_synthetic"), "num_fewshot": 0},
                    "completions": {"n": 2, "max_new_tokens": 4}, "gates": {"max_mmlu_drop": -100}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("eval: not run under 2 processes") == 1, proc.stderr[-3000:]
-    assert not (out / "merged").exists()
-    assert json.loads((out / "run.json").read_text())["eval"]["status"] == "pending"
-    result = CliRunner().invoke(main, ["eval", str(out)])
-    assert result.exit_code == 3, result.output
-    assert "gate max_mmlu_drop failed" in result.output and not (out / "merged").exists()
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                               "-m", "prefopt", "run", str(path), "--output-dir", str(out), *extra],
+                              capture_output=True, text=True, timeout=900, env=env)
+
+    proc = torchrun()
+    assert proc.returncode != 0 and "ChildFailedError" in proc.stderr  # torchrun's own code for a failed rank: 1
+    assert proc.stderr.count("prefopt: error: gate max_mmlu_drop failed") == 1, proc.stderr[-3000:]
+    assert "exitcode: 3" in proc.stderr  # every rank exits 3, torchrun itself 1
+    assert "prefopt: unexpected error" not in proc.stderr  # (the traceback is torchrun's own, of its failed ranks)
+    m = json.loads((out / "run.json").read_text())
+    assert m["eval"]["passed"] is False and not (out / "merged").exists()
+    assert json.loads((out / "eval" / "eval_log.json").read_text())["mmlu"]["tuned"]["n"] == 24
+
+    proc = torchrun("--set", "eval.gates.max_mmlu_drop=100")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("done and unchanged, skipped") == 2, proc.stderr[-3000:]  # both stages
+    m = json.loads((out / "run.json").read_text())
+    assert m["eval"]["passed"] is True and m["merge"]["status"] == "done" and (out / "merged").is_dir()
+    assert proc.stderr.count("prefopt: eval: in a process of its own") == 1
 
 
 def _free_port() -> int:
