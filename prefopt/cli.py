@@ -112,11 +112,14 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
               help="Memory of one device to check the plan against: 24GB, 24GiB, 80G or bytes (default: the visible "
               "GPU's, if any).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Data-parallel devices; each holds the same (per-device batch), plus DDP's gradient buckets.")
+              help="Data-parallel devices, each with its own per-device batch.")
+@click.option("--sharding", type=click.Choice(["none", "fsdp", "zero2"]), default="none", show_default=True,
+              help="What the devices divide: none (DDP: each holds everything), zero2 (gradients and optimizer "
+              "state), fsdp (the weights too); as recipes/accelerate/ configures them. ZeRO-3 is not modelled.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Plan for a GPU (bf16 autocast, as prefopt trains there) or for CPU training (the model's dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON only (other messages on stderr).")
-def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: int, device: str,
+def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: int, sharding: str, device: str,
          as_json: bool) -> None:
     """Validate RECIPE and show what `prefopt run` would do: resolved recipe, stages, data sizes, trainable params,
     and each stage's peak memory per device, by component, with settings that fit when it does not."""
@@ -135,13 +138,13 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
 
             checked = preflight(rec)
             try:
-                plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device)
+                plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
             except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
                 plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
             out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
             text = json.dumps(out, indent=1)
         else:
-            text = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device)
+            text = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
     except PrefoptError as e:
         _fail(e)
     except Exception as e:

@@ -109,13 +109,30 @@ def main_first(fn, *args, **kwargs):
     return shared[0]
 
 
+def _zero_stage() -> int | None:
+    """The ZeRO stage accelerate launch was given: in its config, or in the DeepSpeed config file it names."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        import json
+
+        try:
+            with open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]) as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError):
+            return None  # accelerate itself says what is wrong with the file
+    try:
+        return int(stage) if stage is not None else None
+    except ValueError:
+        return None
+
+
 def launcher_problems(*, quantization: str, quant_storage: str, quant_key: str, storage_key: str) -> list[str]:
     """What the accelerate config asks for that prefopt cannot do right, said before any model loads. (accelerate
     launch hands its config to the processes as environment variables.)"""
     env = os.environ
     problems = []
     deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if deepspeed and _zero_stage() == 3:
         if quantization != "none":
             problems.append(f"{quant_key}: {quantization} under DeepSpeed ZeRO-3: DeepSpeed partitions only "
                             "weights it creates itself (zero.Init), and prefopt loads every stage's base whole, so "

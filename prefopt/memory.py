@@ -42,6 +42,9 @@ def model_shape(path: str, *, revision: str | None = None, trust_remote_code: bo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models import whole_weights_on_load
+
+    whole_weights_on_load()  # not a ZeRO-3 partitioned build, whatever a DeepSpeed trainer left behind
     cfg = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
@@ -107,9 +110,21 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
     return out + sum(inputs.values())
 
 
+# none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers measured
+# 35-75 MiB above this arithmetic on the test models (ratio 0.72-0.88; scripts/measure_memory.py --launch zero3)
+SHARDINGS = ("none", "fsdp", "zero2")
+
+
+def _layer_weights(shape: ModelShape, quantization: str, wbytes: int) -> int:
+    """One decoder layer's base weights (what FSDP / ZeRO-3 gather at a time), as quantized."""
+    per = shape.linears[: len(shape.linears) // max(shape.layers, 1)]
+    one = dataclasses.replace(shape, linears=tuple(per), other_params=0)
+    return _weights(one, quantization, wbytes) + 2 * shape.hidden * wbytes  # + its two norms
+
+
 def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dtype: str, adapter, train,
                    reference: str | None = None, disable_dropout: bool = True, device: str = "cuda",
-                   gpus: int = 1) -> dict:
+                   gpus: int = 1, sharding: str = "none") -> dict:
     """Peak bytes of one stage on one device: what is live at the peak, by component.
 
     `adapter` and `train` are the recipe's AdapterSection and TrainSection (or anything with the same fields);
@@ -118,7 +133,14 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     reference forward it saves is below the peak (measured: the same peak). `disable_dropout`: the preference
     trainers' default (TRL turns adapter dropout off; SFT keeps it). `device` "cpu" trains in the model's dtype
     (what the CPU tests measure); on "cuda" prefopt trains under bf16 autocast. With `gpus` > 1 (data parallel)
-    every device holds the same, with its own per-device batch, plus DDP's gradient buckets."""
+    every device runs its own per-device batch; `sharding` says what it holds:
+    - "none" (DDP): everything, plus DDP's gradient buckets;
+    - "zero2": the optimizer state and gradients are divided over the devices;
+    - "fsdp": the adapter, its gradients and optimizer state and the base weights too, plus what is gathered
+      whole at a time: two decoder layers (the one computing and the next, prefetched) and the root's embeddings,
+      LM head and final norm (FSDP2 keeps the root unsharded through the step).
+    Each process loads the whole base before it is sharded, so the peak is never below the whole base weights
+    (`load_bytes`)."""
     wbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     # activations' element size: the model's dtype on CPU; bf16 under the GPU's autocast (TRL's bf16=True)
     e = wbytes if device == "cpu" else 2
@@ -152,18 +174,28 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     # with its saved set and the gradients in flight; the reference forward (policy saved + its head) is lower
     in_flight = tokens * (2 * h + 2 * max(h, shape.intermediate, shape.q_dim)) * e
     recompute = layer + in_flight if train.gradient_checkpointing else 0
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    n = max(gpus, 1)
+    whole = _weights(shape, quantization, wbytes)
+    params = n if sharding == "fsdp" else 1  # what divides the weights, the adapter and its "ref" copy
+    state = n if sharding != "none" else 1  # what divides gradients and optimizer state
+    weights = whole
+    if params > 1:  # the shards, plus what is gathered whole at a time (two layers, the root's modules)
+        root = shape.other_params * wbytes - 2 * shape.hidden * wbytes * shape.layers
+        weights = whole // n + 2 * _layer_weights(shape, quantization, wbytes) + max(root, 0)
     comp = {
-        "base_weights": _weights(shape, quantization, wbytes),
-        "adapter": trainable * 4 + norms,  # fp32: prefopt keeps the trainable adapter in fp32 (see stages.common)
-        "gradients": trainable * 4 * (2 if gpus > 1 else 1),  # + DDP's gradient buckets
-        "optimizer": trainable * _optimizer_bytes(train.optim),
+        "base_weights": weights,
+        "adapter": trainable * 4 // params + norms,  # fp32: prefopt keeps the trainable adapter so (stages.common)
+        "gradients": trainable * 4 * (2 if gpus > 1 and sharding == "none" else 1) // state,  # + DDP's buckets
+        "optimizer": trainable * _optimizer_bytes(train.optim) // state,
         # TRL's frozen "ref" copy of the adapter (with precompute too: it computes the log-probs)
-        "reference": trainable * 4 + norms if stage_type == "dpo" and reference == "previous_stage" else 0,
+        "reference": trainable * 4 // params + norms if stage_type == "dpo" and reference == "previous_stage" else 0,
         "activations": kept + recompute if recompute > head else kept,
         "logits": 0 if recompute > head else head,
     }
-    return {"components": comp, "peak_bytes": sum(comp.values()), "tokens": tokens,
-            "sequence_length": train.max_length, "adapter_dropout": dropout}
+    return {"components": comp, "peak_bytes": max(sum(comp.values()), whole), "load_bytes": whole,
+            "tokens": tokens, "sequence_length": train.max_length, "adapter_dropout": dropout}
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -232,16 +264,17 @@ def suggestions(shape, s: dict, common: dict, budget: int, index: int) -> list[d
 
 
 def memory_plan(shape: ModelShape, *, quantization: str, dtype: str, adapter, stages: list[dict],
-                gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> dict:
+                gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda", sharding: str = "none") -> dict:
     """The plan of every stage (`stages` from stage_settings): components in bytes, peak, fits, suggestions."""
-    common = dict(quantization=quantization, dtype=dtype, adapter=adapter, device=device, gpus=gpus)
+    common = dict(quantization=quantization, dtype=dtype, adapter=adapter, device=device, gpus=gpus,
+                  sharding=sharding)
     out = []
     for i, s in enumerate(stages):
         est = _estimate(shape, s, common)
         fits = None if gpu_memory is None else est["peak_bytes"] <= gpu_memory
         out.append({"stage": s["name"], "type": s["type"], **est, "fits": fits,
                     "suggestions": suggestions(shape, s, common, gpu_memory, i) if fits is False else []})
-    return {"device": device, "gpus": gpus, "gpu_memory_bytes": gpu_memory,
+    return {"device": device, "gpus": gpus, "sharding": sharding, "gpu_memory_bytes": gpu_memory,
             "sequence_length": "max_length (every sequence at the cut: the worst case)", "stages": out}
 
 
@@ -252,13 +285,18 @@ def format_plan(plan: dict) -> list[str]:
     names = ["base_weights", "adapter", "gradients", "optimizer", "reference", "activations", "logits"]
     heads = ["weights", "adapter", "grads", "optim", "ref", "activ", "logits", "peak"]
     budget = plan["gpu_memory_bytes"]
-    lines = [f"# memory plan ({unit} per device, {plan['device']}, {plan['gpus']} device(s); sequences at max_length)",
+    shard = "" if plan.get("sharding", "none") == "none" else f", {plan['sharding']}"
+    lines = [f"# memory plan ({unit} per device, {plan['device']}, {plan['gpus']} device(s){shard}; sequences at "
+             "max_length)",
              f"    {'stage':18}" + "".join(f"{h:>9}" for h in heads)
              + (f"  fits {budget / 1e9:.3g} GB" if budget else "")]
     for st in plan["stages"]:
         vals = [st["components"][n] for n in names] + [st["peak_bytes"]]
         fit = "" if st["fits"] is None else ("  yes" if st["fits"] else "  NO")
         lines.append(f"    {st['stage'][:18]:18}" + "".join(f"{v / div:9.2f}" for v in vals) + fit)
+        if st["peak_bytes"] > sum(st["components"].values()):
+            lines.append(f"      the peak is the load: each process holds the whole base ({st['load_bytes'] / div:.2f} "
+                         f"{unit}) before it is sharded")
         for sug in st["suggestions"]:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
             lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")

@@ -21,7 +21,8 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
     return count_trainable(peft_model)
 
 
-def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> dict:
+def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
+                sharding: str = "none") -> dict:
     """Each stage's peak memory per device, by component (prefopt.memory), for the recipe's model and stages."""
     from .memory import memory_plan as plan_of, model_shape, stage_settings
 
@@ -35,7 +36,7 @@ def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1,
                            f"{str(e).splitlines()[0]}") from None
     return plan_of(shape, quantization=m.quantization, dtype=m.dtype, adapter=recipe.adapter,
                    stages=[stage_settings(st) for st in recipe.stages], gpu_memory=gpu_memory, gpus=gpus,
-                   device=device)
+                   device=device, sharding=sharding)
 
 
 def default_gpu_memory() -> int | None:
@@ -45,7 +46,8 @@ def default_gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda") -> str:
+def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
+              sharding: str = "none") -> str:
     from .data.report import summary_lines
     from .pipeline import adapter_note, preflight, stage_notes
 
@@ -72,7 +74,8 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
     from .memory import format_plan
 
     try:
-        lines += ["", *format_plan(memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device))]
+        lines += ["", *format_plan(memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device,
+                                               sharding=sharding))]
     except (PrefoptError, ValueError, ImportError) as e:  # an unreachable hub id, a model class that will not build
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # on meta tensors: the rest still stands
     return "\n".join(lines)

@@ -56,6 +56,17 @@ GRID = [  # model, stage type, quantization, gradient checkpointing, batch size,
     ("wide", "sft", "nf4", True, 1, 512, None),
     ("wide", "dpo", "nf4", True, 1, 512, "previous_stage"),
 ]
+SHARDED_GRID = [  # under --launch (2 CPU processes), per-process batch; the estimate with --sharding and --gpus 2
+    ("mid", "sft", "none", False, 2, 256, None),
+    ("mid", "dpo", "none", False, 2, 192, "previous_stage"),
+    ("mid", "sft", "nf4", True, 2, 512, None),
+    ("wide", "sft", "none", True, 1, 256, None),
+]
+def sharded_grid(sharding: str) -> list:
+    """SHARDED_GRID, less what the sharding refuses (ZeRO-3: a quantized base, prefopt.dist.launcher_problems)."""
+    return [row for row in SHARDED_GRID if not (sharding == "zero3" and row[2] != "none")]
+
+
 GPU_GRID = [  # bf16 under autocast, as prefopt trains on a GPU (scripts/gpu_check.sh)
     ("mid", "sft", "nf4", False, 4, 512, None),
     ("big", "sft", "nf4", True, 4, 1024, None),
@@ -87,7 +98,7 @@ def long_rows(stage_type: str, n: int) -> list[dict]:
              "rejected": [{"role": "assistant", "content": text(i + 3)}]} for i in range(n)]
 
 
-def live_bytes(model) -> int:
+def live_bytes(model, buffers: bool = True) -> int:
     """Bytes of every tensor the model owns (parameters, buffers, 4-bit quant states), each storage once."""
     import torch
 
@@ -102,7 +113,7 @@ def live_bytes(model) -> int:
                 seen.add(key)
                 total += st.nbytes()
 
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in list(model.parameters()) + (list(model.buffers()) if buffers else []):
         add(t)
         qs = getattr(t, "quant_state", None)
         while qs is not None:
@@ -131,7 +142,7 @@ def profiled_peak(fn) -> int:
 
 def measure(model_dir: Path, stage_type: str, *, quantization: str, gradient_checkpointing: bool, batch_size: int,
             max_length: int, reference: str | None = None, r: int = 8, optim: str = "adamw_torch",
-            steps: int = 2, dtype: str = "float32", device: str = "cpu") -> dict:
+            steps: int = 2, dtype: str = "float32", device: str = "cpu", sharding: str = "none") -> dict:
     """The measured peak of `steps` optimizer steps of one stage, and the plan's estimate for the same settings.
     On device "cuda" the peak is torch.cuda.max_memory_allocated (reset once the model is loaded)."""
     import torch
@@ -161,11 +172,22 @@ def measure(model_dir: Path, stage_type: str, *, quantization: str, gradient_che
             torch.cuda.reset_peak_memory_stats()
             train_stage(stage, model, tok, rows, output_dir=out, seed=0)
             measured = torch.cuda.max_memory_allocated()
+        elif sharding in ("fsdp", "zero3"):
+            # The trainer replaces every parameter with its shard and frees the whole one, but the profiler cannot
+            # subtract frees of blocks allocated before it started: after the sharding, what is live is the
+            # baseline less the whole parameters plus the running total (checked with gc: no whole parameter
+            # storage survives the sharding); before it, the baseline (the load: each process holds it all).
+            params = live_bytes(model, buffers=False)
+            measured = max(baseline, baseline - params + profiled_peak(
+                lambda: train_stage(stage, model, tok, rows, output_dir=out, seed=0)))
         else:
             measured = baseline + profiled_peak(lambda: train_stage(stage, model, tok, rows, output_dir=out, seed=0))
     est = estimate_stage(model_shape(str(model_dir)), stage_type=stage_type, quantization=quantization,
                          dtype=dtype, adapter=adapter, train=TrainSection(**train),
-                         reference="base" if reference == "base" else "previous_stage", device=device)
+                         reference="base" if reference == "base" else "previous_stage", device=device,
+                         gpus=int(os.environ.get("WORLD_SIZE", "1")),
+                         # ZeRO-3 is not in the plan: measured against FSDP's arithmetic (what it shards is the same)
+                         sharding="fsdp" if sharding == "zero3" else sharding)
     return {"stage": stage_type, "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
             "batch_size": batch_size, "max_length": max_length, "reference": reference,
             "measured_bytes": measured, "baseline_bytes": baseline, "estimate_bytes": est["peak_bytes"],
@@ -179,12 +201,23 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: fp32, the profiler's allocator peak; cuda: bf16 autocast, "
                     "torch.cuda.max_memory_allocated")
+    ap.add_argument("--row", type=int, default=0, help=argparse.SUPPRESS)  # under --launch: the grid row
+    ap.add_argument("--rows", type=int, nargs="*", default=None, help="under --launch: only these rows of the grid")
+    ap.add_argument("--launch", choices=["fsdp", "zero3", "zero2"], default=None,
+                    help="measure under the shipped accelerate config on 2 CPU processes (scripts/launch_cpu.py; "
+                    "zero*: needs deepspeed), against the plan with --sharding and --gpus 2; the peak of each process")
     args = ap.parse_args()
+    if args.launch and "RANK" not in os.environ:
+        return launch(args)
+    if args.launch:
+        import launch_cpu  # noqa: F401  (accelerate's FSDP / DeepSpeed on CPU)
     import torch
 
     if args.device == "cpu":
         torch.set_num_threads(2)
     grid, dtype = (GRID, "float32") if args.device == "cpu" else (GPU_GRID, "bfloat16")
+    if args.launch:  # one row per launch: a process keeps DeepSpeed's buffers from one engine to the next
+        grid = [sharded_grid(args.launch)[args.row]]
     root = Path(args.models or tempfile.mkdtemp(prefix="prefopt-mem-"))
     results = []
     print(f"{'model':5} {'stage':5} {'quant':5} {'ckpt':5} {'batch':>5} {'len':>5} {'reference':14} "
@@ -192,13 +225,51 @@ def main() -> None:
     for name, stage, quant, gc, bs, length, ref in grid:
         res = {"model": name, **measure(build_model(name, root), stage, quantization=quant, gradient_checkpointing=gc,
                                         batch_size=bs, max_length=length, reference=ref, dtype=dtype,
-                                        device=args.device)}
+                                        device=args.device, sharding=args.launch or "none")}
         results.append(res)
         print(f"{name:5} {stage:5} {quant:5} {str(gc):5} {bs:5} {length:5} {str(ref or '-'):14} "
               f"{res['estimate_bytes'] / 2**20:12.2f} {res['measured_bytes'] / 2**20:12.2f} {res['ratio']:6.3f}",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        out = Path(args.json)
+        if args.launch:  # each process its own table (launch() compares the larger peak)
+            out = out.with_name(f"rank{os.environ['RANK']}.json")
+        out.write_text(json.dumps(results, indent=1))
+
+
+def launch(args) -> None:
+    """Run this script's grid under `accelerate launch --config_file recipes/accelerate/<config>.yaml` on 2 CPU
+    processes; each process writes its own table; the larger measured peak of the two is the one compared."""
+    import subprocess
+
+    config = {"fsdp": "fsdp_qlora"}.get(args.launch, args.launch)
+    root = Path(args.models or tempfile.mkdtemp(prefix="prefopt-mem-"))
+    for name in sorted({row[0] for row in SHARDED_GRID}):
+        build_model(name, root)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    ranks = []
+    for row in (args.rows or range(len(sharded_grid(args.launch)))):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), "--mixed_precision", "no",
+                   "--num_processes", "2", "--main_process_port", "29533", __file__, "--launch", args.launch,
+                   "--row", str(row), "--models", str(root), "--json", str(Path(tmp) / "rank.json")]
+            code = subprocess.run(cmd, env=env, cwd=ROOT).returncode  # (the DeepSpeed configs name files)
+            if code:
+                sys.exit(code)
+            ranks.append([json.loads(f.read_text())[0] for f in sorted(Path(tmp).glob("rank*.json"))])
+    rows = []
+    for per_rank in ranks:
+        worst = max(per_rank, key=lambda r: r["measured_bytes"])
+        rows.append({**worst, "ratio": round(worst["estimate_bytes"] / worst["measured_bytes"], 3),
+                     "sharding": args.launch, "processes": 2})
+        print(f"{args.launch:6} {worst['model']:5} {worst['stage']:5} {worst['quantization']:5} "
+              f"{str(worst['gradient_checkpointing']):5} {worst['batch_size']:3} x {worst['max_length']:4}  estimate "
+              f"{worst['estimate_bytes'] / 2**20:9.2f} MiB  measured {worst['measured_bytes'] / 2**20:9.2f} MiB  "
+              f"ratio {rows[-1]['ratio']:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

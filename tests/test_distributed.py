@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import prefopt
-from conftest import DEMO_DATA, chain_recipe
+from conftest import DEMO_DATA, ROOT, chain_recipe
 from prefopt import recipe_from_dict
 
 
@@ -110,8 +110,7 @@ def _free_port() -> int:
 
 
 def _sharded_on_cpu(tmp_path, raw: dict, config: str, *launch_args):
-    """`accelerate launch --config_file recipes/accelerate/<config>.yaml` on 2 CPU processes (tests/launch_cpu.py)."""
-    from conftest import ROOT
+    """`accelerate launch --config_file recipes/accelerate/<config>.yaml` on 2 CPU processes (scripts/launch_cpu.py)."""
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -120,11 +119,11 @@ def _sharded_on_cpu(tmp_path, raw: dict, config: str, *launch_args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE_DIR": str(tmp_path / "sharded-cache"),
            "LAUNCH_CPU_REPORT": str(tmp_path / "shards"),
            "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
-                           "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), *launch_args,
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"), *launch_args,
                            "--num_processes", "2", "--main_process_port", str(_free_port()),
-                           str(ROOT / "tests" / "launch_cpu.py"), "run", str(path), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+                           str(ROOT / "scripts" / "launch_cpu.py"), "run", str(path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)  # (configs name files)
     return out, proc
 
 
@@ -154,7 +153,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
     shard (the 4-bit base too, in float32 storage), DoRA's norm computed on the gathered weights inside the layer's
     forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the same
     per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
-    accelerators; tests/launch_cpu.py takes its GPU branch on the CPU, see there.)"""
+    accelerators; scripts/launch_cpu.py takes its GPU branch on the CPU, see there.)"""
     def recipe(batch_size):
         raw = _recipe(tiny_model, small_data, batch_size)
         raw["model"].update(quantization=quantization, **({"quant_storage": "float32"} if quantization == "nf4" else {}))
@@ -182,6 +181,9 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
     ({"FSDP_VERSION": "2"}, "int8", "int8 under FSDP: bitsandbytes' 8-bit weights cannot be sharded"),
     ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "nf4",
      "r.yaml line 9): nf4 under DeepSpeed ZeRO-3: DeepSpeed partitions only weights it creates itself"),
+    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true",  # the shipped config: a DeepSpeed file
+      "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "recipes" / "accelerate" / "zero3.json")}, "nf4",
+     "nf4 under DeepSpeed ZeRO-3"),
     ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
       "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, "none", "zero3_init_flag true: prefopt loads every stage's base whole"),
 ])
@@ -254,7 +256,6 @@ def test_shipped_accelerate_configs_parse():
     """Every shipped accelerate config loads in accelerate's own config reader (ddp.yaml's launch is torchrun's)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from conftest import ROOT
 
     configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
     assert {c.stem for c in configs} >= {"ddp", "fsdp_qlora", "zero2", "zero3"}

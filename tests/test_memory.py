@@ -115,3 +115,25 @@ def test_gpu_memory_sizes_and_a_bad_one(tiny_model, tmp_path):
     res = CliRunner().invoke(main, ["plan", str(path), "--gpu-memory", "24GiB", "--gpus", "2"])
     assert res.exit_code == 0, res.stderr
     assert "# memory plan (MiB per device, cuda, 2 device(s)" in res.stdout and "  yes" in res.stdout
+
+
+@pytest.mark.parametrize("sharding,row", [("fsdp", 3), ("zero2", 0)])
+def test_sharded_plan_within_15_percent_on_two_processes(test_models, tmp_path, sharding, row):
+    """`--sharding fsdp` / `zero2` against the peak of each of 2 CPU processes under the shipped accelerate config
+    (scripts/measure_memory.py --launch): wide SFT, where FSDP's sharded weights are most of the peak; mid SFT
+    under ZeRO-2, whose default 5e8-element buckets (1.9 GiB) the shipped DeepSpeed file replaces by "auto"."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if sharding == "zero2":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is the `deepspeed` extra (scripts/setup.sh installs it)")
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_memory.py"), "--launch", sharding,
+                           "--rows", str(row), "--models", str(test_models["mid"].parent), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (got,) = json.loads(out.read_text())
+    assert got["processes"] == 2 and got["sharding"] == sharding
+    assert 0.85 <= got["ratio"] <= 1.15, got

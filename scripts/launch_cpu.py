@@ -1,4 +1,4 @@
-"""`prefopt` under accelerate's FSDP or DeepSpeed on CPU (gloo), for the tests.
+"""`prefopt` under accelerate's FSDP or DeepSpeed on CPU (gloo), for the tests and scripts/measure_memory.py.
 
 accelerate routes FSDP and DeepSpeed only on accelerators: with `use_cpu` it picks plain multi-CPU data parallelism
 whatever the config says (only its accelerator branch of `AcceleratorState.__init__` looks at the FSDP or DeepSpeed
@@ -11,7 +11,7 @@ stage, what the shards were (to $LAUNCH_CPU_REPORT/rank<N>.jsonl), so a test can
 ran. Launch:
 
     ACCELERATE_USE_CPU=true [DS_ACCELERATOR=cpu] accelerate launch --config_file recipes/accelerate/X.yaml \
-        tests/launch_cpu.py run RECIPE
+        scripts/launch_cpu.py run RECIPE
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ _gather = common.gathered_adapter_state
 
 
 def _gather_and_say(model, **kwargs):
+    if "LAUNCH_CPU_REPORT" not in os.environ:
+        return _gather(model, **kwargs)
     params = list(model.parameters())
     dtensors = [p for p in params if type(p).__name__ == "DTensor"]
     zero3 = [p for p in params if hasattr(p, "ds_id")]
