@@ -301,7 +301,9 @@ def format_plan(plan: dict) -> list[str]:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
             lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")
         if st["fits"] is False and not st["suggestions"]:
-            lines.append("      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a larger device")
+            lines.append("      nothing near fits: the whole base must fit one device while it loads; a smaller model or "
+                         "a larger device" if budget is not None and st["load_bytes"] > budget else
+                         "      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a larger device")
     if budget is None:
         lines.append("    (give --gpu-memory, e.g. 24GB, to check the fit)")
     return lines
