@@ -16,6 +16,7 @@ import yaml
 
 import prefopt
 from conftest import ROOT, chain_recipe
+from test_distributed import _free_port, _losses
 from prefopt import recipe_from_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,11 +30,6 @@ def _recipe(tiny_model, small_data, quantization: str, batch_size: int) -> dict:
     for st in raw["stages"]:
         st["train"].update(batch_size=batch_size, grad_accum=1, gradient_checkpointing=True)
     return raw
-
-
-def _losses(run_dir, stage) -> list:
-    history = json.loads((run_dir / "stages" / stage / "log_history.json").read_text())
-    return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
 @pytest.mark.parametrize("config,quantization,processes", [
@@ -53,9 +49,9 @@ def test_shipped_launch_configs_on_gpus(tmp_path, tiny_model, small_data, config
     env = {**os.environ, "PREFOPT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
                            "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
-                           "--num_processes", str(processes), "--main_process_port", "29517",
+                           "--num_processes", str(processes), "--main_process_port", str(_free_port()),
                            "-m", "prefopt", "run", str(path), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)  # (configs name files)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((out / "run.json").read_text())
     assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
