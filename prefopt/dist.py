@@ -155,8 +155,9 @@ def launcher_problems(*, quantization: str, quant_storage: str, quant_key: str, 
                         "'Creating a Parameter from an instance of type Int8Params requires ...'); use nf4 with "
                         "quant_storage bfloat16, or quantization: none")
     if quantization == "nf4" and quant_storage == "uint8":
-        problems.append(f"{storage_key}: uint8 keeps the 4-bit base weights out of FSDP's shards (every process "
-                        "would hold all of them); set quant_storage to the training dtype (bfloat16 on GPUs)")
+        problems.append(f"{storage_key}: uint8 (the default) keeps the 4-bit base weights out of FSDP's shards (every "
+                        "process would hold all of them); set model.quant_storage to a float type: bfloat16 on GPUs "
+                        "(float32 works too; the numbers are the same)")
     return problems
 
 

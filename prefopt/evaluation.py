@@ -91,7 +91,12 @@ def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
 
     echo(f"prefopt: eval: in a process of its own (lm-eval and generation are single-process): prefopt eval {run_dir}")
     code = dist.run_alone(["eval", str(run_dir), "--in-run"])
-    manifest["eval"] = (read_manifest(run_dir) or {}).get("eval")  # written by the child
+    written = read_manifest(run_dir) or {}  # by the child: its evaluation, and a merge it may have withdrawn
+    for key in ("eval", "merge"):
+        if key in written:
+            manifest[key] = written[key]
+        else:
+            manifest.pop(key, None)
     log = runfolder.read_eval_log(run_dir)
     if code == GateFailed.exit_code and log is not None:
         err = GateFailed(f"{runfolder.gate_line(runfolder.failed_gates(log))}; the run stops before the merge (see "

@@ -177,7 +177,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
 
 @pytest.mark.parametrize("env,quantization,expect", [
     ({"FSDP_VERSION": "1"}, "none", "fsdp_version 1: prefopt runs FSDP version 2"),
-    ({"FSDP_VERSION": "2"}, "nf4", "uint8 keeps the 4-bit base weights out of FSDP's shards"),
+    ({"FSDP_VERSION": "2"}, "nf4", "uint8 (the default) keeps the 4-bit base weights out of FSDP's shards"),
     ({"FSDP_VERSION": "2"}, "int8", "int8 under FSDP: bitsandbytes' 8-bit weights cannot be sharded"),
     ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "nf4",
      "r.yaml line 9): nf4 under DeepSpeed ZeRO-3: DeepSpeed partitions only weights it creates itself"),

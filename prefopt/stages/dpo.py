@@ -93,6 +93,10 @@ def precision_mismatch(trainer) -> str | None:
     kind = "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else \
         "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None
     precision = getattr(trainer.args, "mixed_precision", "no") or "no"
+    if kind == "DeepSpeed" and precision == "no":  # a DeepSpeed config file of the user's may set it itself
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        ds = getattr(plugin, "deepspeed_config", None) or {}
+        precision = next((k for k in ("bf16", "fp16") if (ds.get(k) or {}).get("enabled") is True), "no")
     if kind is None or precision == "no":
         return None
     return (f"under {kind} with {precision} mixed precision the policy runs on {precision} weights, and a reference "
