@@ -22,80 +22,104 @@ def _fail(err: Exception) -> None:
 
 
 def _bug(err: BaseException, run_dir=None) -> None:
-    """An error prefopt did not foresee: one line, and the full traceback in a log file (exit code 1)."""
+    """An error prefopt did not foresee: one line, and the full traceback in a log file (exit code 1). The log goes
+    to the run folder's logs/ when that can be written, else to the user's cache (never a second error)."""
     import traceback
 
     from .dist import is_main, rank
-    from .runfolder import log_path
+    from .runfolder import log_paths
 
     if not is_main() and "the main process failed" in str(err):  # the main process reports it, once
         sys.exit(1)
-    path = log_path(run_dir)
-    if not is_main():
-        path = path.with_name(f"{path.stem}-rank{rank()}{path.suffix}")
-    try:
-        path.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
-        where = f"; full traceback in {path}"
-    except OSError:
-        where = ""
+    where = ""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    for path in log_paths(run_dir):
+        if not is_main():
+            path = path.with_name(f"{path.stem}-rank{rank()}{path.suffix}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            where = f"; full traceback in {path}"
+            break
+        except OSError:
+            continue
     first = (str(err).strip().splitlines() or [""])[0]
     click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
     sys.exit(1)
 
 
+def _stopped(err: BaseException, what: str) -> None:
+    """Ctrl-C, SIGTERM or a closed console pipe: say so (to the log file when the console is gone), exit 130 /
+    143 / 141."""
+    from . import console, signals
+
+    click.echo(f"prefopt: {signals.words(err)}; {what}", err=True)
+    if console.closed():
+        click.echo(f"prefopt: (the console closed: this run's output is in {console.console_log()})", err=True)
+    sys.exit(signals.exit_code(err))
+
+
 @contextlib.contextmanager
-def _handled(run_dir=None, interrupted: str = "interrupted"):
-    """A command's body: a user error -> one line, exit 2 (3 for a failed gate); Ctrl-C -> exit 130; anything else
+def _handled(run_dir=None, interrupted: str = "nothing more was written"):
+    """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
+    permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
     is a bug -> one line and a traceback log, exit 1."""
+    from .config import environment_error
+
     try:
         yield
     except PrefoptError as e:
         _fail(e)
-    except KeyboardInterrupt:
-        click.echo(f"prefopt: {interrupted}", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _stopped(e, interrupted)
+    except OSError as e:
+        env = environment_error(e)
+        if env is None:
+            _bug(e, run_dir)
+        _fail(env)
     except Exception as e:
         _bug(e, run_dir)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prefopt")
-def main() -> None:
+@click.pass_context
+def main(ctx) -> None:
     """prefopt: one YAML recipe chains SFT into DPO, ORPO or SimPO on a 4-bit DoRA base."""
+    from . import config, console, signals
+
+    config.SURFACE["cli"] = True  # messages name this command line's flags (not the API's keyword arguments)
+    console.guard()  # a console pipe that closes (| tee, | head) stops a run gracefully, not with a traceback
+    ctx.call_on_close(lambda: (config.SURFACE.update(cli=False), signals.uninstall()))  # (in-process callers)
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. stages.1.beta=0.2")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. stages.dpo.beta=0.2 (a stage by name or index)")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Run folder (default runs/<name>/, or the run folder RECIPE belongs to when it is a run's recipe.yaml).")
 @click.option("--fresh", is_flag=True, help="Start over: remove what prefopt wrote in the run folder (only in a prefopt "
               "run folder; other files are kept, a folder that is not one is refused).")
-def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool) -> None:
+@click.option("--gpu-memory", default=None, metavar="SIZE",
+              help="Refuse (exit 2, before any model loads) a stage whose planned peak exceeds SIZE (default: the "
+              "visible GPU's memory; 'off' skips the check).")
+def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool, gpu_memory: str | None) -> None:
     """Run every stage of RECIPE in order, resuming a previous run of it."""
     from . import signals
-    from .config import load_recipe
 
     signals.install()
-    try:
-        rec = load_recipe(recipe, list(overrides))
+    with _handled(output_dir, "finished stages and the last checkpoint are kept, re-run the same command to resume"):
+        from .preflight import load_checked
+
+        rec = load_checked(recipe, list(overrides))
         from .pipeline import run as run_pipeline
         from .runfolder import run_folder_of
 
         # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
         output_dir = output_dir or run_folder_of(recipe, rec.name)
-
+        _check_memory(rec, gpu_memory)
         result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
-    except PrefoptError as e:
-        _fail(e)
-    except KeyboardInterrupt as e:
-        from .signals import Terminated
-
-        click.echo(f"prefopt: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; finished "
-                   "stages and the last checkpoint are kept, re-run the same command to resume", err=True)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-    except Exception as e:
-        _bug(e, output_dir or (f"runs/{rec.name}" if "rec" in locals() else None))
     from .dist import is_main
 
     if not is_main():  # one console under torchrun: the main process's
@@ -103,6 +127,34 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     click.echo(f"run folder: {result.run_dir}")
     for s in result.stages:
         click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")
+
+
+def _check_memory(rec, gpu_memory: str | None) -> None:
+    """`prefopt run --gpu-memory`: a stage whose planned peak exceeds the device is refused before any model loads
+    (on the visible GPU by default; on CPU only when SIZE is given)."""
+    if gpu_memory is not None and gpu_memory.strip().lower() == "off":
+        return
+    from .memory import parse_size
+    from .plan import default_gpu_memory, memory_plan
+
+    budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
+    if budget is None:
+        return
+    try:
+        plan_ = memory_plan(rec, gpu_memory=budget)
+    except (PrefoptError, ValueError, ImportError):
+        return  # a plan that cannot be made does not stop the run
+    _refuse_unfit(plan_, budget, "prefopt plan RECIPE --gpu-memory SIZE shows settings that fit; --gpu-memory off "
+                  "skips this check")
+
+
+def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
+    from .memory import GiB
+
+    unfit = [st for st in plan_["stages"] if st["fits"] is False]
+    if unfit:
+        raise PrefoptError("; ".join(f"stage {st['stage']}: planned peak {st['peak_bytes'] / GiB:.2f} GiB does not fit "
+                                     f"{budget / GiB:.2f} GiB" for st in unfit) + f" ({how})")
 
 
 @main.command()
@@ -119,24 +171,28 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Plan for a GPU (bf16 autocast, as prefopt trains there) or for CPU training (the model's dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON only (other messages on stderr).")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="The run folder `prefopt run` will write (default runs/<name>/): checked for writing and space.")
 def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: int, sharding: str, device: str,
-         as_json: bool) -> None:
+         as_json: bool, output_dir: str | None) -> None:
     """Validate RECIPE and show what `prefopt run` would do: resolved recipe, stages, data sizes, trainable params,
-    and each stage's peak memory per device, by component, with settings that fit when it does not."""
-    from .config import load_recipe
+    and each stage's peak memory per device, by component, with settings that fit when it does not. Exit code 2
+    when anything would stop the run (a stage that does not fit --gpu-memory included), 0 otherwise."""
+    with _handled():
+        from .preflight import load_checked
 
-    try:
-        rec = load_recipe(recipe, list(overrides))
+        rec = load_checked(recipe, list(overrides))
         from .memory import parse_size
         from .plan import default_gpu_memory, make_plan, memory_plan
 
         budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
+        out_dir = output_dir or f"runs/{rec.name}"
         if as_json:
             import json
 
             from .pipeline import preflight
 
-            checked = preflight(rec)
+            checked = preflight(rec, output_dir=out_dir)
             try:
                 plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
             except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
@@ -144,12 +200,11 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
             out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
             text = json.dumps(out, indent=1)
         else:
-            text = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
-    except PrefoptError as e:
-        _fail(e)
-    except Exception as e:
-        _bug(e)
-    click.echo(text)
+            text, plan_ = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding,
+                                    output_dir=out_dir)
+        click.echo(text)
+        if budget is not None and plan_:
+            _refuse_unfit(plan_, budget, "the plan above shows settings that fit")
 
 
 @main.command()
@@ -190,7 +245,7 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
-    with _handled(run_dir, "interrupted; nothing was written to the output folder"):
+    with _handled(run_dir, "nothing was written to the output folder"):
         from .merging import Thresholds, merge_adapter, merge_run
 
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
@@ -279,6 +334,7 @@ def _review_text(run_dir, log: dict) -> str:
                 "  [tuned] " + r["tuned"]]
     out += ["", f"verdict: {describe(log)}"]
     out += [f"review: {r['at']} {r['reviewer']}: {r['verdict']}" + (f" ({r['note']})" if r.get("note") else "")
+            + (" [stale: it read an earlier model]" if r.get("stale") else "")
             for r in log.get("reviews", [])] or ["reviews: none yet"]
     return "\n".join(out)
 

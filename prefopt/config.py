@@ -41,14 +41,47 @@ class GateFailed(PrefoptError):
 class RecipeError(PrefoptError):
     """Every problem found in a recipe (or its data), one per line."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, repaired: "Recipe | None" = None):
         self.problems = list(problems)
         self.source = source
+        # the recipe with each bad value left out (its default used), when that validates: the later checks run
+        # on it, so that one report lists every problem (prefopt.preflight.load_checked)
+        self.repaired = repaired
         head = f"{source}: " if source else ""
         n = len(self.problems)
         super().__init__(
             f"{head}{n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
         )
+
+
+SURFACE = {"cli": False}  # set by the command line: messages name its flags, else the API's keyword arguments
+
+
+def option(name: str, arg: str | None = None) -> str:
+    """How the user sets an option where they are: '--output-dir DIR' on the command line, 'output_dir=<dir>' in
+    Python (prefopt.run, prefopt.merge)."""
+    if SURFACE["cli"]:
+        return f"--{name.replace('_', '-')}" + (f" {arg}" if arg else "")
+    return f"{name}=" + (f"<{arg.lower()}>" if arg else "True")
+
+
+def environment_error(e: OSError) -> PrefoptError | None:
+    """A read-only folder, a full disk, permission denied, a path that is a file: a user error naming the path and
+    what to do (None for an OSError that is not about the machine's file system)."""
+    import errno
+
+    out = option("output_dir", "DIR")
+    why = {errno.EROFS: ("the file system is read-only", f"choose a folder on a writable disk ({out})"),
+           errno.ENOSPC: ("the disk is full", f"free some space, or choose a folder on a larger disk ({out})"),
+           errno.EDQUOT: ("the disk quota is exceeded", f"free some space, or choose another folder ({out})"),
+           errno.EACCES: ("permission denied", f"choose a folder you can write ({out}), or fix its permissions"),
+           errno.EPERM: ("operation not permitted", f"choose a folder you can write ({out})"),
+           errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another path"),
+           errno.EISDIR: ("it is a folder", "choose another path")}.get(e.errno)
+    if why is None:
+        return None
+    path = f"{e.filename}: " if e.filename else ""
+    return PrefoptError(f"{path}{why[0]}; {why[1]}")
 
 
 PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
@@ -356,10 +389,13 @@ class CompletionsSection(_Section):
 class GatesSection(_Section):
     """Thresholds the tuned model must meet before it is merged; null turns a gate off."""
 
-    max_mmlu_drop: float | None = Field(2.0, description="Fail if MMLU falls by more than this many points against "
-                                        "the base (tuned - base < -max_mmlu_drop).")
+    max_mmlu_drop: float | None = Field(2.0, description="Fail if MMLU falls by more than this many points "
+                                        "against the base (base - tuned > max_mmlu_drop).")
     min_reward_accuracy: float | None = Field(None, ge=0, le=1, description="Fail if the last preference stage's "
                                               "held-out reward accuracy is below this.")
+    min_reward_margin: float | None = Field(None, description="Fail if the last preference stage's held-out mean "
+                                            "reward margin (chosen - rejected reward) is below this: a model that "
+                                            "did not move has accuracy by luck but a margin near 0.")
     min_task_delta: float | None = Field(None, description="Fail if the held-out task metric (preference stages: "
                                          "tuned-over-base win rate - 0.5; SFT: exact match tuned - base) is below this.")
 
@@ -410,6 +446,7 @@ class Recipe(_Section):
     _base_dir: Path | None = PrivateAttr(None)
     _lines: dict = PrivateAttr(default_factory=dict)
     _source: str | None = PrivateAttr(None)
+    _overrides: dict = PrivateAttr(default_factory=dict)  # key path -> the --set item that gave its value
 
     @field_validator("name")
     @classmethod
@@ -431,14 +468,9 @@ class Recipe(_Section):
         return str(local) if local is not None else self.model.name_or_path
 
     def locate(self, *path) -> str:
-        """A key path as the user wrote it, with the YAML line of the key (or of its nearest written parent)."""
-        line = None
-        for cut in range(len(path), -1, -1):
-            line = self._lines.get(tuple(path[:cut]))
-            if line:
-                break
-        where = f" ({self._source} line {line})" if self._source and line else (f" (line {line})" if line else "")
-        return f"{_fmt_path(tuple(path))}{where}"
+        """A key path as the user wrote it, with the YAML line of the key (or of its nearest written parent), or the
+        --set that gave it."""
+        return f"{_fmt_path(tuple(path))}{_where(tuple(path), self._lines, self._source, self._overrides)}"
 
     def stage_dirname(self, index: int) -> str:
         return f"{index:02d}-{self.stages[index].name}"
@@ -480,6 +512,19 @@ def _line_map(text: str) -> dict[tuple, int]:
     if root is not None:
         walk(root, ())
     return lines
+
+
+def _where(loc: tuple, lines: dict, source: str | None, overrides: dict | None = None) -> str:
+    """' (recipe.yaml line 14)' for a key, its nearest written parent's line, or ' (from --set k=v)'."""
+    for cut in range(len(loc), 0, -1):
+        if (overrides or {}).get(tuple(loc[:cut])):
+            return f" (from --set {overrides[tuple(loc[:cut])]})"
+    line = None
+    for cut in range(len(loc), -1, -1):
+        line = lines.get(tuple(loc[:cut]))
+        if line:
+            break
+    return f" ({source} line {line})" if source and line else (f" (line {line})" if line else "")
 
 
 def _fmt_path(loc: tuple) -> str:
@@ -555,7 +600,9 @@ def _union_errors(errors: list[dict]) -> list[dict]:
     return out
 
 
-def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | None) -> list[str]:
+def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | None, overrides: dict | None = None,
+                   locs: list | None = None) -> list[str]:
+    """Each validation error as '<key path>: <what> (<file> line N)'; `locs` collects the key paths."""
     problems = []
     for e in _union_errors(err.errors()):
         loc = _clean_loc(tuple(e["loc"]))
@@ -580,6 +627,12 @@ def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | N
             msg = f"missing; every stage needs a type ({', '.join(STAGE_TYPES)})"
         elif typ == "missing":
             msg = "missing; this key is required"
+        elif typ == "literal_error":
+            import re as _re
+
+            choices = _re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+            close = difflib.get_close_matches(str(e.get("input")), choices, n=1)
+            msg = f"{msg}, got {e.get('input')!r}" + (f"; did you mean {close[0]}?" if close else "")
         elif typ == "value_error":
             msg = msg.removeprefix("Value error, ")
             if msg.startswith("@"):  # a model-level check naming the key below its model
@@ -588,21 +641,46 @@ def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | N
             if msg.startswith("stages["):  # a model-level check that names its own path
                 path, _, rest = msg.partition(": ")
                 idx = int(path.split("[")[1].split("]")[0])
-                line = lines.get(("stages", idx, "name"))
-                problems.append(f"{path}: {rest}" + (f" ({source} line {line})" if source and line else ""))
+                problems.append(f"{path}: {rest}{_where(('stages', idx, 'name'), lines, source, overrides)}")
+                if locs is not None:
+                    locs.append(())  # not one key's value: nothing to leave out
                 continue
         else:
             got = e.get("input")
             if not isinstance(got, (dict, list)):
                 msg = f"{msg}, got {got!r}"
-        line = None
-        for cut in range(len(loc), -1, -1):
-            line = lines.get(loc[:cut])
-            if line:
-                break
-        where = f" ({source} line {line})" if source and line else (f" (line {line})" if line else "")
-        problems.append(f"{_fmt_path(loc)}: {msg}{where}")
+        if locs is not None:
+            locs.append(loc)
+        problems.append(f"{_fmt_path(loc)}: {msg}{_where(loc, lines, source, overrides)}")
     return problems
+
+
+def _repaired(raw: dict, locs: list[tuple]) -> "Recipe | None":
+    """The recipe with every bad key left out (so its default applies), if that validates; None otherwise (a
+    required key was bad, or a check spans several keys)."""
+    import copy
+
+    if not locs or any(not loc for loc in locs):
+        return None
+    fixed = copy.deepcopy(raw)
+    for loc in locs:
+        node = fixed
+        for part in loc[:-1]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                node = None
+                break
+        if isinstance(node, dict) and loc[-1] in node:
+            del node[loc[-1]]
+        elif node is not None:
+            return None
+    try:
+        return Recipe.model_validate(fixed)
+    except ValidationError:
+        return None
 
 
 def _parse_override(item: str) -> tuple[list, Any]:
@@ -618,44 +696,66 @@ def _parse_override(item: str) -> tuple[list, Any]:
                            f"--set '{key}=\"...\"'"]) from None
 
 
-def apply_overrides(raw: dict, overrides: dict | list | None) -> dict:
-    """Apply {"stages.1.beta": 0.2} or ["stages.1.beta=0.2"] to the raw recipe dict."""
+def _list_item(node: list, part, key: str, upto: tuple) -> tuple[int | None, str | None]:
+    """A list item by index, or (a stage) by its name: (index, None) or (None, the problem)."""
+    names = [x.get("name") for x in node if isinstance(x, dict)]
+    if isinstance(part, int) and part < len(node):
+        return part, None
+    if not isinstance(part, int) and part in names:
+        return names.index(part), None
+    named = [str(n) for n in names if n is not None]
+    how = (f"name one of {', '.join(named)}, or give an index 0-{len(node) - 1}" if named and len(named) == len(node)
+           else f"give an index 0-{len(node) - 1}" if node else "the list is empty")
+    close = difflib.get_close_matches(str(part), named, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return None, f"--set {key}: '{_fmt_path(upto)}' has no item {part!r}; {hint}{how}"
+
+
+def apply_overrides(raw: dict, overrides: dict | list | None, given: dict | None = None) -> dict:
+    """Apply {"stages.1.beta": 0.2} or ["stages.dpo.beta=0.2"] to the raw recipe dict. A stage is named by its
+    index or its name. `given` collects, per key path (indexes resolved), the --set item that set it."""
     if not overrides:
         return raw
-    items = (
-        [_parse_override(o) for o in overrides]
-        if isinstance(overrides, (list, tuple))
-        else [([int(p) if p.isdigit() else p for p in str(k).split(".")], v) for k, v in overrides.items()]
-    )
+    if isinstance(overrides, (list, tuple)):
+        items = [(*_parse_override(o), o) for o in overrides]
+    else:
+        items = [([int(p) if p.isdigit() else p for p in str(k).split(".")], v, f"{k}={v}") for k, v in overrides.items()]
     problems = []
-    for path, value in items:
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            nxt = None
-            if isinstance(node, list) and isinstance(part, int) and part < len(node):
-                nxt = node[part]
+    for path, value, text in items:
+        key = ".".join(map(str, path))
+        node, resolved = raw, []
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                idx, problem = _list_item(node, part, key, tuple(resolved))
+                if problem:
+                    problems.append(problem)
+                    node = None
+                    break
+                resolved.append(idx)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
             elif isinstance(node, dict):
-                nxt = node.setdefault(part, {})
-            if not isinstance(nxt, (dict, list)):
-                what = "no such list item" if isinstance(node, list) else "is not a section"
-                problems.append(f"--set {'.'.join(map(str, path))}: '{_fmt_path(tuple(path[: i + 1]))}' {what}")
+                resolved.append(part)
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                problems.append(f"--set {key}: '{_fmt_path(tuple(resolved))}' is not a section")
                 node = None
                 break
-            node = nxt
-        if node is None:
-            continue
-        last = path[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last >= len(node):
-                problems.append(f"--set {'.'.join(map(str, path))}: no such list item")
-                continue
-        node[last] = value
+        if node is not None and given is not None:
+            given[tuple(resolved)] = text
     if problems:
         raise RecipeError(problems)
     return raw
 
 
-def check_paths(recipe: Recipe, base_dir: Path, lines: dict | None = None, source: str | None = None) -> list[str]:
+def check_paths(recipe: Recipe, base_dir: Path, lines: dict | None = None, source: str | None = None,
+                overrides: dict | None = None) -> list[str]:
     """Local data files that do not exist. Paths are resolved against the recipe's folder, then the cwd."""
     problems = []
     for i, st in enumerate(recipe.stages):
@@ -667,12 +767,7 @@ def check_paths(recipe: Recipe, base_dir: Path, lines: dict | None = None, sourc
             if p is None or not looks_local(p):
                 continue
             if resolve_path(p, base_dir) is None:
-                line = None
-                for cut in range(len(key), 0, -1):
-                    line = (lines or {}).get(("stages", i, "data", *key[:cut]))
-                    if line:
-                        break
-                where = f" ({source} line {line})" if source and line else ""
+                where = _where(("stages", i, "data", *key), lines or {}, source, overrides)
                 problems.append(
                     f"{_fmt_path(('stages', i, 'data', *key))}: file not found: {p}{where}; give a path relative to "
                     "the recipe or the current folder, or a datasets hub id"
@@ -696,20 +791,36 @@ def resolve_path(p: str, base_dir: Path | None) -> Path | None:
     return None
 
 
-def validate_recipe(raw: Any, *, source: str | None = None, text: str | None = None, base_dir: Path | None = None) -> Recipe:
+def validate_recipe(raw: Any, *, source: str | None = None, text: str | None = None, base_dir: Path | None = None,
+                    overrides: dict | None = None) -> Recipe:
+    """A validated Recipe, or RecipeError with every problem of the schema and the data paths (and the recipe with
+    the bad values left out, for the checks that come after)."""
     lines = _line_map(text) if text else {}
+    overrides = overrides or {}
     if not isinstance(raw, dict):
         raise RecipeError(["the recipe must be a YAML mapping (name:, model:, stages:, ...)"], source)
+
+    def placed(recipe: Recipe) -> Recipe:
+        recipe._base_dir = base_dir or Path.cwd()
+        recipe._lines = lines
+        recipe._source = source
+        recipe._overrides = overrides
+        return recipe
+
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_problems_from(err, raw, lines, source), source) from None
-    problems = check_paths(recipe, base_dir or Path.cwd(), lines, source)
+        locs: list = []
+        problems = _problems_from(err, raw, lines, source, overrides, locs)
+        repaired = _repaired(raw, locs)
+        if repaired is not None:
+            placed(repaired)
+            problems += check_paths(repaired, base_dir or Path.cwd(), lines, source, overrides)
+        raise RecipeError(problems, source, repaired) from None
+    placed(recipe)
+    problems = check_paths(recipe, base_dir or Path.cwd(), lines, source, overrides)
     if problems:
-        raise RecipeError(problems, source)
-    recipe._base_dir = base_dir or Path.cwd()
-    recipe._lines = lines
-    recipe._source = source
+        raise RecipeError(problems, source, recipe)
     return recipe
 
 
@@ -770,13 +881,15 @@ def load_recipe(path: str | Path, overrides: dict | list | None = None) -> Recip
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+    given: dict = {}
     if isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides)
-    return validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent)
+        raw = apply_overrides(raw, overrides, given)
+    return validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent, overrides=given)
 
 
 def recipe_from_dict(raw: dict, overrides: dict | list | None = None, base_dir: Path | None = None) -> Recipe:
     """Validate a recipe built in code (a dict); same checks as load_recipe."""
     import copy
 
-    return validate_recipe(apply_overrides(copy.deepcopy(raw), overrides), base_dir=base_dir)
+    given: dict = {}
+    return validate_recipe(apply_overrides(copy.deepcopy(raw), overrides, given), base_dir=base_dir, overrides=given)

@@ -41,9 +41,9 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
     log = runfolder.read_eval_log(run_dir)
     if not force and log is not None and log.get("inputs_hash") == key and (manifest.get("eval") or {}).get(
             "inputs_hash") == key:
-        log = regate(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
+        log, changed = regate(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
         manifest["eval"].update(passed=log["passed"], gates_failed=[g["name"] for g in runfolder.failed_gates(log)])
-        save_manifest()
+        save_manifest(commit=changed)  # new gates judged the figures: a new verdict to record
         echo(f"prefopt: eval: figures unchanged, not evaluated again; {describe(log)}")
     else:
         manifest["eval"] = {"status": "running", "inputs_hash": key, "path": f"{runfolder.EVAL}/{runfolder.EVAL_LOG}"}
@@ -66,7 +66,7 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
             raise
         failed = runfolder.failed_gates(log)
         manifest["eval"].update(status="done", passed=log["passed"], gates_failed=[g["name"] for g in failed])
-        save_manifest()
+        save_manifest(commit=True)  # a new evaluation is new work
         echo(f"prefopt: eval: {describe(log)}")
     if not log.get("passed"):
         merged = run_dir / runfolder.MERGED
@@ -74,7 +74,7 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
             # an earlier merge of a model that now fails a gate must not sit there as the run's result
             shutil.rmtree(merged)
             manifest.pop("merge", None)
-            save_manifest()
+            save_manifest(commit=True)
             echo(f"prefopt: eval: removed {merged}, an earlier merge; the model fails a gate now")
         elif merged.exists():
             echo(f"prefopt: eval: warning: {merged} holds an earlier merge of a model that fails a gate now")
@@ -134,7 +134,7 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print, in_run: b
 
     data = preflight(recipe, echo=echo).data
 
-    def save_manifest():
+    def save_manifest(commit: bool = False):  # `prefopt eval` was asked to write: every save writes
         write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
 
     try:

@@ -15,10 +15,11 @@ import json
 import math
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PrefoptError
+from .config import PrefoptError, option
 from .models import BASE_INFO
 
 REPORT = "merge_report.json"
@@ -317,7 +318,7 @@ def merge_adapter(
     if recorded.get("bnb") and info["quantization"] == recorded.get("quantization"):
         info["bnb"] = recorded["bnb"]
     if not info["name_or_path"]:
-        raise MergeError(f"{adapter_dir}: no base recorded; pass --base MODEL")
+        raise MergeError(f"{adapter_dir}: no base recorded; pass {option('base', 'MODEL')}")
     if base_mode == "auto":
         base_mode = "dequantized" if info["quantization"] != "none" else "original"
     if base_mode not in ("dequantized", "original"):
@@ -325,9 +326,18 @@ def merge_adapter(
     if base_mode == "dequantized" and info["quantization"] == "none":
         raise MergeError("merge base 'dequantized' needs the training quantization (nf4 or int8); "
                          "the adapter was trained on an unquantized base: use 'original'")
-    if out_dir.exists():
-        if not overwrite:
-            raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it")
+    from .runfolder import adapter_hash
+
+    settings = {"adapter_hash": adapter_hash(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
+                "out_dtype": out_dtype}
+    if out_dir.exists() and not overwrite:
+        current = current_merge(out_dir, settings, verify_merge=verify_merge,
+                                thresholds=thresholds or Thresholds())
+        if isinstance(current, dict):
+            echo(f"prefopt: merge: {out_dir} is current (the same adapter, base and settings"
+                 f"{', verified' if verify_merge else ''}); nothing to do ({option('overwrite')} merges again)")
+            return current
+        raise MergeError(f"{out_dir} already exists and {current}; pass {option('overwrite')} to replace it")
     adapter = read_adapter(adapter_dir)
     base_dir = resolve_base_dir(info["name_or_path"])
 
@@ -346,6 +356,7 @@ def merge_adapter(
             "method": "dora" if adapter.use_dora else "lora",
             "scale": adapter.scale,
             "out_dtype": out_dtype,
+            "adapter_hash": settings["adapter_hash"],
             **counts,
             **(report_extra or {}),
         }
@@ -386,6 +397,29 @@ def merge_adapter(
     return report
 
 
+def current_merge(out_dir: Path, settings: dict, *, verify_merge: bool, thresholds: "Thresholds") -> dict | str:
+    """The merge report when out_dir already holds this merge (same adapter by content, base, base mode, dtype;
+    verified and passed under the same thresholds when verification is asked); else why not, in words."""
+    try:
+        report = json.loads((Path(out_dir) / REPORT).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "is not a finished merge (no readable merge_report.json)"
+    if not isinstance(report, dict):
+        return "is not a finished merge"
+    for key, what in (("adapter_hash", "another adapter"), ("base", "another base"),
+                      ("base_mode", "another merge base"), ("out_dtype", "another dtype")):
+        if report.get(key) != settings[key]:
+            return f"holds a merge of {what}" + ("" if key != "adapter_hash" or report.get(key) else
+                                                 " (or one made before prefopt recorded the adapter)")
+    if verify_merge:
+        v = report.get("verification") or {}
+        if not v.get("passed"):
+            return "holds a merge that was not verified, or failed its verification"
+        if v.get("thresholds") != dataclasses.asdict(thresholds):
+            return "was verified against other thresholds"
+    return report
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, ignore_gates: bool = False,
               **kwargs) -> dict:
     """Merge a run folder's final adapter; probes are the last stage's held-out rows. A run whose evaluation
@@ -405,7 +439,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     if log is not None and log.get("adapter_hash") != adapter_hash(run_dir / last["adapter"]):
         log = None  # an evaluation of an earlier adapter says nothing about this one
     if failed_gates(log) and not ignore_gates:
-        raise GateFailed(f"{run_dir}: {gate_line(failed_gates(log))}; refusing to merge (pass --ignore-gates to "
+        raise GateFailed(f"{run_dir}: {gate_line(failed_gates(log))}; refusing to merge (pass {option('ignore_gates')} to "
                          "merge anyway)")
     if "probe_rows" not in kwargs:
         kwargs["probe_rows"], kwargs["probe_note"] = None, None

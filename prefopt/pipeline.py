@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from . import cache, dist, runfolder
-from .config import PREFERENCE_TYPES, Recipe
+from .config import PREFERENCE_TYPES, GateFailed, Recipe
 from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, stage_tmp, write_atomic  # noqa: F401
 
 
@@ -60,11 +60,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def preflight(recipe: Recipe, echo=None):
+def preflight(recipe: Recipe, echo=None, output_dir=None):
     """Every problem that can be found before a model loads (see prefopt.preflight); returns the checked data."""
     from .preflight import preflight as _preflight
 
-    return _preflight(recipe, echo=echo)
+    return _preflight(recipe, echo=echo, output_dir=output_dir)
 
 
 def adapter_note(recipe: Recipe) -> str:
@@ -113,13 +113,14 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
                                fresh=fresh)
     # From here on the recipe is the self-contained one the run folder records (absolute paths, data hashes).
     recipe = runfolder.self_contained(recipe)
-    checked = preflight(recipe, echo=echo)
+    checked = preflight(recipe, echo=echo, output_dir=run_dir)
     recipe_dict = recipe.to_dict()
-    manifest, old_stages = dist.main_first(_open_run_folder, recipe, run_dir, fresh, echo)
-
-    def save_manifest():
-        if dist.is_main():
-            write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
+    # Nothing is written to the run folder until new work is committed: a stage that has loaded its model and
+    # starts training, a stage reused from the shared store, a new evaluation or merge, or the end of the run. A
+    # run that fails before leaves the folder byte-identical; later stages keep their records until retrained.
+    manifest, old_stages = dist.main_first(_read_run_folder, recipe, run_dir, fresh)
+    records = _Records(recipe, run_dir, fresh, manifest, old_stages, echo)
+    save_manifest = records.save
 
     for note in [adapter_note(recipe), *stage_notes(recipe)]:
         echo(f"prefopt: {note}")
@@ -130,7 +131,11 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     result = RunResult(run_dir=run_dir)
     store = cache.shared_dir(recipe.cache_dir)
     prev_adapter: Path | None = None
+    from . import signals
+
     for i, st in enumerate(recipe.stages):
+        if signals.stop_requested():  # a signal or a closed console before the stage: nothing to save
+            raise signals.Terminated()
         stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
         data = checked.data[i]
         inputs = recipe.section_hash(
@@ -164,6 +169,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         done, was, reused, resume, stale = dist.main_first(cache.decide_stage, old_stages.get(st.name), inputs,
                                                            stage_dir, None if fresh else store, recipe.model_path())
         if reused:
+            records.commit()  # the stage folder now holds the stored stage
             entry["reused_from"] = reused
             echo(f"prefopt: stage {st.name}: reused from {reused} (the shared store {store}: same inputs)")
         if done:
@@ -195,7 +201,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
             metrics = run_stage_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, manifest["run_id"],
                                           attempt=entry["attempts"], inputs_hash=inputs,
                                           resume_from=resume[0] if resume else None, ref_cache=ref_cache,
-                                          echo=echo)
+                                          begin=records.commit, echo=echo)
         except BaseException as e:
             entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", ended_at=_now())
             last = runfolder.last_checkpoint(tmp) if dist.is_main() else None
@@ -216,19 +222,29 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     save_manifest()
     from .evaluation import evaluate_apart, evaluate_final, write_report
 
+    ok = False
+
     try:  # evaluation and merge: the main process; the others wait for it
         if recipe.eval is not None and dist.world_size() > 1:
             # lm-eval and generation issue collectives of their own under a launcher, which the waiting ranks would
             # answer with the wrong ones: the main process evaluates in a process of its own (`prefopt eval`)
+            records.commit()  # the evaluating process reads this run's recipe.yaml and run.json: they must be current
             result.eval_log = dist.main_first(evaluate_apart, run_dir, manifest, echo)
         elif recipe.eval is not None:
             result.eval_log = dist.main_first(evaluate_final, recipe, run_dir, manifest, checked.data, save_manifest,
                                               echo)
         if recipe.merge is not None:
             result.merge_report = dist.main_first(merge_final, recipe, run_dir, manifest, save_manifest, echo)
-    finally:  # the report shows a run stopped by a gate too
+        ok = True
+    except GateFailed:
+        ok = True  # a new evaluation's verdict: it is recorded (the report shows a run stopped by a gate too)
+        raise
+    finally:
         if dist.is_main():
-            write_report(run_dir, echo)
+            if ok:  # the run's records now describe the folder (written only where they changed)
+                records.commit()
+            if records.changed:
+                write_report(run_dir, echo)
         dist.barrier()  # no rank exits (and has the launcher stop the others) before the main process has written
     return result
 
@@ -237,19 +253,13 @@ def _silent(_line: str) -> None:
     """The echo of every process but the main one (one console, not one per rank)."""
 
 
-def _open_run_folder(recipe: Recipe, run_dir: Path, fresh: bool, echo) -> tuple[dict, dict]:
-    """The main process prepares the run folder: --fresh, temp clean-up, the new manifest, recipe.yaml."""
-    if fresh:
-        runfolder.clear_for_fresh(run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    for name in runfolder.clean_temp(run_dir):
-        echo(f"prefopt: removed {name}, left behind by an interrupted run")
-    recipe_dict = recipe.to_dict()
-    old = read_manifest(run_dir) or {}
+def _read_run_folder(recipe: Recipe, run_dir: Path, fresh: bool) -> tuple[dict, dict]:
+    """The main process reads the run folder (writes nothing): the new manifest, and the old stages by name."""
+    old = {} if fresh else (read_manifest(run_dir) or {})
     manifest = {
         "prefopt_version": __version__,
         "recipe_name": recipe.name,
-        "recipe_hash": recipe.section_hash(recipe_dict),
+        "recipe_hash": recipe.section_hash(recipe.to_dict()),
         "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
         "created_at": old.get("created_at") or _now(),
         "stages": [],
@@ -257,20 +267,67 @@ def _open_run_folder(recipe: Recipe, run_dir: Path, fresh: bool, echo) -> tuple[
     for key in ("eval", "merge"):
         if old.get(key):
             manifest[key] = old[key]
-    # first, so the folder is recognisably a prefopt run folder from here on
-    write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2))
-    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
-    moved = runfolder.move_dropped_stages(run_dir, {recipe.stage_dirname(i) for i in range(len(recipe.stages))})
-    for name in moved:
-        echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
     return manifest, {s["name"]: s for s in old.get("stages", [])}
 
 
+class _Records:
+    """The run folder's records (run.json, recipe.yaml), written only once new work is committed.
+
+    Until `commit()`, `save()` writes nothing. run.json lists the stages the run has reached, then the stages it
+    has not reached yet as the previous run recorded them (a failure in stage 1 leaves stage 2's record alone)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, fresh: bool, manifest: dict, old_stages: dict, echo):
+        self.recipe, self.run_dir, self.fresh, self.manifest, self.old_stages = recipe, run_dir, fresh, manifest, \
+            old_stages
+        self.echo = echo
+        self.committed = False
+        self.changed = False  # something was written
+
+    def current(self) -> dict:
+        reached = {e["name"] for e in self.manifest["stages"]}
+        rest = [self.old_stages[s.name] for s in self.recipe.stages
+                if s.name not in reached and s.name in self.old_stages]
+        return {**self.manifest, "stages": self.manifest["stages"] + rest}
+
+    def commit(self) -> None:
+        """New work is about to be (or was) written: prepare the folder once, then keep the records current."""
+        if not dist.is_main():
+            return
+        if not self.committed:
+            self.committed = True
+            run_dir = self.run_dir
+            if self.fresh:
+                runfolder.clear_for_fresh(run_dir)
+            (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+            for name in runfolder.clean_temp(run_dir):
+                self.echo(f"prefopt: removed {name}, left behind by an interrupted run")
+            # run.json first, so the folder is recognisably a prefopt run folder from here on
+            self.changed |= runfolder.write_if_changed(run_dir / runfolder.MANIFEST, self._manifest_text())
+            self.changed |= runfolder.write_if_changed(run_dir / runfolder.RECIPE, self.recipe.to_yaml())
+            # Stages dropped from the recipe since the last run leave run.json (above) and stages/.
+            keep = {self.recipe.stage_dirname(i) for i in range(len(self.recipe.stages))}
+            for name in runfolder.move_dropped_stages(run_dir, keep):
+                self.changed = True
+                self.echo(f"prefopt: stage folder {name} is not in the recipe any more; moved to dropped/{name}")
+        self.save()
+
+    def save(self, commit: bool = False) -> None:
+        if commit:
+            self.commit()
+        elif dist.is_main() and self.committed:
+            self.changed |= runfolder.write_if_changed(self.run_dir / runfolder.MANIFEST, self._manifest_text())
+
+    def _manifest_text(self) -> str:
+        text = json.dumps(self.current(), indent=2)
+        old = read_manifest(self.run_dir)
+        if old is not None and _same_records(old, self.current()):
+            return (self.run_dir / runfolder.MANIFEST).read_text()  # the same records: the file as it is
+        return text
 
 
-
-
+def _same_records(a: dict, b: dict) -> bool:
+    """Two manifests that say the same (key order aside)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def data_entry(report: dict) -> dict:
@@ -308,14 +365,15 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
         save_manifest()
         raise
     manifest["merge"].update(status="done", verification=report.get("verification"))
-    save_manifest()
+    save_manifest(commit=True)
     return report
 
 
 def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
                         run_id: str, attempt: int = 1, inputs_hash: str = "", resume_from: Path | None = None,
-                        ref_cache=None, echo=print) -> dict:
-    """Load the base, attach the running adapter, train, and move the finished folder into place."""
+                        ref_cache=None, begin=None, echo=print) -> dict:
+    """Load the base, attach the running adapter, train, and move the finished folder into place. `begin()` is
+    called once the model is loaded, before anything is written: the run's records are committed there."""
     import torch
     from transformers import set_seed
 
@@ -329,12 +387,6 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     m = recipe.model
     tmp = stage_tmp(stage_dir)
     main = dist.is_main()
-    if main:
-        if resume_from is None and tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_atomic(tmp / runfolder.STAGE_INPUTS, inputs_hash)  # the inputs its checkpoints belong to
-    dist.barrier()
     set_seed(recipe.seed)
     base = load_base_model(recipe.model_path(), quantization=m.quantization, dtype=m.dtype, revision=m.revision,
                            trust_remote_code=m.trust_remote_code, quant_storage=m.quant_storage)
@@ -343,6 +395,14 @@ def run_stage_in_folder(recipe: Recipe, i: int, data, stage_dir: Path, prev_adap
     a = recipe.adapter
     model = attach_adapter(base, adapter_config_from_section(a), init_from=prev_adapter, dora_impl=a.dora_impl,
                            dora_dropout=a.dora_dropout)
+    if begin is not None:
+        begin()
+    if main:
+        if resume_from is None and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_atomic(tmp / runfolder.STAGE_INPUTS, inputs_hash)  # the inputs its checkpoints belong to
+    dist.barrier()
     # every rank filters (the same rows: deterministic); the main process writes the scores and reports
     if reference_filter(model, tokenizer, st, data, tmp, first_stage=prev_adapter is None, seed=recipe.seed):
         rf = data.report["reference_filter"]

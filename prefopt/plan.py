@@ -47,11 +47,12 @@ def default_gpu_memory() -> int | None:
 
 
 def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
-              sharding: str = "none") -> str:
+              sharding: str = "none", output_dir=None) -> tuple[str, dict | None]:
+    """The plan as text, and the memory plan (None when it cannot be made)."""
     from .data.report import summary_lines
     from .pipeline import adapter_note, preflight, stage_notes
 
-    checked = preflight(recipe)
+    checked = preflight(recipe, output_dir=output_dir)
     try:
         trainable, total = trainable_parameters(recipe)
         params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
@@ -73,12 +74,13 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
     from .config import PrefoptError
     from .memory import format_plan
 
+    plan = None
     try:
-        lines += ["", *format_plan(memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device,
-                                               sharding=sharding))]
-    except (PrefoptError, ValueError, ImportError) as e:  # an unreachable hub id, a model class that will not build
-        lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # on meta tensors: the rest still stands
-    return "\n".join(lines)
+        plan = memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device, sharding=sharding)
+        lines += ["", *format_plan(plan)]
+    except (PrefoptError, ValueError, ImportError) as e:  # a model class that will not build on meta tensors: the
+        lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # rest still stands
+    return "\n".join(lines), plan
 
 
 def eval_note(ev, mmlu_path: str | None) -> str:
@@ -97,6 +99,7 @@ def eval_note(ev, mmlu_path: str | None) -> str:
     parts.append(f"{ev.completions.n} completions side by side")
     g = ev.gates
     gates = [f"{k} {v:g}" for k, v in (("max_mmlu_drop", g.max_mmlu_drop), ("min_reward_accuracy",
-                                        g.min_reward_accuracy), ("min_task_delta", g.min_task_delta)) if v is not None]
+                                        g.min_reward_accuracy), ("min_reward_margin", g.min_reward_margin),
+                                        ("min_task_delta", g.min_task_delta)) if v is not None]
     parts.append("gates: " + (", ".join(gates) if gates else "none"))
     return "; ".join(parts)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, resolve_path
+from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, option, resolve_path
 
 
 @dataclass
@@ -26,13 +26,17 @@ class Checked:
     warnings: list = field(default_factory=list)
 
 
-def preflight(recipe: Recipe, *, echo=None) -> Checked:
+def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None) -> Checked:
+    """Every problem, all at once (RecipeError). `output_dir`: the run folder the run will write (checked for
+    writability and free space); None checks nothing on disk."""
     from .stages import CHECKS
 
     problems: list[str] = []
+    checked = Checked()
+    checked.warnings += check_hub(recipe)  # first: an unreachable hub makes the rest work from the local cache
     configs = []
     for i, st in enumerate(recipe.stages):
-        problems += CHECKS[st.type](st, f"stages[{i}]")
+        problems += [_located(recipe, p) for p in CHECKS[st.type](st, f"stages[{i}]")]
         named = check_train_names(recipe, i)
         typed = check_kwarg_types(recipe, i)
         cfg, probs = build_trl_config(recipe, i) if not named else (None, [])
@@ -47,8 +51,9 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
                                   storage_key=recipe.locate("model", "quant_storage"))
     model_problems, tokenizer = check_model(recipe)
     problems += model_problems
+    if output_dir is not None:
+        problems += check_output(recipe, Path(output_dir), model_ok=not model_problems)
 
-    checked = Checked()
     from .data import data_problem, evaluation_sets, prepare_stage, trained_max_length
 
     for i, st in enumerate(recipe.stages):
@@ -69,6 +74,44 @@ def preflight(recipe: Recipe, *, echo=None) -> Checked:
     for w in checked.warnings:
         (echo or (lambda s: None))(f"prefopt: warning: {w}")
     return checked
+
+
+def load_checked(path, overrides=None) -> Recipe:
+    """load_recipe, except that a recipe with schema problems is also checked further (its bad values left out):
+    one report lists every problem -- the schema's, the files', the names', the TRL configs' -- not one kind per
+    attempt. A recipe without schema problems is returned as loaded (preflight then runs as usual)."""
+    from .config import load_recipe
+
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as e:
+        if e.repaired is None:
+            raise
+        problems = list(e.problems)
+        try:
+            preflight(e.repaired)
+        except RecipeError as more:
+            seen = {_key_of(p) for p in problems}
+            # the same problem again, or again for the section holding it (a missing file: path and data)
+            problems += [p for p in more.problems
+                         if not any(k == _key_of(p) or k.startswith(_key_of(p) + ".") for k in seen)]
+        raise RecipeError(problems, e.source) from None
+
+
+def _key_of(problem: str) -> str:
+    return problem.split(":", 1)[0].split(" (", 1)[0]
+
+
+_STAGE_KEY = re.compile(r"^stages\[(\d+)\]((?:\.[\w-]+)*): ")
+
+
+def _located(recipe: Recipe, problem: str) -> str:
+    """A stage module's 'stages[1].trainer_kwargs.foo: ...' with its YAML line (or --set) added."""
+    m = _STAGE_KEY.match(problem)
+    if not m:
+        return problem
+    keys = tuple(k for k in m.group(2).split(".") if k)
+    return f"{recipe.locate('stages', int(m.group(1)), *keys)}: {problem[m.end():]}"
 
 
 # ---------------------------------------------------------------------------------------------- names and types
@@ -190,9 +233,18 @@ def check_eval(recipe: Recipe) -> list[str]:
             problems.append(f"{where}: folder not found: {p} (looked in the current folder and beside the recipe); "
                             "give a folder in the Hendrycks layout (dev/<subject>_dev.csv, test/<subject>_test.csv) "
                             "or a hub id such as cais/mmlu")
-        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not mmlu.hub_cached(p):
-            problems.append(f"{where}: '{p}' is not in the local datasets cache and HF_HUB_OFFLINE is set; download it "
-                            "once online, or give a local folder in the Hendrycks layout")
+        elif not mmlu.hub_cached(p):
+            from . import hub
+
+            state, detail = ("unreachable", "") if hub.offline() else hub.ask(p, kind="dataset")
+            if state == "unreachable":
+                hub.go_offline()
+                why = f"the hub cannot be reached ({detail})" if detail else "HF_HUB_OFFLINE is set"
+                problems.append(f"{where}: '{p}' is not in the local datasets cache and {why}; download it once "
+                                "online, or give a local folder in the Hendrycks layout")
+            elif state != "ok":
+                problems.append(f"{where}: '{p}' cannot be read from the hub ({detail}); check the id, or give a "
+                                "local folder in the Hendrycks layout")
     prompts = ev.completions.prompts
     if prompts:
         where = recipe.locate("eval", "completions", "prompts")
@@ -202,9 +254,10 @@ def check_eval(recipe: Recipe) -> list[str]:
         elif rp.suffix not in (".jsonl", ".txt"):
             problems.append(f"{where}: {prompts} is not a .jsonl or .txt file")
     g = ev.gates
-    if g.min_reward_accuracy is not None and not any(s.type in PREFERENCE_TYPES for s in recipe.stages):
-        problems.append(f"{recipe.locate('eval', 'gates', 'min_reward_accuracy')}: the recipe has no preference "
-                        "stage to measure a reward accuracy on")
+    for key, what in (("min_reward_accuracy", "a reward accuracy"), ("min_reward_margin", "a reward margin")):
+        if getattr(g, key) is not None and not any(s.type in PREFERENCE_TYPES for s in recipe.stages):
+            problems.append(f"{recipe.locate('eval', 'gates', key)}: the recipe has no preference stage to measure "
+                            f"{what} on")
     return problems
 
 
@@ -243,10 +296,10 @@ def check_model(recipe: Recipe):
             return [f"{where}: folder not found: {m.name_or_path} (looked in the current folder and beside the "
                     "recipe)"], None
         if not _in_hub_cache(m.name_or_path, m.revision):
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-                return [f"{where}: '{m.name_or_path}' is not a local folder and not in the hub cache, and "
-                        "HF_HUB_OFFLINE is set"], None
-            return [], None  # a hub id we cannot check without the network: loading it will say
+            problem = _uncached_model(m.name_or_path, m.revision, where)
+            if problem:
+                return [problem], None
+            # on the hub and reachable: its config and tokenizer (small files) are read from there below
     else:
         if not local.is_dir():
             return [f"{where}: {path} is a file; give the model's folder"], None
@@ -274,6 +327,66 @@ def check_model(recipe: Recipe):
         return problems + [f"{where}: cannot load the tokenizer: {str(e).splitlines()[0]}"], None
     probs = check_chat_template(recipe, tokenizer)
     return problems + probs, (None if probs else tokenizer)
+
+
+def hub_ids(recipe: Recipe) -> list[tuple[str, str]]:
+    """The hub repos the run will read: ("model" | "dataset", id)."""
+    from .config import looks_local
+
+    out = []
+    if resolve_path(recipe.model.name_or_path, recipe._base_dir) is None and _HUB_ID.match(recipe.model.name_or_path):
+        out.append(("model", recipe.model.name_or_path))
+    for st in recipe.stages:
+        paths = [src.path for src in st.data.sources()] + [st.data.eval_path] + list(st.data.quality.decontaminate)
+        out += [("dataset", p) for p in paths if p and not looks_local(p) and _HUB_ID.match(p)]
+    ev = recipe.eval
+    if ev is not None and ev.mmlu is not None and resolve_path(ev.mmlu.path, recipe._base_dir) is None \
+            and _HUB_ID.match(ev.mmlu.path):
+        out.append(("dataset", ev.mmlu.path))
+    return out
+
+
+def check_hub(recipe: Recipe) -> list[str]:
+    """Ask the hub once (short timeout) when the run will read from it; unreachable: work offline from the local
+    cache from here on, rather than have every file retried for most of a minute. Returns warnings."""
+    from . import hub
+
+    ids = hub_ids(recipe)
+    if not ids or hub.offline():
+        return []
+    kind, repo = ids[0]
+    state, why = hub.ask(repo, kind=kind, revision=recipe.model.revision if kind == "model" else None)
+    if state != "unreachable":
+        return []
+    hub.go_offline()
+    return [f"the hub ({hub.endpoint()}) cannot be reached ({why}): working offline from the local cache, as "
+            "HF_HUB_OFFLINE=1 would (set it yourself to skip this check)"]
+
+
+def _uncached_model(repo: str, revision: str | None, where: str) -> str | None:
+    """The problem with a model id the local hub cache does not hold, after asking the hub once; None: on the hub."""
+    from . import hub
+
+    fixes = (f"download it once where the network is reachable (`hf download {repo}`) and set HF_HUB_OFFLINE=1, or "
+             "give a local folder")
+    if hub.offline():
+        unreachable = hub.unreachable()
+        why = f"the hub ({hub.endpoint()}) cannot be reached ({unreachable})" if unreachable else "HF_HUB_OFFLINE is set"
+        return f"{where}: '{repo}' is not a local folder and not in the local hub cache, and {why}; {fixes}"
+    state, detail = hub.ask(repo, kind="model", revision=revision)
+    if state == "ok":
+        return None
+    if state == "unreachable":
+        hub.go_offline()
+        return (f"{where}: '{repo}' is not a local folder and not in the local hub cache, and the hub "
+                f"({hub.endpoint()}) cannot be reached ({detail}); {fixes}, or connect to the network")
+    if state == "gated":
+        return (f"{where}: '{repo}' is gated on the hub: accept its licence on its page and log in (`hf auth login` "
+                "or HF_TOKEN)")
+    if state == "revision":
+        return f"{where}: '{repo}' has no revision '{revision}' on the hub (model.revision)"
+    return (f"{where}: '{repo}' is not on the hub ({detail}); check the id, or log in (`hf auth login`) if it is "
+            "private")
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -332,6 +445,65 @@ def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
         return [f"{recipe.locate('model', 'chat_template')}: the chat template{whose} does not render{at}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
     return []
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+
+
+def check_output(recipe: Recipe, run_dir: Path, *, model_ok: bool = True) -> list[str]:
+    """The run folder can be written (a probe file, removed at once) and its disk has room for what the run
+    writes where that is known: each stage's adapter, two checkpoints of the largest stage, the merged model."""
+    import errno
+    import shutil
+
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return [f"output folder {run_dir}: {existing} is a file, not a folder; choose another {option('output_dir', 'DIR')}"]
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prefopt-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+        return [f"output folder {run_dir}: cannot write in {existing} ({why}); choose {option('output_dir', 'DIR')} "
+                "on a writable disk"]
+    if not model_ok:
+        return []
+    need = _bytes_to_write(recipe)
+    if need is None:
+        return []
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        return [f"output folder {run_dir}: {free / 2**30:.2f} GiB free on its disk, the run writes about "
+                f"{need / 2**30:.2f} GiB (adapters, checkpoints{', the merged model' if recipe.merge else ''}); free "
+                f"some space or choose {option('output_dir', 'DIR')} on a larger disk"]
+    return []
+
+
+def _bytes_to_write(recipe: Recipe) -> int | None:
+    """About what a run writes to its folder, from the model's config (None when it cannot be read)."""
+    try:
+        from .plan import memory_plan
+
+        plan = memory_plan(recipe, device="cpu")
+    except Exception:
+        return None
+    stages = plan["stages"]
+    adapters = sum(st["components"]["adapter"] for st in stages)
+    checkpoints = 2 * max((st["components"]["adapter"] + st["components"]["optimizer"] for st in stages), default=0)
+    merged = 0
+    if recipe.merge is not None:
+        from .memory import model_shape
+
+        m = recipe.model
+        shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
+        params = shape.other_params + sum(i * o for _, i, o in shape.linears)
+        merged = params * (4 if recipe.merge.dtype == "float32" else 2)
+    return adapters + checkpoints + merged
 
 
 # ---------------------------------------------------------------------------------------------- data-dependent

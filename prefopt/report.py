@@ -175,9 +175,9 @@ def build_report(run_dir: str | Path) -> Path:
             body.append(_table([[c["index"] + 1, _Raw(f"<pre>{_e(c['prompt'])}</pre>"), _Raw(f"<pre>{_e(c['base'])}</pre>"),
                                  _Raw(f"<pre>{_e(c['tuned'])}</pre>")] for c in comps], ["#", "prompt", "base", "tuned"]))
         body.append("<h2>Gates</h2>")
-        body.append(_table([[g["name"], g["what"], g["threshold"], g["value"], _Raw(
+        body.append(_table([[g["name"], g["what"], runfolder.gate_limit(g), g["value"], _Raw(
             f"<b class='{_e(g['verdict'])}'>{_e(g['verdict'])}</b>")] for g in log.get("gates", [])],
-            ["gate", "figure", "threshold", "value", "verdict"]))
+            ["gate", "figure", "limit", "value", "verdict"]))
         body.append(f"<p>Evaluation verdict: <b>{'passed' if log.get('passed') else 'FAILED'}</b></p>")
         body.append("<h2>Datasets</h2>")
         body.append(_table([[d["role"], d["path"], d.get("sha256"), d.get("rows", d.get("train_rows"))]
@@ -199,8 +199,9 @@ def build_report(run_dir: str | Path) -> Path:
 
     body.append("<h2>Reviews</h2>")
     reviews = log.get("reviews") or []
-    body.append(_table([[r["at"], r["reviewer"], r["verdict"], r.get("note") or ""] for r in reviews],
-                       ["when", "reviewer", "verdict", "note"]) if reviews else "<p>no review yet</p>")
+    body.append(_table([[r["at"], r["reviewer"], r["verdict"], r.get("note") or "",
+                         "stale: read an earlier model" if r.get("stale") else "current"] for r in reviews],
+                       ["when", "reviewer", "verdict", "note", "model"]) if reviews else "<p>no review yet</p>")
 
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;font-size:90%}"

@@ -23,7 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import PrefoptError
+from .config import PrefoptError, option
 
 MANIFEST = "run.json"
 RECIPE = "recipe.yaml"
@@ -47,6 +47,17 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write (atomically) only when the file does not already hold `text`; returns whether it wrote."""
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomic(path, text)
+    return True
 
 
 def read_manifest(run_dir: Path) -> dict | None:
@@ -255,21 +266,21 @@ def check_output_dir(run_dir: Path, *, recipe_name: str, stages: list[tuple[str,
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
-        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --output-dir")
+        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another {option('output_dir', 'DIR')}")
     if not any(run_dir.iterdir()):
         return
     if not is_run_folder(run_dir):
-        what = "--fresh deletes only a prefopt run folder's own files, so nothing was deleted" if fresh else \
+        what = f"{option('fresh')} deletes only a prefopt run folder's own files, so nothing was deleted" if fresh else \
             "prefopt writes its run into an empty folder or a previous run of the same recipe"
         raise RunFolderError(f"{run_dir}: not a prefopt run folder (no run.json, and it holds other files); {what}; "
-                             "choose another --output-dir")
+                             f"choose another {option('output_dir', 'DIR')}")
     if fresh:
         return
     old = read_manifest(run_dir) or {}
     why = _different_recipe(old, recipe_name, stages)
     if why:
-        raise RunFolderError(f"{run_dir} holds another recipe's run ({why}); pass --fresh to replace it, or "
-                             "--output-dir to write this run elsewhere")
+        raise RunFolderError(f"{run_dir} holds another recipe's run ({why}); pass {option('fresh')} to replace it, or "
+                             f"{option('output_dir', 'DIR')} to write this run elsewhere")
 
 
 def _different_recipe(old: dict, recipe_name: str, stages: list[tuple[str, str]]) -> str | None:
@@ -366,24 +377,36 @@ def failed_gates(log: dict | None) -> list[dict]:
     return [g for g in log.get("gates", []) if g.get("verdict") == "fail"]
 
 
+def gate_limit(g: dict) -> str:
+    """A gate's limit as the recipe wrote it: 'drop <= 25 points', '>= 0.6'."""
+    if "limit" in g:
+        return g["limit"]
+    return f">= {_fmt(g['threshold'])}"  # eval logs written before the limit was recorded
+
+
 def gate_line(gates: list[dict]) -> str:
     """One line naming each failed gate and its figures."""
-    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, needs at least {_fmt(g['threshold'])}"
-                     for g in gates)
+    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, needs {gate_limit(g)}"
+                     + (" (not measured)" if g.get("value") is None else "") for g in gates)
 
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def log_path(run_dir: Path | None) -> Path:
-    """Where an unexpected error's traceback goes: the run folder's logs/ when there is one, else a temp file."""
-    import tempfile
+def log_paths(run_dir: Path | None) -> list[Path]:
+    """Where an unexpected error's traceback may go, in order: the run folder's logs/ (when it is a run folder), then
+    the user's log folder (prefopt.console.log_dir: the user cache, else the temp folder). The caller takes the
+    first it can write."""
     import time
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if run_dir is not None and Path(run_dir).is_dir() and is_run_folder(Path(run_dir)):
-        d = Path(run_dir) / "logs"
-        d.mkdir(exist_ok=True)
-        return d / f"error-{stamp}-{os.getpid()}.log"
-    return Path(tempfile.gettempdir()) / f"prefopt-error-{stamp}-{os.getpid()}.log"
+    from .console import log_dir
+
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    out = []
+    try:
+        if run_dir is not None and Path(run_dir).is_dir() and is_run_folder(Path(run_dir)):
+            out.append(Path(run_dir) / "logs" / name)
+    except OSError:
+        pass
+    return out + [log_dir() / name]

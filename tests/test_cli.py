@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ def test_bad_data_rows_and_bad_trainer_kwargs_exit_2(tmp_path, tiny_model):
     out = prefopt("run", str(path), "--output-dir", str(tmp_path / "run"))
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
-    assert "stages[0].trainer_kwargs.packin: unknown key; did you mean packing?" in out.stderr
+    # with the YAML line of the key since issue 21 (it had none): stages[0].trainer_kwargs.packin (r.yaml line N): ...
+    assert re.search(r"stages\[0\]\.trainer_kwargs\.packin \(\S*r\.yaml line \d+\): unknown key; did you mean "
+                     r"packing\?", out.stderr), out.stderr
     assert "p.jsonl row 2: missing rejected" in out.stderr
 
 

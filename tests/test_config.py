@@ -117,5 +117,7 @@ def test_overrides_set_values_and_are_validated(tmp_path):
     assert r.stages[0].train.learning_rate == 1e-5
     with pytest.raises(RecipeError, match="greater than 0"):
         recipe_from_dict(raw, overrides=["stages.0.beta=-1"])
-    with pytest.raises(RecipeError, match="no such list item"):
+    # issue 21: the message names what exists (the stages by name, the indexes), not only "no such list item"
+    with pytest.raises(RecipeError, match=r"'stages' has no item 3; name one of d, or give an index 0-0"):
         recipe_from_dict(raw, overrides=["stages.3.beta=1"])
+    assert recipe_from_dict(raw, overrides=["stages.d.beta=0.5"]).stages[0].beta == 0.5

@@ -196,8 +196,8 @@ def evaluate_run(run_dir: Path, *, cfg, spec: ModelSpec, stages: list[StageEval]
 
     gates = elog.check_gates(cfg.gates, mmlu=mmlu_result, heldout=heldout, last_preference=_last_preference(stages),
                              last_stage=final.name)
-    # reviews belong to a model: they carry over only while the final adapter is the one they read
-    reviews = [r for r in old.get("reviews", []) if r.get("adapter_hash") == adapter_hash]
+    # a signed review is never deleted: one that read another adapter is kept, marked stale
+    reviews = [r if r.get("adapter_hash") == adapter_hash else {**r, "stale": True} for r in old.get("reviews", [])]
     log = {
         "run_id": run_id, "recipe_hash": recipe_hash, "inputs_hash": inputs_hash, "adapter_hash": adapter_hash,
         "created_at": elog.now(), "versions": elog.versions(), "datasets": datasets, "config": config,
@@ -220,19 +220,24 @@ def _last_preference(stages) -> str | None:
     return prefs[-1] if prefs else None
 
 
-def regate(run_dir: Path, gates, stages: list[tuple[str, str]]) -> dict:
-    """Judge an existing eval log's figures against (new) gates, without evaluating again; returns the log.
-    `stages` is the recipe's (name, type) list."""
+def regate(run_dir: Path, gates, stages: list[tuple[str, str]]) -> tuple[dict, bool]:
+    """Judge an existing eval log's figures against (new) gates, without evaluating again; returns the log and
+    whether it changed (it is written only then). `stages` is the recipe's (name, type) list."""
+    import copy
+
     from . import log as elog
 
     log = runfolder.read_eval_log(run_dir)
+    before = copy.deepcopy(log)
     pref = [n for n, t in stages if t != "sft"]
     log["gates"] = elog.check_gates(gates, mmlu=log.get("mmlu"), heldout=log.get("heldout") or {},
                                     last_preference=pref[-1] if pref else None, last_stage=stages[-1][0])
     log["passed"] = all(g["verdict"] == "pass" for g in log["gates"])
     log["config"]["eval"]["gates"] = gates.model_dump(mode="json")
+    if log == before:
+        return log, False
     runfolder.write_eval_log(run_dir, log)
-    return log
+    return log, True
 
 
 def describe(log: dict) -> str:

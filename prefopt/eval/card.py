@@ -57,16 +57,17 @@ def write_model_card(out_dir: Path, run_dir: Path) -> Path:
                   f"(paired standard error {m['paired_stderr']:.2f})", ""]
     lines += ["## Held-out metrics", "", "```json", json.dumps(log.get("heldout"), indent=1), "```", "",
               "## Gates", ""]
-    lines += [f"- {g['name']}: {g['what']} = {g['value']}, threshold {g['threshold']}: **{g['verdict']}**"
+    lines += [f"- {g['name']}: {g['what']} = {g['value']}, {runfolder.gate_limit(g)}: **{g['verdict']}**"
               for g in log.get("gates", [])] or ["- none set"]
     lines += ["", "## Data", "", "| role | path | sha256 |", "| --- | --- | --- |"]
     lines += [f"| {d['role']} | `{Path(d['path']).name}` | `{d['sha256']}` |" for d in log.get("datasets", [])]
     lines += ["", "## Reviews", ""]
     lines += [f"- {r['at']}: {r['reviewer']}: **{r['verdict']}**" + (f" ({r['note']})" if r.get("note") else "")
+              + (" -- *stale: this review read an earlier model*" if r.get("stale") else "")
               for r in log.get("reviews", [])] or ["- none yet (`prefopt review RUN_DIR --reviewer NAME --verdict approve`)"]
     recipe = (run_dir / runfolder.RECIPE).read_text() if (run_dir / runfolder.RECIPE).is_file() else ""
     lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = out_dir / "README.md"
-    runfolder.write_atomic(path, str(card))
+    runfolder.write_if_changed(path, str(card))
     return path

@@ -53,28 +53,38 @@ def dataset_entry(role: str, path: str, **counts) -> dict:
 
 
 def check_gates(gates, *, mmlu: dict | None, heldout: dict, last_preference: str | None, last_stage: str) -> list[dict]:
-    """Each gate that is set: its threshold, the figure it judges and the verdict (pass / fail / missing: the
-    figure was not measured, which fails too: a gate nobody could check does not pass)."""
+    """Each gate that is set: the limit as the recipe wrote it (threshold, and `limit` in words), the figure it
+    judges and the verdict (pass / fail / missing: the figure was not measured, which fails too: a gate nobody
+    could check does not pass)."""
     out = []
 
-    def judge(name, what, threshold, value, ok):
+    def judge(name, what, threshold, limit, value, ok):
         verdict = "missing" if value is None else ("pass" if ok(value) else "fail")
-        out.append({"name": name, "what": what, "threshold": threshold, "value": value,
+        out.append({"name": name, "what": what, "threshold": threshold, "limit": limit, "value": value,
                     "verdict": "fail" if verdict == "missing" else verdict,
                     **({"note": "not measured"} if value is None else {})})
 
+    def at_least(t):
+        return f">= {t:g}"
+
+    pref = (heldout.get(last_preference) or {}) if last_preference else {}
+    where = last_preference or "no preference stage"
     if gates.max_mmlu_drop is not None:
         delta = mmlu.get("delta_points") if mmlu else None
-        judge("max_mmlu_drop", "MMLU delta in points (tuned - base)", -gates.max_mmlu_drop, delta,
-              lambda v: v >= -gates.max_mmlu_drop)
+        drop = None if delta is None else -delta  # points lost against the base (negative: it gained)
+        judge("max_mmlu_drop", "MMLU drop in points (base - tuned)", gates.max_mmlu_drop,
+              f"drop <= {gates.max_mmlu_drop:g} points", drop, lambda v: v <= gates.max_mmlu_drop)
     if gates.min_reward_accuracy is not None:
-        acc = (heldout.get(last_preference) or {}).get("reward_accuracy") if last_preference else None
-        judge("min_reward_accuracy", f"held-out reward accuracy ({last_preference or 'no preference stage'})",
-              gates.min_reward_accuracy, acc, lambda v: v >= gates.min_reward_accuracy)
+        judge("min_reward_accuracy", f"held-out reward accuracy ({where})", gates.min_reward_accuracy,
+              at_least(gates.min_reward_accuracy), pref.get("reward_accuracy"),
+              lambda v: v >= gates.min_reward_accuracy)
+    if gates.min_reward_margin is not None:
+        judge("min_reward_margin", f"held-out mean reward margin ({where})", gates.min_reward_margin,
+              at_least(gates.min_reward_margin), pref.get("reward_margin"), lambda v: v >= gates.min_reward_margin)
     if gates.min_task_delta is not None:
         delta = (heldout.get(last_stage) or {}).get("task_delta")
-        judge("min_task_delta", f"held-out task delta ({last_stage})", gates.min_task_delta, delta,
-              lambda v: v >= gates.min_task_delta)
+        judge("min_task_delta", f"held-out task delta ({last_stage})", gates.min_task_delta,
+              at_least(gates.min_task_delta), delta, lambda v: v >= gates.min_task_delta)
     return out
 
 

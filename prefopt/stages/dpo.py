@@ -31,12 +31,21 @@ def options(stage) -> dict:
     }
 
 
+# DPOTrainer's loss types as of TRL 1.16 (our table, not its help text: tests/test_config.py checks it against the
+# installed TRL, so an upgrade that adds or drops one fails there, not in a user's run)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 def check(stage, where: str) -> list[str]:
+    import difflib
+
     DPOConfig = config_class()
     problems = check_trainer_kwargs(DPOConfig, stage.trainer_kwargs, where)
-    known = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
-    if f"'{stage.loss_type}'" not in known:
-        problems.append(f"{where}.loss_type: unknown DPO loss '{stage.loss_type}'; see trl.DPOConfig.loss_type")
+    if stage.loss_type not in LOSS_TYPES:
+        close = difflib.get_close_matches(stage.loss_type, LOSS_TYPES, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"one of {', '.join(LOSS_TYPES)}"
+        problems.append(f"{where}.loss_type: unknown DPO loss '{stage.loss_type}'; {hint}")
     return problems
 
 
