@@ -203,6 +203,11 @@ def check_wandb(recipe: Recipe) -> list[str]:
     from .tracking import effective_mode, has_credentials
 
     mode, source = effective_mode(recipe.tracking.wandb.mode)
+    import importlib.util
+
+    if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        return [f"{recipe.locate('tracking', 'wandb', 'mode')}: {mode} needs the wandb package, which is not "
+                "installed; pip install wandb, or use mode: disabled"]
     if mode == "online" and not has_credentials():
         via = " (WANDB_MODE=online in the environment overrides the recipe)" if source == "env" else ""
         return [f"{recipe.locate('tracking', 'wandb', 'mode')}: online{via} needs W&B credentials and none were "
@@ -223,6 +228,11 @@ def check_eval(recipe: Recipe) -> list[str]:
     from .eval import mmlu
 
     problems = []
+    import importlib.util
+
+    if ev.mmlu is not None and importlib.util.find_spec("lm_eval") is None:
+        problems.append(f"{recipe.locate('eval', 'mmlu')}: MMLU runs through lm-evaluation-harness, which is not "
+                        "installed; pip install lm-eval, or set eval.mmlu: null")
     if ev.mmlu is not None:
         p = ev.mmlu.path
         where = recipe.locate("eval", "mmlu", "path")

@@ -248,12 +248,14 @@ def main() -> None:
                                     intermediate_size=int(width * 2.6875), num_layers=args.layers)
             for quant in args.quant:
                 for row in bench_base(path, quant, args, device):
-                    row["width"] = width
+                    row["width"], row["quant"] = width, quant
                     rows.append(row)
                     print(f"  hidden {width:5d}  {quant:4s}  {row['precision']:8s}  dropout {row['dropout']:<4g}  "
                           f"{row['variant']:21s} "
                           f"{row['ms_per_step']:8.1f} ms/step  {row['ratio_to_lora']:.3f}x LoRA  "
                           f"(paired median: {row['paired_median_ratio']:.3f}x)", flush=True)
+                if args.json:  # after every base: a run stopped at its time limit keeps the rows it measured
+                    Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     after = _cpu_counters()
     if before and after and after[1] > before[1]:  # a virtual machine's CPUs taken away by the host: wall-time noise
         env["steal_pct"] = round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)

@@ -202,7 +202,7 @@ def main() -> None:
                     help="cpu: fp32, the profiler's allocator peak; cuda: bf16 autocast, "
                     "torch.cuda.max_memory_allocated")
     ap.add_argument("--row", type=int, default=0, help=argparse.SUPPRESS)  # under --launch: the grid row
-    ap.add_argument("--rows", type=int, nargs="*", default=None, help="under --launch: only these rows of the grid")
+    ap.add_argument("--rows", type=int, nargs="*", default=None, help="only these rows of the grid (0-based)")
     ap.add_argument("--launch", choices=["fsdp", "zero3", "zero2"], default=None,
                     help="measure under the shipped accelerate config on 2 CPU processes (scripts/launch_cpu.py; "
                     "zero*: needs deepspeed), against the plan with --sharding and --gpus 2; the peak of each process")
@@ -218,6 +218,8 @@ def main() -> None:
     grid, dtype = (GRID, "float32") if args.device == "cpu" else (GPU_GRID, "bfloat16")
     if args.launch:  # one row per launch: a process keeps DeepSpeed's buffers from one engine to the next
         grid = [sharded_grid(args.launch)[args.row]]
+    elif args.rows is not None:
+        grid = [grid[i] for i in args.rows]
     root = Path(args.models or tempfile.mkdtemp(prefix="prefopt-mem-"))
     results = []
     print(f"{'model':5} {'stage':5} {'quant':5} {'ckpt':5} {'batch':>5} {'len':>5} {'reference':14} "
@@ -230,11 +232,11 @@ def main() -> None:
         print(f"{name:5} {stage:5} {quant:5} {str(gc):5} {bs:5} {length:5} {str(ref or '-'):14} "
               f"{res['estimate_bytes'] / 2**20:12.2f} {res['measured_bytes'] / 2**20:12.2f} {res['ratio']:6.3f}",
               flush=True)
-    if args.json:
-        out = Path(args.json)
-        if args.launch:  # each process its own table (launch() compares the larger peak)
-            out = out.with_name(f"rank{os.environ['RANK']}.json")
-        out.write_text(json.dumps(results, indent=1))
+        if args.json:  # after every row: a run stopped at its time limit (scripts/gpu_check.py) keeps what it measured
+            out = Path(args.json)
+            if args.launch:  # each process its own table (launch() compares the larger peak)
+                out = out.with_name(f"rank{os.environ['RANK']}.json")
+            out.write_text(json.dumps(results, indent=1))
 
 
 def launch(args) -> None:

@@ -17,7 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["WANDB_MODE"] = "offline"  # never reach the network, whatever the recipe says
+# never reach the network, whatever the recipe says; WANDB_MODE=disabled stays (scripts/gpu_check.sh: the GPU machine
+# has no wandb, and offline would import it)
+if os.environ.get("WANDB_MODE") != "disabled":
+    os.environ["WANDB_MODE"] = "offline"
 # never the user's own shared cache (module-scoped runs come before the per-test one below)
 os.environ.setdefault("PREFOPT_CACHE_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="prefopt-cache-")))
 

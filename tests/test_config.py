@@ -121,3 +121,16 @@ def test_overrides_set_values_and_are_validated(tmp_path):
     with pytest.raises(RecipeError, match=r"'stages' has no item 3; name one of d, or give an index 0-0"):
         recipe_from_dict(raw, overrides=["stages.3.beta=1"])
     assert recipe_from_dict(raw, overrides=["stages.d.beta=0.5"]).stages[0].beta == 0.5
+
+
+def test_dpo_loss_table_matches_the_installed_trl():
+    """prefopt owns its table of DPO loss types (stages/dpo.py); the installed TRL must list the same ones, so an
+    upgrade that adds or drops one fails here rather than in a user's recipe check."""
+    import re
+
+    from trl import DPOConfig
+
+    from prefopt.stages.dpo import LOSS_TYPES
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    assert set(re.findall(r"`'(\w+)'`", help_text)) == set(LOSS_TYPES)
