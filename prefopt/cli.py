@@ -31,6 +31,8 @@ def _bug(err: BaseException, run_dir=None) -> None:
 
     if not is_main() and "the main process failed" in str(err):  # the main process reports it, once
         sys.exit(1)
+    if callable(run_dir):
+        run_dir = run_dir()
     where = ""
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     for path in log_paths(run_dir):
@@ -109,7 +111,10 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     from . import signals
 
     signals.install()
-    with _handled(output_dir, "finished stages and the last checkpoint are kept, re-run the same command to resume"):
+    # a bug's traceback goes to the run folder's logs/ only once this run has committed work there: a finished
+    # folder stays byte-identical after a failure before that (else: the user's log folder)
+    with _handled(_committed_run_dir, "finished stages and the last checkpoint are kept, re-run the same command "
+                  "to resume"):
         from .preflight import load_checked
 
         rec = load_checked(recipe, list(overrides))
@@ -129,23 +134,34 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
         click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")
 
 
+def _committed_run_dir():
+    pipeline = sys.modules.get("prefopt.pipeline")
+    return pipeline.COMMITTED["run_dir"] if pipeline is not None else None
+
+
 def _check_memory(rec, gpu_memory: str | None) -> None:
     """`prefopt run --gpu-memory`: a stage whose planned peak exceeds the device is refused before any model loads
-    (on the visible GPU by default; on CPU only when SIZE is given)."""
+    (on the visible GPU by default; on CPU only when SIZE is given). Not under a launcher: the plan of one process
+    does not know the launcher's sharding (`prefopt plan --gpus N --sharding ...` does)."""
     if gpu_memory is not None and gpu_memory.strip().lower() == "off":
         return
+    from .dist import world_size
     from .memory import parse_size
     from .plan import default_gpu_memory, memory_plan
 
+    if world_size() > 1:
+        return
     budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
     if budget is None:
         return
+    import torch
+
     try:
-        plan_ = memory_plan(rec, gpu_memory=budget)
+        plan_ = memory_plan(rec, gpu_memory=budget, device="cuda" if torch.cuda.is_available() else "cpu")
     except (PrefoptError, ValueError, ImportError):
         return  # a plan that cannot be made does not stop the run
-    _refuse_unfit(plan_, budget, "prefopt plan RECIPE --gpu-memory SIZE shows settings that fit; --gpu-memory off "
-                  "skips this check")
+    _refuse_unfit(plan_, budget, f"prefopt plan RECIPE --gpu-memory SIZE{'' if torch.cuda.is_available() else ' --device cpu'}"
+                  " shows what would fit; --gpu-memory off skips this check")
 
 
 def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
@@ -153,8 +169,8 @@ def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
 
     unfit = [st for st in plan_["stages"] if st["fits"] is False]
     if unfit:
-        raise PrefoptError("; ".join(f"stage {st['stage']}: planned peak {st['peak_bytes'] / GiB:.2f} GiB does not fit "
-                                     f"{budget / GiB:.2f} GiB" for st in unfit) + f" ({how})")
+        raise PrefoptError("; ".join(f"stage {st['stage']}: planned peak {st['peak_bytes'] / 2**20:,.1f} MiB does not "
+                                     f"fit {budget / 2**20:,.1f} MiB" for st in unfit) + f" ({how})")
 
 
 @main.command()
@@ -204,7 +220,7 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
                                     output_dir=out_dir)
         click.echo(text)
         if budget is not None and plan_:
-            _refuse_unfit(plan_, budget, "the plan above shows settings that fit")
+            _refuse_unfit(plan_, budget, "the plan above shows any settings that would fit")
 
 
 @main.command()

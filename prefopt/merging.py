@@ -406,6 +406,8 @@ def current_merge(out_dir: Path, settings: dict, *, verify_merge: bool, threshol
         return "is not a finished merge (no readable merge_report.json)"
     if not isinstance(report, dict):
         return "is not a finished merge"
+    if not (Path(out_dir) / "config.json").is_file() or not list(Path(out_dir).glob("*.safetensors")):
+        return "has lost its config.json or weights"
     for key, what in (("adapter_hash", "another adapter"), ("base", "another base"),
                       ("base_mode", "another merge base"), ("out_dtype", "another dtype")):
         if report.get(key) != settings[key]:

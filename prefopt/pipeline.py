@@ -105,6 +105,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     """Run the recipe's stages in order; returns each stage's adapter path and metrics."""
     from .data.report import summary_lines
 
+    COMMITTED["run_dir"] = None
     dist.init()  # under torchrun / accelerate launch: the process group; only the main process writes and speaks
     if not dist.is_main():
         echo = _silent
@@ -168,6 +169,8 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         # --fresh trains every stage again: nothing is reused from the shared store (finished stages still go to it)
         done, was, reused, resume, stale = dist.main_first(cache.decide_stage, old_stages.get(st.name), inputs,
                                                            stage_dir, None if fresh else store, recipe.model_path())
+        if fresh:  # --fresh clears the folder when the run commits: no checkpoint of the old one to resume from
+            resume, stale = None, False
         if reused:
             records.commit()  # the stage folder now holds the stored stage
             entry["reused_from"] = reused
@@ -270,6 +273,9 @@ def _read_run_folder(recipe: Recipe, run_dir: Path, fresh: bool) -> tuple[dict, 
     return manifest, {s["name"]: s for s in old.get("stages", [])}
 
 
+COMMITTED: dict = {"run_dir": None}  # the run folder this process has committed work to (bug logs may go there)
+
+
 class _Records:
     """The run folder's records (run.json, recipe.yaml), written only once new work is committed.
 
@@ -295,6 +301,7 @@ class _Records:
             return
         if not self.committed:
             self.committed = True
+            COMMITTED["run_dir"] = self.run_dir
             run_dir = self.run_dir
             if self.fresh:
                 runfolder.clear_for_fresh(run_dir)

@@ -471,18 +471,24 @@ def check_output(recipe: Recipe, run_dir: Path, *, model_ok: bool = True) -> lis
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         return [f"output folder {run_dir}: {existing} is a file, not a folder; choose another {option('output_dir', 'DIR')}"]
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".prefopt-write-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        why = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.ENOSPC: "the disk is full",
-               errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+    why = None
+    if existing == run_dir:  # an existing folder (maybe a finished run): asked, not touched
+        if not os.access(existing, os.W_OK | os.X_OK):
+            why = "the file system is read-only" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+    else:  # a new folder: a probe file in the folder it will be made in
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".prefopt-write-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            why = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied", errno.ENOSPC: "the disk is full",
+                   errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+    if why:
         return [f"output folder {run_dir}: cannot write in {existing} ({why}); choose {option('output_dir', 'DIR')} "
                 "on a writable disk"]
-    if not model_ok:
-        return []
+    if not model_ok or (run_dir / "run.json").is_file():
+        return []  # a run folder already holds what an unchanged stage would write: the need is not known
     need = _bytes_to_write(recipe)
     if need is None:
         return []

@@ -173,11 +173,13 @@ def test_an_impossible_gate_stops_before_the_merge(run, tmp_path):
     res = CliRunner().invoke(main, ["run", str(copy / "recipe.yaml"), "--set", "eval.gates.max_mmlu_drop=-100"])
     assert res.exit_code == 3, res.output
     err = [x for x in res.output.splitlines() if x.startswith("prefopt: error:")]
-    assert len(err) == 1 and "max_mmlu_drop" in err[0] and "needs at least 100" in err[0]
+    # the limit as written (issue 21: it was shown negated, "needs at least 100" for max_mmlu_drop: -100)
+    assert len(err) == 1 and "max_mmlu_drop" in err[0] and "needs drop <= -100 points" in err[0]
     assert not (copy / "merged").exists()
     log = json.loads((copy / "eval" / "eval_log.json").read_text())
     assert log["passed"] is False and log["gates"][0]["verdict"] == "fail"
-    assert log["gates"][0]["threshold"] == 100 and log["config"]["eval"]["gates"]["max_mmlu_drop"] == -100
+    assert log["gates"][0]["threshold"] == -100 and log["config"]["eval"]["gates"]["max_mmlu_drop"] == -100
+    assert log["gates"][0]["limit"] == "drop <= -100 points"
     assert "not evaluated again" in res.output, "a new gate judges the same figures"
     manifest = json.loads((copy / "run.json").read_text())
     assert manifest["eval"]["passed"] is False and manifest["eval"]["gates_failed"] == ["max_mmlu_drop"]

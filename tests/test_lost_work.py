@@ -236,6 +236,25 @@ def test_an_unexpected_error_in_a_read_only_run_folder_logs_elsewhere(copy, tmp_
     assert_identical(out, before)
 
 
+def test_a_bug_before_any_work_logs_outside_the_finished_folder(copy, tmp_path, monkeypatch):
+    """An unexpected error while the model loads: exit 1, the traceback in the user's log folder, and the finished
+    run folder byte-identical (no logs/ written into it)."""
+    import prefopt.models
+
+    out, recipe, before = copy
+    changed = variant(recipe, tmp_path, lambda r: r["stages"][1]["train"].update(learning_rate=5e-4))
+
+    def broken(*a, **kw):
+        raise ZeroDivisionError("a bug while loading")
+
+    monkeypatch.setattr(prefopt.models, "load_base_model", broken)
+    monkeypatch.setenv("PREFOPT_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["run", str(changed), "--output-dir", str(out)])
+    assert result.exit_code == 1 and "ZeroDivisionError: a bug while loading" in result.output, result.output[-2000:]
+    assert str(tmp_path / "cache" / "logs") in result.output
+    assert_identical(out, before)
+
+
 def test_a_disk_too_small_is_refused_before_training(tmp_path, finished):
     _, recipe = finished
     disk = tmp_path / "disk"
@@ -358,6 +377,11 @@ def test_signals_and_a_closed_pipe_checkpoint_and_exit_with_their_code(copy, tmp
         assert logs and "re-run the same command to resume" in logs[-1].read_text()
     else:
         assert "re-run the same command to resume" in rest
+    if how == "sigterm":  # --fresh over an interrupted stage's checkpoint starts over (it resumed, then crashed)
+        proc = run_cli(["run", str(_long(recipe, tmp_path)), "--output-dir", str(out), "--fresh"], tmp_path,
+                       env={"PREFOPT_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
+        assert proc.returncode == 0 and "resuming" not in proc.stderr, proc.stderr[-3000:]
+        return
     if how != "sigint":
         return
     # and the same command resumes from the checkpoint
