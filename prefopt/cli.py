@@ -208,11 +208,14 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
 
             from .pipeline import preflight
 
-            checked = preflight(rec, output_dir=out_dir)
-            try:
-                plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
-            except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
-                plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
+            # stdout holds the JSON alone: what libraries print while importing (transformers prints "[INFO]
+            # Running in WANDB offline mode" under WANDB_MODE=offline) goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                checked = preflight(rec, output_dir=out_dir)
+                try:
+                    plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
+                except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
+                    plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
             out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
             text = json.dumps(out, indent=1)
         else:

@@ -29,8 +29,12 @@ def plan_json(recipe_raw: dict, tmp_path, *args) -> dict:
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_raw))
     res = CliRunner().invoke(main, ["plan", str(path), "--json", *args])
-    assert res.exit_code == 0, res.stderr + str(res.exception)
-    return json.loads(res.stdout)  # stdout holds the JSON and nothing else
+    plan = json.loads(res.stdout)  # stdout holds the JSON and nothing else
+    # exit code 2 exactly when a stage does not fit the --gpu-memory given (issue 21; it was 0 either way)
+    unfit = any(st["fits"] is False for st in plan["stages"])
+    assert res.exit_code == (2 if unfit else 0), res.stderr + str(res.exception)
+    assert unfit == ("does not fit" in res.stderr), res.stderr
+    return plan
 
 
 def one_stage_recipe(model, data, stage_type, *, quantization, gc, batch_size, max_length, reference=None) -> dict:

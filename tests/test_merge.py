@@ -196,8 +196,15 @@ def test_cli_merge_and_output_loads_without_peft(tmp_path, tiny_model):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "merge PASSED" in proc.stderr
+    # the same merge again: current, nothing to do, exit 0 (issue 21; it was exit 2 "already exists")
+    mtime = (out / "merge_report.json").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0 and "is current" in again.stderr, again.stderr[-2000:]
+    assert (out / "merge_report.json").stat().st_mtime_ns == mtime
+    # another merge into the same folder is refused without --overwrite
+    other = subprocess.run(cmd + ["--dtype", "float32"], capture_output=True, text=True)
+    assert other.returncode == 2 and "already exists" in other.stderr and "--overwrite" in other.stderr
+    assert "Traceback" not in other.stderr
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert (out / "chat_template.jinja").is_file() and (out / "merge_report.json").is_file()

@@ -152,7 +152,8 @@ def test_another_recipes_run_folder_is_refused(tmp_path, tiny_model, small_data)
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"run_id": "abc", "recipe_name": "other", "stages": [
         {"name": "sft", "type": "sft", "status": "done"}]}))
-    with pytest.raises(PrefoptError, match=r"another recipe's run \(recipe 'other'.*--fresh.*--output-dir"):
+    # from Python the message names prefopt.run's keyword arguments (issue 21), not the CLI's flags
+    with pytest.raises(PrefoptError, match=r"another recipe's run \(recipe 'other'.*fresh=True.*output_dir=<dir>"):
         prefopt.run(recipe_from_dict(raw), output_dir=out)
     # same name, but a stage list that no longer matches
     (out / "run.json").write_text(json.dumps({"run_id": "abc", "recipe_name": "chain", "stages": [
