@@ -711,9 +711,12 @@ def _list_item(node: list, part, key: str, upto: tuple) -> tuple[int | None, str
     return None, f"--set {key}: '{_fmt_path(upto)}' has no item {part!r}; {hint}{how}"
 
 
-def apply_overrides(raw: dict, overrides: dict | list | None, given: dict | None = None) -> dict:
+def apply_overrides(raw: dict, overrides: dict | list | None, given: dict | None = None,
+                    problems: list | None = None) -> dict:
     """Apply {"stages.1.beta": 0.2} or ["stages.dpo.beta=0.2"] to the raw recipe dict. A stage is named by its
-    index or its name. `given` collects, per key path (indexes resolved), the --set item that set it."""
+    index or its name. `given` collects, per key path (indexes resolved), the --set item that set it. Overrides
+    that name no key raise RecipeError, or are added to `problems` when a list is given (the rest still apply)."""
+    collect = problems
     if not overrides:
         return raw
     if isinstance(overrides, (list, tuple)):
@@ -749,7 +752,9 @@ def apply_overrides(raw: dict, overrides: dict | list | None, given: dict | None
                 break
         if node is not None and given is not None:
             given[tuple(resolved)] = text
-    if problems:
+    if collect is not None:
+        collect += problems
+    elif problems:
         raise RecipeError(problems)
     return raw
 
@@ -882,9 +887,16 @@ def load_recipe(path: str | Path, overrides: dict | list | None = None) -> Recip
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
     given: dict = {}
+    bad_overrides: list = []
     if isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides, given)
-    return validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent, overrides=given)
+        raw = apply_overrides(raw, overrides, given, bad_overrides)
+    if not bad_overrides:
+        return validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent, overrides=given)
+    try:  # the recipe's own problems too, in the same report
+        recipe = validate_recipe(raw, source=str(path), text=text, base_dir=path.resolve().parent, overrides=given)
+    except RecipeError as e:
+        raise RecipeError(bad_overrides + e.problems, str(path), e.repaired) from None
+    raise RecipeError(bad_overrides, str(path), recipe)
 
 
 def recipe_from_dict(raw: dict, overrides: dict | list | None = None, base_dir: Path | None = None) -> Recipe:

@@ -440,6 +440,12 @@ def test_a_stage_by_name_in_set(tmp_path, tiny_model, small_data):
     assert load_recipe(path, ["stages.1.beta=0.4"]).stages[1].beta == 0.4
     result = CliRunner().invoke(main, ["plan", str(path), "--set", "stages.dpoo.beta=0.2"])
     assert result.exit_code == 2 and "did you mean dpo?" in result.output and "index 0-1" in result.output
+    # a bad --set and the recipe's other problems in one report
+    result = CliRunner().invoke(main, ["plan", str(path), "--set", "stages.nope.beta=1", "--set", "stages.1.beta=xyz",
+                                       "--set", "stages.sft.train.scheduler=cosinee"])
+    assert result.exit_code == 2 and "3 problems" in result.output, result.output
+    assert "has no item 'nope'" in result.output and "(from --set stages.1.beta=xyz)" in result.output
+    assert "did you mean cosine?" in result.output
 
 
 # ---------------------------------------------------------------------------------------------- exit codes, gates, merge
