@@ -8,9 +8,9 @@
 Heavy libraries (torch, transformers, trl) load only when a function needs them.
 """
 
-__version__ = "0.1.0"
-
-from .config import DataError, PrefoptError, Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
+from .version import __version__
+from .errors import DataError, PrefoptError, RecipeError
+from .config import Recipe, load_recipe, recipe_from_dict
 
 
 def run(recipe, **kwargs):
@@ -24,7 +24,7 @@ def merge(adapter_or_run_dir, out_dir=None, **kwargs):
     """Merge a run folder's final adapter, or an adapter folder, into its base (see prefopt.merge)."""
     from pathlib import Path
 
-    from .merging import merge_adapter, merge_run
+    from .merging.stream import merge_adapter, merge_run
 
     if (Path(adapter_or_run_dir) / "run.json").is_file():
         return merge_run(adapter_or_run_dir, out_dir, **kwargs)
@@ -41,14 +41,14 @@ def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, ou
 
 def enable_fast_dora(peft_model, dropout="lowrank"):
     """Route a PEFT model's DoRA layers through prefopt's exact low-rank forward (see prefopt.dora)."""
-    from .dora import enable_fast_dora as _enable
+    from .dora.forward import enable_fast_dora as _enable
 
     return _enable(peft_model, dropout)
 
 
 def disable_fast_dora(peft_model):
     """Give a PEFT model's DoRA layers back to PEFT's own forward."""
-    from .dora import disable_fast_dora as _disable
+    from .dora.forward import disable_fast_dora as _disable
 
     return _disable(peft_model)
 

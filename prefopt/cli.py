@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from . import __version__
-from .config import PrefoptError
+from .version import __version__
+from .errors import PrefoptError
 
 
 def _fail(err: Exception) -> None:
@@ -27,7 +27,7 @@ def _bug(err: BaseException, run_dir=None) -> None:
     import traceback
 
     from .dist import is_main, rank
-    from .runfolder import log_paths
+    from .runs.folder import log_paths
 
     if not is_main() and "the main process failed" in str(err):  # the main process reports it, once
         sys.exit(1)
@@ -66,7 +66,7 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written"):
     """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
     permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
     is a bug -> one line and a traceback log, exit 1."""
-    from .config import environment_error
+    from .errors import environment_error
 
     try:
         yield
@@ -88,11 +88,11 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written"):
 @click.pass_context
 def main(ctx) -> None:
     """prefopt: one YAML recipe chains SFT into DPO, ORPO or SimPO on a 4-bit DoRA base."""
-    from . import config, console, signals
+    from . import console, errors, signals
 
-    config.SURFACE["cli"] = True  # messages name this command line's flags (not the API's keyword arguments)
+    errors.SURFACE["cli"] = True  # messages name this command line's flags (not the API's keyword arguments)
     console.guard()  # a console pipe that closes (| tee, | head) stops a run gracefully, not with a traceback
-    ctx.call_on_close(lambda: (config.SURFACE.update(cli=False), signals.uninstall()))  # (in-process callers)
+    ctx.call_on_close(lambda: (errors.SURFACE.update(cli=False), signals.uninstall()))  # (in-process callers)
 
 
 @main.command()
@@ -119,7 +119,7 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
 
         rec = load_checked(recipe, list(overrides))
         from .pipeline import run as run_pipeline
-        from .runfolder import run_folder_of
+        from .runs.folder import run_folder_of
 
         # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
         output_dir = output_dir or run_folder_of(recipe, rec.name)
@@ -165,7 +165,6 @@ def _check_memory(rec, gpu_memory: str | None) -> None:
 
 
 def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
-    from .memory import GiB
 
     unfit = [st for st in plan_["stages"] if st["fits"] is False]
     if unfit:
@@ -265,7 +264,7 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
     with _handled(run_dir, "nothing was written to the output folder"):
-        from .merging import Thresholds, merge_adapter, merge_run
+        from .merging.stream import Thresholds, merge_adapter, merge_run
 
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
                   thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement),
@@ -312,7 +311,7 @@ def review(run_dir: str, reviewer: str | None, verdict: str | None, note: str | 
     try:
         from pathlib import Path
 
-        from . import runfolder
+        from .runs import folder as runfolder
 
         if (reviewer is None) != (verdict is None):
             raise PrefoptError("--reviewer and --verdict go together (or give neither, to read the run)")
@@ -342,7 +341,7 @@ def review(run_dir: str, reviewer: str | None, verdict: str | None, note: str | 
 def _review_text(run_dir, log: dict) -> str:
     import json
 
-    from . import runfolder
+    from .runs import folder as runfolder
     from .eval import describe
 
     out = []
@@ -363,7 +362,7 @@ def _review_text(run_dir, log: dict) -> str:
 def report(run_dir: str) -> None:
     """Rebuild RUN_DIR/report.html from the run folder."""
     try:
-        from . import runfolder
+        from .runs import folder as runfolder
         from .report import build_report
 
         if runfolder.read_manifest(run_dir) is None:

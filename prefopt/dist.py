@@ -81,7 +81,7 @@ def any_rank(flag: bool) -> bool:
 
 def main_first(fn, *args, **kwargs):
     """Run fn on the main process (which writes), then hand its result -- or its error -- to every rank."""
-    from .config import PrefoptError
+    from .errors import PrefoptError
 
     result, error = None, None
     if is_main():

@@ -8,9 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
-from . import runfolder
+from .runs import folder as runfolder
 from .config import Recipe
-from .runfolder import adapter_hash, read_manifest, write_atomic
+from .runs.folder import adapter_hash, read_manifest, write_atomic
 
 
 def write_report(run_dir: Path, echo) -> None:
@@ -34,7 +34,7 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
                    force: bool = False, withdraw_merged: bool = True) -> dict:
     """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
     exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
-    from .config import GateFailed
+    from .errors import GateFailed
     from .eval import ModelSpec, StageEval, describe, evaluate_run, regate
 
     key = eval_inputs(recipe, manifest, run_dir)
@@ -87,7 +87,7 @@ def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
     """The recipe's evaluation under a launcher: `prefopt eval RUN_DIR --in-run` as a process of its own (the others
     wait), then its outcome read back into this run's manifest; a failed gate is GateFailed here too."""
     from . import dist
-    from .config import GateFailed, PrefoptError
+    from .errors import GateFailed, PrefoptError
 
     echo(f"prefopt: eval: in a process of its own (lm-eval and generation are single-process): prefopt eval {run_dir}")
     code = dist.run_alone(["eval", str(run_dir), "--in-run"])
@@ -112,7 +112,8 @@ def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
 def evaluate_existing(run_dir: str | Path, overrides=None, echo=print, in_run: bool = False) -> dict:
     """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
     section, or the defaults when it has none). Raises GateFailed when a gate fails."""
-    from .config import PrefoptError, load_recipe
+    from .errors import PrefoptError
+    from .config import load_recipe
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)

@@ -205,7 +205,7 @@ def parse_size(text: str | int) -> int:
     """'24GB' / '24G' (10^9 bytes), '24GiB' (2^30), '512MiB', '80e9' or a number of bytes -> bytes."""
     import re
 
-    from .config import PrefoptError
+    from .errors import PrefoptError
 
     units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
              "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}

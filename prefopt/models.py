@@ -8,56 +8,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import _compat
+from .errors import PrefoptError
+from .quant import harden_4bit_layers, quantization_config, torch_dtype
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BASE_INFO = "prefopt_base.json"  # beside each saved adapter: how its base was loaded in training
 ADAPTER_NAME = "default"  # PEFT's own default; never "train" (clashes with nn.Module.train)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def quantization_config(quantization: str, dtype: str, quant_storage: str = "uint8"):
-    """The bitsandbytes config the base is loaded with (None when unquantized). quant_storage: the container dtype
-    of the packed 4-bit weights (a float one lets FSDP flatten them with the bf16 weights; same numbers)."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(dtype),
-            bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8" else torch_dtype(quant_storage),
-        )
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
-def harden_4bit_layers(model) -> int:
-    """Keep bitsandbytes' CPU repacking off on every Linear4bit; returns how many layers were touched.
-
-    bitsandbytes >= 0.48 repacks a Linear4bit's weight into a CPU-only layout on its first eval/no-grad
-    forward on CPUs with AVX512-BF16. After that `dequantize_4bit` returns scrambled values, so PEFT's DoRA
-    weight norm and any merge that dequantizes go silently wrong (or crash for in_features % 64 != 0).
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def load_base_model(
@@ -89,8 +49,6 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
-        from .config import PrefoptError
-
         raise PrefoptError(
             f"model.name_or_path: cannot load '{name_or_path}': {str(e).splitlines()[0]}. "
             "Give a local folder with config.json and *.safetensors, or a hub id you can reach."
@@ -169,12 +127,8 @@ def whole_weights_on_load() -> None:
     from_config builds a partitioned model (zero.Init): the stage after the first would load differently from the
     first, and the merge -- one process, after training, while the others wait -- would hang in zero.Init's
     collectives (seen: 'Cannot copy out of meta tensor'). A trainer sets it again when it is built."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-    except ImportError:
-        return
-    if is_deepspeed_zero3_enabled():
-        unset_hf_deepspeed_config()
+    if _compat.zero3_enabled():
+        _compat.forget_zero3()
 
 
 def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True,
@@ -191,8 +145,6 @@ def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, t
     saved = PeftConfig.from_pretrained(str(init_from))
     diffs = _same_adapter(saved, lora_config)
     if diffs:
-        from .config import PrefoptError
-
         raise PrefoptError(
             f"adapter in {init_from} does not match the recipe's adapter section ({'; '.join(diffs)}); "
             "the chain shares one adapter config: re-run with --fresh or restore the adapter section"
@@ -206,7 +158,7 @@ def _with_dora_impl(peft_model, lora_config, dora_impl: str, dora_dropout: str):
     if dora_impl not in ("fast", "peft"):
         raise ValueError(f"dora_impl must be 'fast' or 'peft', got {dora_impl!r}")
     if lora_config.use_dora and dora_impl == "fast":
-        from .dora import enable_fast_dora
+        from .dora.forward import enable_fast_dora
 
         enable_fast_dora(peft_model, dora_dropout)
     return peft_model

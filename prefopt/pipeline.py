@@ -21,10 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from . import cache, dist, runfolder
-from .config import PREFERENCE_TYPES, GateFailed, Recipe
-from .runfolder import ADAPTER_FILES, adapter_hash, read_manifest, stage_tmp, write_atomic  # noqa: F401
+from .version import __version__
+from .runs import store as cache, folder as runfolder
+from . import dist
+from .config import PREFERENCE_TYPES, Recipe
+from .errors import GateFailed
+from .runs.folder import ADAPTER_FILES, adapter_hash, read_manifest, stage_tmp, write_atomic  # noqa: F401
 
 
 @dataclass
@@ -345,7 +347,7 @@ def data_entry(report: dict) -> dict:
 
 def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, echo) -> dict:
     """The recipe's merge section: merge the last adapter into runs/<name>/merged/ (redone when it changed)."""
-    from .merging import Thresholds, merge_run
+    from .merging.stream import Thresholds, merge_run
 
     mc = recipe.merge
     out = run_dir / runfolder.MERGED

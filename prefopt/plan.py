@@ -30,7 +30,7 @@ def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1,
     try:
         shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
     except OSError as e:
-        from .config import PrefoptError
+        from .errors import PrefoptError
 
         raise PrefoptError(f"model.name_or_path: cannot read the config of '{m.name_or_path}' for the memory plan: "
                            f"{str(e).splitlines()[0]}") from None
@@ -71,7 +71,7 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
 
         mmlu_path = recipe.eval.mmlu and str(resolve_path(recipe.eval.mmlu.path, recipe._base_dir) or recipe.eval.mmlu.path)
         lines += ["# eval (before the merge)", f"    {eval_note(recipe.eval, mmlu_path)}"]
-    from .config import PrefoptError
+    from .errors import PrefoptError
     from .memory import format_plan
 
     plan = None

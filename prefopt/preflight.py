@@ -15,7 +15,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, DataError, Recipe, RecipeError, option, resolve_path
+from .config import PREFERENCE_TYPES, Recipe, resolve_path
+from .errors import DataError, RecipeError, option
 
 
 @dataclass

@@ -14,7 +14,7 @@ import io
 import json
 from pathlib import Path
 
-from . import runfolder
+from .runs import folder as runfolder
 
 
 def _read_json(path: Path):

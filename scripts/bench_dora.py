@@ -95,7 +95,7 @@ def check_same_start(models: dict, ids, autocast: bool, dtype: str) -> None:
 
     losses = {}
     for name, (model, mode) in models.items():
-        from prefopt import dora
+        from prefopt.dora import forward as dora
 
         if mode:
             dora.enable_fast_dora(model, mode)
@@ -116,7 +116,7 @@ def check_fresh_norms(model, ids) -> None:
     current weights."""
     import torch
 
-    from prefopt import dora
+    from prefopt.dora import forward as dora
 
     with torch.no_grad():
         model(input_ids=ids[:1, :8])
@@ -150,7 +150,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
     import torch
 
-    from prefopt import dora
+    from prefopt.dora import forward as dora
 
     rows = []
     vocab = 500

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import prefopt
 from prefopt import recipe_from_dict
 from conftest import chain_recipe
-from prefopt import dora
+from prefopt.dora import forward as dora
 
 LN2 = math.log(2)
 

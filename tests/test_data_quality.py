@@ -213,7 +213,7 @@ def test_prefopt_data_writes_reports_and_loads_no_model(tmp_path, tiny_model, sm
         assert len(review) == min(20, rep["train_rows"])
         assert (out / "data" / name / "review_sample.md").read_text().startswith("# Review sample")
     # the folder `prefopt data` wrote is one `prefopt run` may write into
-    from prefopt.runfolder import is_run_folder
+    from prefopt.runs.folder import is_run_folder
 
     assert is_run_folder(out)
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import SHAPES
 
-from prefopt import dora
+from prefopt.dora import forward as dora
 from prefopt.models import attach_adapter, build_lora_config, load_base_model, load_tokenizer
 
 N_LAYERS = 2 * 7  # two decoder layers x (q, k, v, o, gate, up, down); models: conftest.shaped_models
@@ -344,7 +344,8 @@ def test_saved_adapters_are_interchangeable_with_plain_peft(tmp_path, shaped_mod
 
 
 def test_recipe_fields(small_data):
-    from prefopt.config import RecipeError, recipe_from_dict
+    from prefopt.errors import RecipeError
+    from prefopt.config import recipe_from_dict
 
     def recipe(**adapter):
         return {"name": "r", "model": {"name_or_path": "x"}, "adapter": adapter,

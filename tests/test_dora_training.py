@@ -14,7 +14,7 @@ import torch
 
 from test_dora import N_LAYERS, _ids, _model, _step
 
-from prefopt import dora
+from prefopt.dora import forward as dora
 
 
 def _optimizer(name, params, lr):

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefopt.config import RecipeError, load_recipe
+from prefopt.errors import RecipeError
+from prefopt.config import load_recipe
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
@@ -150,12 +151,12 @@ def test_yaml_oddities_are_named(tmp_path, small_data_files):
 
 def test_the_fuzzer_can_fail(tmp_path, small_data_files, monkeypatch):
     """The checks bite: a loader bug escapes _check, and a problem line without a key path is not accepted."""
-    import prefopt.config
+    import prefopt.config.load
 
     base = BASE.format(model="m", sft=small_data_files["sft"], prefs=small_data_files["prefs"])
     assert _check(tmp_path, _apply(base, [("value", 1, "!!python/object:os.system ls", "x")])) == "refused"
     assert not PROBLEM.match("something went wrong") and not PROBLEM.match("Traceback (most recent call last)")
     assert PROBLEM.match("stages[1].train.max_length (r.yaml line 3): too long") and PROBLEM.match("seed: must be ...")
-    monkeypatch.setattr(prefopt.config, "_line_map", lambda text: 1 / 0)
+    monkeypatch.setattr(prefopt.config.load, "line_map", lambda text: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         _check(tmp_path, base)

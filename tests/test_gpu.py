@@ -29,7 +29,7 @@ def test_bf16_autocast_parity_on_cuda(shaped_models, quant):
     from test_dora import N_LAYERS, _ids, _model
     from test_dora_training import _assert_bf16_grads_close
 
-    from prefopt import dora
+    from prefopt.dora import forward as dora
 
     torch.manual_seed(0)
     peft = _model(shaped_models["h96"], quant)

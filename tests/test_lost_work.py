@@ -267,7 +267,7 @@ def test_a_disk_too_small_is_refused_before_training(tmp_path, finished):
 
 def test_a_full_disk_while_writing_is_a_user_error_and_loses_nothing(copy, tmp_path, monkeypatch):
     """ENOSPC when the run writes its records (a patched write: the disk fills after preflight looked)."""
-    import prefopt.runfolder as rf
+    import prefopt.runs.folder as rf
 
     out, recipe, before = copy
     changed = variant(recipe, tmp_path, lambda r: r["stages"][1]["train"].update(learning_rate=5e-4))
@@ -465,7 +465,7 @@ def test_plan_exits_2_when_a_stage_does_not_fit(tmp_path, tiny_model, small_data
 def test_gates_record_the_limit_as_written_and_the_margin():
     from prefopt.config import GatesSection
     from prefopt.eval.log import check_gates
-    from prefopt.runfolder import gate_line
+    from prefopt.runs.folder import gate_line
 
     gates = check_gates(GatesSection(max_mmlu_drop=25, min_reward_accuracy=0.6, min_reward_margin=0.1),
                         mmlu={"delta_points": -30.0}, last_preference="dpo", last_stage="dpo",

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefopt.merging import MergeError, Thresholds, merge_adapter, roundtrip, stream_merge, read_adapter, verify
+from prefopt.errors import MergeError
+from prefopt.merging.stream import Thresholds, merge_adapter, read_adapter, stream_merge, verify
+from prefopt.quant import roundtrip
 from prefopt.models import base_info, load_base_model
 
 LOOSE = Thresholds(max_rel_logit_diff=10, mean_kl=10, min_top1_agreement=0)
@@ -114,7 +116,7 @@ def test_4bit_dequantized_merge_matches_and_original_shows_the_gap(tmp_path, tin
 
 
 def test_dropped_magnitude_fails_verification(tmp_path, tiny_model, monkeypatch):
-    import prefopt.merging as merging
+    import prefopt.merging.stream as merging
 
     adapter = make_adapter(tiny_model, tmp_path / "a", quantization="nf4")
     real = merging.merged_weight
@@ -131,7 +133,7 @@ def test_wrong_base_fails_verification(tmp_path, tiny_model, sharded_model):
     out = tmp_path / "merged"
     # merge into another model of the same shapes, then check against the adapter on its own base
     stream_merge(read_adapter(adapter), sharded_model, out, info=info, base_mode="dequantized", out_dtype="bfloat16")
-    from prefopt.merging import _copy_side_files
+    from prefopt.merging.stream import _copy_side_files
 
     _copy_side_files(tiny_model, adapter, out, "bfloat16")
     v = verify(out, adapter, info, tiny_model, None, Thresholds())
@@ -148,7 +150,7 @@ def test_sharded_base_merges_into_shards_with_index(tmp_path, sharded_model):
     report = merge_adapter(adapter, out, out_dtype="float32", echo=lambda s: None)
     assert report["verification"]["passed"]
     # small output shards: several of them, written as they fill
-    import prefopt.merging as merging
+    import prefopt.merging.stream as merging
 
     info = json.loads((adapter / "prefopt_base.json").read_text())
     counts = merging.stream_merge(merging.read_adapter(adapter), sharded_model, tmp_path / "small", info=info,

@@ -2,7 +2,8 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import dequantize_4bit
 
-from prefopt.models import build_lora_config, harden_4bit_layers, load_base_model, load_tokenizer
+from prefopt.models import build_lora_config, load_base_model, load_tokenizer
+from prefopt.quant import harden_4bit_layers
 
 
 def _linear4bit(model):

@@ -88,7 +88,7 @@ def _run_until_checkpoint(cmd, out, sig, after: int, env, timeout=300):
     import sys
     import time
 
-    from prefopt.runfolder import last_checkpoint
+    from prefopt.runs.folder import last_checkpoint
 
     proc = subprocess.Popen([sys.executable, "-m", "prefopt.cli", *cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -159,7 +159,7 @@ def test_interrupted_preference_stage_resumes_exactly(sig_name, after, tmp_path,
 
 
 def test_changed_inputs_start_the_stage_over_and_say_why(tmp_path, tiny_model, small_data, capsys):
-    from prefopt.runfolder import STAGE_INPUTS, mark_checkpoint
+    from prefopt.runs.folder import STAGE_INPUTS, mark_checkpoint
 
     raw = chain_recipe(tiny_model, small_data, None, quantization="none")
     out = tmp_path / "run"

@@ -132,7 +132,7 @@ def test_fresh_refuses_a_folder_that_is_not_a_run_folder(tmp_path, tiny_model, s
 
 
 def test_fresh_removes_only_what_prefopt_wrote(tmp_path):
-    from prefopt import runfolder
+    from prefopt.runs import folder as runfolder
 
     run = tmp_path / "run"
     (run / "stages" / "00-sft" / "adapter").mkdir(parents=True)
@@ -171,7 +171,7 @@ def test_another_recipes_run_folder_is_refused(tmp_path, tiny_model, small_data)
 
 
 def test_temp_folders_are_cleared_when_a_run_starts(tmp_path):
-    from prefopt import runfolder
+    from prefopt.runs import folder as runfolder
 
     run = tmp_path / "run"
     (run / "stages" / ".01-dpo.tmp" / "adapter").mkdir(parents=True)
@@ -187,8 +187,8 @@ def test_temp_folders_are_cleared_when_a_run_starts(tmp_path):
 def test_names_alone_do_not_make_a_run_folder(tmp_path):
     """A user's own wandb/ or logs/ (prefopt writes such names too) and hidden *.tmp files are not prefopt's:
     --fresh refuses the folder and deletes nothing."""
-    from prefopt import runfolder
-    from prefopt.config import PrefoptError
+    from prefopt.runs import folder as runfolder
+    from prefopt.errors import PrefoptError
 
     out = tmp_path / "mine"
     (out / "wandb").mkdir(parents=True)
@@ -209,7 +209,7 @@ def test_inputs_do_not_depend_on_where_the_project_lies(tmp_path):
     or re-cloned project keeps its finished stages."""
     import shutil
 
-    from prefopt import runfolder
+    from prefopt.runs import folder as runfolder
 
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import prefopt
-from prefopt.merging import Thresholds, merge_adapter
+from prefopt.merging.stream import Thresholds, merge_adapter
 from prefopt.models import load_base_model, load_tokenizer
 from conftest import chain_recipe
 from test_merge import make_adapter
@@ -17,8 +17,8 @@ from test_merge import make_adapter
 def _reference_logits(tiny_model, adapter, quantization, texts, fast):
     from peft import PeftModel
 
-    from prefopt.dora import enable_fast_dora
-    from prefopt.models import harden_4bit_layers
+    from prefopt.dora.forward import enable_fast_dora
+    from prefopt.quant import harden_4bit_layers
 
     base = load_base_model(str(tiny_model), quantization=quantization, dtype="float32")
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
@@ -35,7 +35,7 @@ def _reference_logits(tiny_model, adapter, quantization, texts, fast):
 def test_streamed_reference_is_the_trained_forward(tmp_path, tiny_model, quantization):
     """The block-by-block adapter model gives the logits of the whole adapter model as trained (fast DoRA on a
     4-bit base), and PEFT's forward is reported beside it."""
-    from prefopt.verify import Shards, adapter_hiddens, device
+    from prefopt.merging.verify import Shards, adapter_hiddens, device
 
     adapter = make_adapter(tiny_model, tmp_path / "a", quantization=quantization)
     texts = ["Tell me about the sea.", "A kind word for a friend, please, and a longer one too."]

@@ -9,7 +9,7 @@ Public:
 
 from __future__ import annotations
 
-from ..config import DataError, RecipeError
+from ..errors import DataError, RecipeError
 from .formats import normalise_preference, normalise_rows, normalise_sft
 from .prepare import REASONS, StageData, fingerprint, prepare_stage
 from .sources import file_hash, read_rows, sha256_of

@@ -11,12 +11,12 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from ..config import DataError, RecipeError
+from ..errors import DataError, RecipeError
 from .report import summary_lines, write_reports
 
 
 def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
-    from .. import runfolder
+    from ..runs import folder as runfolder
     from ..preflight import build_trl_config, check_model, check_train_names
     from . import data_problem, evaluation_sets, trained_max_length
     from .prepare import prepare_stage

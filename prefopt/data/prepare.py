@@ -17,7 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PREFERENCE_TYPES, DataError
+from ..config import PREFERENCE_TYPES
+from ..errors import DataError
 from . import quality
 from .formats import normalise_rows, to_conversational
 from .sources import check_hash, read_rows, sha256_of

@@ -111,7 +111,7 @@ SCORES = "data_scores.jsonl"
 
 
 def write_scores(folder, scores: list[dict]) -> None:
-    from ..runfolder import write_atomic
+    from ..runs.folder import write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / SCORES, "".join(json.dumps(s) + "\n" for s in scores))

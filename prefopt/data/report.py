@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runfolder import write_atomic
+from ..runs.folder import write_atomic
 
 REPORT = "data_report.json"
 REVIEW_JSONL = "review_sample.jsonl"

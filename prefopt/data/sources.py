@@ -8,7 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..config import DataError, looks_local, resolve_path
+from ..errors import DataError
+from ..config import looks_local, resolve_path
 
 
 def _read_text(path: Path) -> str:

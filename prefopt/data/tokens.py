@@ -10,7 +10,7 @@ keeping the start).
 
 from __future__ import annotations
 
-from ..config import DataError
+from ..errors import DataError
 
 
 def _render(tokenizer, msgs, **kw) -> str:

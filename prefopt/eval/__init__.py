@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import runfolder
+from ..runs import folder as runfolder
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import runfolder
+from ..runs import folder as runfolder
 
 
 def _results(log: dict, model_name: str) -> list:

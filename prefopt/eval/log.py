@@ -13,8 +13,8 @@ import datetime as _dt
 import hashlib
 from pathlib import Path
 
-from .. import runfolder
-from ..config import PrefoptError
+from ..runs import folder as runfolder
+from ..errors import PrefoptError
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "lm_eval", "accelerate")
 VERDICTS = ("approve", "reject")
@@ -27,7 +27,7 @@ def now() -> str:
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
+    from ..version import __version__
 
     out = {"prefopt": __version__}
     for lib in LIBRARIES:

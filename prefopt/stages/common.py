@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import PrefoptError
+from ..errors import PrefoptError
 from ..models import ADAPTER_NAME
 
 
@@ -89,7 +89,7 @@ class CheckpointCallback(_callback_base()):
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         from .. import signals
-        from ..dora import clear_norm_cache
+        from ..dora.forward import clear_norm_cache
 
         signals.STATE["training"] = True
         if model is not None:
@@ -115,7 +115,7 @@ class CheckpointCallback(_callback_base()):
     def on_save(self, args, state, control, **kw):
         import time
 
-        from ..runfolder import mark_checkpoint
+        from ..runs.folder import mark_checkpoint
 
         from .. import dist
 
@@ -166,7 +166,7 @@ def adapter_precision_kept(model):
         before = saved.get(name)
         if before is not None and param.dtype != before.dtype:
             param.data = before
-    from ..dora import clear_norm_cache
+    from ..dora.forward import clear_norm_cache
 
     clear_norm_cache(model)  # TRL filled DPO's "ref" copy with param.data.copy_, which no version counter sees
 

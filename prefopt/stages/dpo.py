@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import _compat
 from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
@@ -85,10 +86,8 @@ def zero3(trainer) -> str | None:
     object has no attribute 'ds_status'). Live, the reference runs through the engine like the policy."""
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return None
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     return "under DeepSpeed ZeRO-3 the reference runs through the engine's partitioned weights" \
-        if is_deepspeed_zero3_enabled() else None
+        if _compat.zero3_enabled() else None
 
 
 def precision_mismatch(trainer) -> str | None:
@@ -140,8 +139,7 @@ def reference_logps(trainer, cache) -> dict:
 
     from datasets import Dataset, concatenate_datasets
 
-    trainer.args.precompute_ref_log_probs = True
-    trainer.precompute_ref_logps = True
+    _compat.use_precomputed_ref_logps(trainer)
     out = {"cache": "hit", "rows": 0, "seconds": 0.0}
     for split in ("train", "eval"):
         ds = getattr(trainer, f"{split}_dataset")

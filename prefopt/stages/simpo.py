@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .. import _compat
 from .common import check_trainer_kwargs, make_trainer, train_and_save
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def config_class():
-    from trl.experimental.cpo import CPOConfig
-
-    return CPOConfig
+    return _compat.cpo_classes()[0]
 
 
 def options(stage) -> dict:
@@ -28,8 +24,7 @@ def check(stage, where: str) -> list[str]:
 
 def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: list[str], run_name: str,
         callbacks=(), resume_from=None, **_) -> dict:
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-
+    CPOConfig, CPOTrainer = _compat.cpo_classes()
     trainer = make_trainer(CPOTrainer, CPOConfig, model, tokenizer, stage, data, out_dir, options(stage), seed=seed,
                            report_to=report_to, run_name=run_name, callbacks=callbacks)
     return train_and_save(trainer, out_dir, tokenizer, resume_from=resume_from)

@@ -10,7 +10,6 @@ with s = alpha / r (alpha / sqrt(r) with rsLoRA). W is the base weight as the ad
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,14 +18,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PrefoptError, option
-from .models import BASE_INFO
+from ..errors import MergeError, PrefoptError, option
+from ..models import BASE_INFO
+from ..quant import roundtrip, torch_dtype
+from .heap import large_blocks_from_the_os, release_freed_memory
 
 REPORT = "merge_report.json"
-class MergeError(PrefoptError):
-    """An adapter or base that cannot be merged as asked, or a merge that failed verification."""
-
-
 @dataclass
 class Thresholds:
     # Defaults: bf16 output rounding stays far below these; a dropped DoRA magnitude or a wrong base
@@ -39,31 +36,6 @@ class Thresholds:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def roundtrip(weight, info: dict):
-    """The base weight as a quantized training base presents it: quantize, dequantize (fp32)."""
-    import bitsandbytes.functional as F
-    import torch
-
-    w = weight.to(_torch_dtype(info["dtype"]))
-    q = info["quantization"]
-    if q == "nf4":
-        b = info.get("bnb", {"quant_type": "nf4", "blocksize": 64, "double_quant": True})
-        packed, state = F.quantize_4bit(w, blocksize=b["blocksize"], compress_statistics=b["double_quant"],
-                                        quant_type=b["quant_type"])
-        return F.dequantize_4bit(packed, state).to(torch.float32)
-    if q == "int8":
-        w = w.to(torch.float16)  # LLM.int8 quantizes fp16 row-wise by absmax
-        cb, scb, _ = F.int8_vectorwise_quant(w)
-        return (cb.float() * scb.float().unsqueeze(1) / 127.0).to(torch.float32)
-    return w.to(torch.float32)
 
 
 def merged_weight(w, lora_a, lora_b, scale: float, magnitude=None):
@@ -156,36 +128,6 @@ def resolve_base_dir(base: str) -> Path:
         raise MergeError(f"base '{base}': not a local folder and not downloadable ({str(e).splitlines()[0]})") from None
 
 
-@contextlib.contextmanager
-def _large_blocks_from_the_os():
-    """While merging, serve every allocation over 1 MiB by mmap, so it goes back to the OS when freed (glibc
-    otherwise raises that threshold as large blocks are freed, and later ones stay in the heap: the merge's
-    peak RSS then varied between 0.85 and 1.6 GB from run to run on the bench model; with this it is a steady
-    0.73 GB). Afterwards the threshold is set to glibc's own ceiling (32 MiB), where it adapts to anyway."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        yield
-        return
-    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        mallopt(-3, 32 << 20)
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up shard by shard)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict, base_mode: str,
                  out_dtype: str, max_shard_bytes: int = 256 * 2**20) -> dict:
     """Merge tensor by tensor into out_dir (a folder that does not exist yet), writing output shards of at most
@@ -197,7 +139,7 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
 
     shards, _ = _base_shards(base_dir)
     out_dir.mkdir(parents=True)
-    dtype = _torch_dtype(out_dtype)
+    dtype = torch_dtype(out_dtype)
     weight_map, names, total, merged = {}, [], 0, 0
     buf, buf_bytes = {}, 0
     pending = dict(adapter.modules)
@@ -209,7 +151,7 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
         names.append(name)
         weight_map.update({k: name for k in buf})
         buf, buf_bytes = {}, 0
-        _release_freed_memory()
+        release_freed_memory()
 
     for shard in shards:
         path = str(base_dir / shard)
@@ -326,7 +268,7 @@ def merge_adapter(
     if base_mode == "dequantized" and info["quantization"] == "none":
         raise MergeError("merge base 'dequantized' needs the training quantization (nf4 or int8); "
                          "the adapter was trained on an unquantized base: use 'original'")
-    from .runfolder import adapter_hash
+    from ..runs.folder import adapter_hash
 
     settings = {"adapter_hash": adapter_hash(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
                 "out_dtype": out_dtype}
@@ -344,7 +286,7 @@ def merge_adapter(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _large_blocks_from_the_os():
+        with large_blocks_from_the_os():
             counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
         _copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
         report = {
@@ -361,7 +303,7 @@ def merge_adapter(
             **(report_extra or {}),
         }
         if verify_merge:
-            with _large_blocks_from_the_os():
+            with large_blocks_from_the_os():
                 report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows,
                                                 thresholds or Thresholds(), dora_impl=dora_impl,
                                                 dora_dropout=dora_dropout)
@@ -426,9 +368,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
               **kwargs) -> dict:
     """Merge a run folder's final adapter; probes are the last stage's held-out rows. A run whose evaluation
     failed a gate is refused (GateFailed) unless ignore_gates. With an eval log, merged/README.md is its model card."""
-    from .config import GateFailed, load_recipe
-    from .data import recipe_stage_data
-    from .runfolder import adapter_hash, failed_gates, gate_line, read_eval_log, read_manifest
+    from ..errors import GateFailed
+    from ..config import load_recipe
+    from ..data import recipe_stage_data
+    from ..runs.folder import adapter_hash, failed_gates, gate_line, read_eval_log, read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -466,7 +409,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=
     out = Path(out_dir) if out_dir else run_dir / "merged"
     report = merge_adapter(adapter_dir, out, **kwargs)
     if log is not None:
-        from .eval.card import write_model_card
+        from ..eval.card import write_model_card
 
         write_model_card(out, run_dir)
     return report

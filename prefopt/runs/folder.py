@@ -23,7 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import PrefoptError, option
+from ..errors import RunFolderError, option
 
 MANIFEST = "run.json"
 RECIPE = "recipe.yaml"
@@ -37,10 +37,6 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DATA = "data"  # `prefopt data`: data/data.json, data/NN-name/{data_report.json, review_sample.*}
 DATA_MANIFEST = "data.json"
 OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA, "cache", EVAL, REPORT)
-
-
-class RunFolderError(PrefoptError):
-    """An output folder prefopt must not write into (or clear) as asked."""
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -72,7 +68,7 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 
 def adapter_hash(adapter_dir: Path) -> str:
-    from .data import file_hash
+    from ..data import file_hash
 
     return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
 
@@ -80,8 +76,8 @@ def adapter_hash(adapter_dir: Path) -> str:
 def self_contained(recipe):
     """A copy of the recipe that runs from anywhere: local data and model paths made absolute, each local data
     file's content hash recorded (data.sha256 / eval_sha256, checked when the data is loaded)."""
-    from .config import looks_local, resolve_path
-    from .data import file_hash
+    from ..config import looks_local, resolve_path
+    from ..data import file_hash
 
     r = recipe.model_copy(deep=True)
     local = resolve_path(r.model.name_or_path, recipe._base_dir)
@@ -116,7 +112,7 @@ def self_contained(recipe):
 def stage_identity(stage: dict) -> dict:
     """A stage section for its inputs hash: local paths left out (the data step's fingerprint of the rows the
     stage trains on stands for their contents), so a project moved or cloned elsewhere keeps its finished stages."""
-    from .config import looks_local
+    from ..config import looks_local
 
     def local(v):
         return isinstance(v, str) and looks_local(v)
@@ -400,7 +396,7 @@ def log_paths(run_dir: Path | None) -> list[Path]:
     first it can write."""
     import time
 
-    from .console import log_dir
+    from ..console import log_dir
 
     name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     out = []

@@ -90,7 +90,7 @@ def _empty(config_dir: Path, dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import whole_weights_on_load
+    from ..models import whole_weights_on_load
 
     whole_weights_on_load()
     cfg = AutoConfig.from_pretrained(str(config_dir))
@@ -137,7 +137,7 @@ def streamed(root, decoder, load):
     runs, and drop them right after: one linear layer's weight in memory at a time."""
     from accelerate.utils import set_module_tensor_to_device
 
-    from .merging import _release_freed_memory
+    from .heap import release_freed_memory
 
     handles = []
     for unit, prefix in _units(root, decoder):
@@ -160,7 +160,7 @@ def streamed(root, decoder, load):
             for m in mod.modules():
                 m.__dict__.pop("_prefopt_w2", None)
             if big:  # hand large freed blocks back to the OS, so peak RSS is one layer, not the heap's high mark
-                _release_freed_memory()
+                release_freed_memory()
             return output
 
         handles.append(unit.register_forward_pre_hook(pre, with_kwargs=True))
@@ -263,8 +263,7 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     import torch
     from peft import PeftModel
 
-    from .merging import roundtrip
-    from .models import torch_dtype
+    from ..quant import roundtrip, torch_dtype
 
     dtype = torch_dtype(info["dtype"])
     quantized = info["quantization"] != "none"
@@ -292,7 +291,7 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     out = {}
     use_dora = bool(model.peft_config["default"].use_dora)
     if use_dora and dora_impl == "fast":
-        from .dora import disable_fast_dora, enable_fast_dora
+        from ..dora.forward import disable_fast_dora, enable_fast_dora
 
         enable_fast_dora(model, dora_dropout)
         out["trained"] = final_hidden(root, decoder, enc, load, embed)
@@ -348,7 +347,7 @@ def verify(out_dir: Path, adapter_dir: Path, info: dict, base_dir: Path, probe_r
     """The merged model vs the adapter model as trained, on probe prompts; returns the verification report."""
     import gc
 
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     dev = device()
     tok = load_tokenizer(str(out_dir))

@@ -8,25 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype_4bit(base, x: torch.Tensor) -> torch.dtype:
-    """The dtype a bitsandbytes Linear4bit computes in for input x, settling it as the layer's own forward does."""
-    import bitsandbytes as bnb
-
-    bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
-    if not base.compute_type_is_set:
-        base.set_compute_type(x)
-        base.compute_type_is_set = True
-    return base.compute_dtype or x.dtype
-
-
-def dequantize_4bit(base, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A fresh dequantization of a Linear4bit's weight (in `dtype`, if given)."""
-    import bitsandbytes as bnb
-
-    w = base.weight
-    deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)
-    return deq if dtype is None or deq.dtype == dtype else deq.to(dtype)
+from ..quant import compute_dtype_4bit, dequantize_4bit
 
 
 def inv_norm_s(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:

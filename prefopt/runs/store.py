@@ -21,8 +21,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from . import runfolder
-from .runfolder import adapter_hash
+from . import folder as runfolder
+from .folder import adapter_hash
 
 REF_LOGPS = "ref_logps"
 STAGES = "stages"
@@ -141,7 +141,7 @@ def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
     """Everything the reference log-probs depend on (not beta or loss_type, which only use them)."""
     import torch
 
-    from .data import trained_max_length
+    from ..data import trained_max_length
 
     st = recipe.stages[i]
     ref = "base" if (prev_adapter is None or st.reference == "base") else adapter_hash(prev_adapter)

@@ -66,7 +66,9 @@ import sys
 import torch
 from torch import nn
 
-from .dora_ops import DoraLinear, Rows, Shared4bit, dequantize_4bit, inv_norm_s
+from .. import _compat
+from ..quant import dequantize_4bit, harden_4bit_layers
+from .ops import DoraLinear, Rows, Shared4bit, inv_norm_s
 
 DROPOUT_MODES = ("lowrank", "full")
 _FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
@@ -93,12 +95,6 @@ def _watch_optimizers() -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _HOOK.append(register_optimizer_step_post_hook(_stamp_step))
-
-
-def _in_backward() -> bool:
-    """Inside a backward pass (gradient checkpointing's recomputation runs there)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -141,7 +137,6 @@ def enable_fast_dora(model: nn.Module, dropout: str = "lowrank") -> int:
     """
     if dropout not in DROPOUT_MODES:
         raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
-    from .models import harden_4bit_layers
 
     harden_4bit_layers(model)
     _watch_optimizers()
@@ -255,19 +250,17 @@ def _shortcut_ok(base) -> bool:
     """Base layers whose weight may be used directly (DoraLinear, Shared4bit, W @ A^T): frozen weights,
     no hooks to miss."""
     w = base.weight
-    if w.requires_grad or base._forward_hooks or base._forward_pre_hooks:
-        return False
-    if base.__dict__.get("_hf_hook") is not None:  # accelerate's hook (a plain attribute)
+    if w.requires_grad or _compat.has_hooks(base):
         return False
     kind = type(w).__name__
     if kind == "Params4bit":
         qs = getattr(w, "quant_state", None)
-        return qs is not None and not getattr(qs, "packing_format_for_cpu", False)
+        return qs is not None and not _compat.is_cpu_packed(qs)
     return type(base) is nn.Linear and kind in ("Parameter", "Tensor")
 
 
 def _hookless(m) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("_hf_hook") is not None)
+    return not _compat.has_hooks(m)
 
 
 def _plain_linear(m) -> bool:
@@ -355,7 +348,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
            a_w.data_ptr(), b_w.data_ptr(), base_w.data_ptr(), scaling)
     fresh = p.key == key and (
         ((a_stamp is not None or not a_w.requires_grad) and (b_stamp is not None or not b_w.requires_grad))
-        or (p.nograd and not torch.is_grad_enabled()) or _in_backward())
+        or (p.nograd and not torch.is_grad_enabled()) or _compat.in_backward())
     if not fresh:
         p.nograd = not torch.is_grad_enabled()
     shortcut_ok = _shortcut_ok(base)
