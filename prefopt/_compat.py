@@ -70,6 +70,19 @@ def settle_4bit_compute_dtype(linear4bit, x):
     return linear4bit.compute_dtype or x.dtype
 
 
+# --------------------------------------------------------------------------------------------------- PEFT
+# (PEFT's LoRA layer internals, which the DoRA kernel reads on its hot path, are listed in prefopt/dora/forward.py)
+
+
+def peft_dequantize(module):
+    """A quantized layer's weight as a float tensor, by PEFT's helper for the quantizers it knows (PEFT 0.21:
+    peft.utils.integrations.dequantize_module_weight, not exported at PEFT's top level). Used only for bases that
+    are not bitsandbytes 4-bit or 8-bit (prefopt.quant.dequantize handles those itself)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module)
+
+
 # --------------------------------------------------------------------------------------------------- transformers
 
 

@@ -1,16 +1,43 @@
-"""Research-script entry points: one stage on your own model and data."""
+"""The Python API: what `import prefopt` offers a research script (prefopt/__init__.py re-exports it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import TypeAdapter
 
-from .config import PREFERENCE_TYPES, Stage
+from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults
+from .data import StageData, normalise_preference, normalise_sft
+from .merging.stream import merge_adapter
+from .pipeline import RunResult
+from .pipeline import run as _run
+from .runs import folder as runfolder
+from .stages import STAGES
+from .steps.merge import merge_run
+
+_ADAPTER = defaults(AdapterSection)
 
 
-def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir, seed: int = 42,
-                report_to=()) -> dict:
+def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False,
+        echo: Callable[[str], Any] = print) -> RunResult:
+    """Run a recipe's stages in order, then its evaluation and merge, in runs/<name>/ (or output_dir); a rerun
+    resumes. Returns each stage's adapter and metrics (RunResult)."""
+    return _run(recipe, output_dir=output_dir, fresh=fresh, echo=echo)
+
+
+def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, **kwargs: Any) -> dict:
+    """Merge a run folder's final adapter (into RUN_DIR/merged unless out_dir), or an adapter folder (out_dir
+    needed), into its base, DoRA magnitude included, and verify it; returns the merge report. kwargs: those of
+    prefopt.merging.stream.merge_adapter (base, base_mode, out_dtype, overwrite, verify_merge, thresholds, ...)."""
+    if (Path(adapter_or_run_dir) / runfolder.MANIFEST).is_file():
+        return merge_run(adapter_or_run_dir, out_dir, **kwargs)
+    return merge_adapter(adapter_or_run_dir, out_dir, **kwargs)
+
+
+def train_stage(stage: Stage | dict, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir: str | Path,
+                seed: int = 42, report_to: tuple[str, ...] | list[str] = ()) -> dict:
     """Train `model` (a PeftModel) with one stage's TRL trainer; writes output_dir/adapter.
 
     `stage` is a stage section (prefopt.config.DPOStage, ...) or a dict such as
@@ -18,9 +45,6 @@ def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, ou
     and checked as in a recipe (lists of dicts or `datasets.Dataset`). Returns the stage's metrics.
     """
     from datasets import Dataset
-
-    from .data import StageData, normalise_preference, normalise_sft
-    from .stages import STAGES
 
     if isinstance(stage, dict):
         stage = TypeAdapter(Stage).validate_python({"data": {"path": "<in memory>"}, **stage})
@@ -40,3 +64,18 @@ def train_stage(stage, model, tokenizer, train_dataset, eval_dataset=None, *, ou
     data = StageData(train=train, eval=ev, fmt=fmt, files=[])
     return STAGES[stage.type](model, tokenizer, stage, data, out, seed=seed, report_to=list(report_to),
                               run_name=stage.name)
+
+
+def enable_fast_dora(peft_model, dropout: str = _ADAPTER["dora_dropout"]) -> int:
+    """Route a PEFT model's DoRA layers through prefopt's exact low-rank forward; returns how many (see
+    docs/dora.md). dropout: "lowrank" (on the low-rank branch; the default) or "full" (PEFT's semantics)."""
+    from .dora import enable_fast_dora as enable  # (imports torch)
+
+    return enable(peft_model, dropout)
+
+
+def disable_fast_dora(peft_model) -> int:
+    """Give a PEFT model's DoRA layers back to PEFT's own forward; returns how many."""
+    from .dora import disable_fast_dora as disable  # (imports torch)
+
+    return disable(peft_model)

@@ -1,24 +1,45 @@
-"""The command line: thin; heavy imports happen inside the commands."""
+"""The command line: thin. Every command runs through `_handled` (errors.py's exit codes); heavy imports (torch,
+transformers, trl) happen inside the functions that need them, so `prefopt --help` answers at once."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+from pathlib import Path
 
 import click
 
+from . import console, errors, signals
+from .config import MergeSection, defaults, load_recipe
+from .dist import is_main, rank, world_size
+from .errors import EXIT_BUG, EXIT_USER, PrefoptError, environment_error
+from .eval.card import write_model_card
+from .eval.log import add_review
+from .eval.run import describe
+from .memory import parse_size, recipe_memory_plan
+from .merging.stream import Thresholds, merge_adapter
+from .pipeline import run as run_pipeline
+from .plan import default_gpu_memory, make_plan
+from .preflight import load_checked, preflight
+from .report import build_report
+from .runs import folder as runfolder
+from .runs.folder import log_paths, run_folder_of
+from .runs.records import COMMITTED
+from .steps.data import run_data_step
+from .steps.evaluate import evaluate_existing
+from .steps.merge import merge_run
 from .version import __version__
-from .errors import PrefoptError
+
+_MERGE = defaults(MergeSection)  # the recipe schema's merge defaults
 
 
 def _fail(err: Exception) -> None:
     """A user error: exit code 2; a failed evaluation gate: exit code 3 (GateFailed.exit_code). Under torchrun only
     the main process says it (every rank exits with the same code)."""
-    from .dist import is_main
-
     if is_main() and not getattr(err, "said", False):  # (said: by a process of its own, `prefopt eval`)
         click.echo(f"prefopt: error: {err}", err=True)
-    sys.exit(getattr(err, "exit_code", 2))
+    sys.exit(getattr(err, "exit_code", EXIT_USER))
 
 
 def _bug(err: BaseException, run_dir=None) -> None:
@@ -26,11 +47,8 @@ def _bug(err: BaseException, run_dir=None) -> None:
     to the run folder's logs/ when that can be written, else to the user's cache (never a second error)."""
     import traceback
 
-    from .dist import is_main, rank
-    from .runs.folder import log_paths
-
     if not is_main() and "the main process failed" in str(err):  # the main process reports it, once
-        sys.exit(1)
+        sys.exit(EXIT_BUG)
     if callable(run_dir):
         run_dir = run_dir()
     where = ""
@@ -47,14 +65,12 @@ def _bug(err: BaseException, run_dir=None) -> None:
             continue
     first = (str(err).strip().splitlines() or [""])[0]
     click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
-    sys.exit(1)
+    sys.exit(EXIT_BUG)
 
 
 def _stopped(err: BaseException, what: str) -> None:
     """Ctrl-C, SIGTERM or a closed console pipe: say so (to the log file when the console is gone), exit 130 /
     143 / 141."""
-    from . import console, signals
-
     click.echo(f"prefopt: {signals.words(err)}; {what}", err=True)
     if console.closed():
         click.echo(f"prefopt: (the console closed: this run's output is in {console.console_log()})", err=True)
@@ -66,8 +82,6 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written"):
     """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
     permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
     is a bug -> one line and a traceback log, exit 1."""
-    from .errors import environment_error
-
     try:
         yield
     except PrefoptError as e:
@@ -88,8 +102,6 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written"):
 @click.pass_context
 def main(ctx) -> None:
     """prefopt: one YAML recipe chains SFT into DPO, ORPO or SimPO on a 4-bit DoRA base."""
-    from . import console, errors, signals
-
     errors.SURFACE["cli"] = True  # messages name this command line's flags (not the API's keyword arguments)
     console.guard()  # a console pipe that closes (| tee, | head) stops a run gracefully, not with a traceback
     ctx.call_on_close(lambda: (errors.SURFACE.update(cli=False), signals.uninstall()))  # (in-process callers)
@@ -100,33 +112,25 @@ def main(ctx) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. stages.dpo.beta=0.2 (a stage by name or index)")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
-              help="Run folder (default runs/<name>/, or the run folder RECIPE belongs to when it is a run's recipe.yaml).")
-@click.option("--fresh", is_flag=True, help="Start over: remove what prefopt wrote in the run folder (only in a prefopt "
-              "run folder; other files are kept, a folder that is not one is refused).")
+              help="Run folder (default runs/<name>/, or the run folder RECIPE belongs to when it is a run's "
+              "recipe.yaml).")
+@click.option("--fresh", is_flag=True, help="Start over: remove what prefopt wrote in the run folder (only in a "
+              "prefopt run folder; other files are kept, a folder that is not one is refused).")
 @click.option("--gpu-memory", default=None, metavar="SIZE",
               help="Refuse (exit 2, before any model loads) a stage whose planned peak exceeds SIZE (default: the "
               "visible GPU's memory; 'off' skips the check).")
 def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool, gpu_memory: str | None) -> None:
     """Run every stage of RECIPE in order, resuming a previous run of it."""
-    from . import signals
-
     signals.install()
     # a bug's traceback goes to the run folder's logs/ only once this run has committed work there: a finished
     # folder stays byte-identical after a failure before that (else: the user's log folder)
     with _handled(_committed_run_dir, "finished stages and the last checkpoint are kept, re-run the same command "
                   "to resume"):
-        from .preflight import load_checked
-
         rec = load_checked(recipe, list(overrides))
-        from .pipeline import run as run_pipeline
-        from .runs.folder import run_folder_of
-
         # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
         output_dir = output_dir or run_folder_of(recipe, rec.name)
         _check_memory(rec, gpu_memory)
         result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
-    from .dist import is_main
-
     if not is_main():  # one console under torchrun: the main process's
         return
     click.echo(f"run folder: {result.run_dir}")
@@ -135,8 +139,7 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
 
 
 def _committed_run_dir():
-    pipeline = sys.modules.get("prefopt.pipeline")
-    return pipeline.COMMITTED["run_dir"] if pipeline is not None else None
+    return COMMITTED["run_dir"]
 
 
 def _check_memory(rec, gpu_memory: str | None) -> None:
@@ -145,10 +148,6 @@ def _check_memory(rec, gpu_memory: str | None) -> None:
     does not know the launcher's sharding (`prefopt plan --gpus N --sharding ...` does)."""
     if gpu_memory is not None and gpu_memory.strip().lower() == "off":
         return
-    from .dist import world_size
-    from .memory import parse_size
-    from .plan import default_gpu_memory, memory_plan
-
     if world_size() > 1:
         return
     budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
@@ -157,11 +156,12 @@ def _check_memory(rec, gpu_memory: str | None) -> None:
     import torch
 
     try:
-        plan_ = memory_plan(rec, gpu_memory=budget, device="cuda" if torch.cuda.is_available() else "cpu")
+        plan_ = recipe_memory_plan(rec, gpu_memory=budget, device="cuda" if torch.cuda.is_available() else "cpu")
     except (PrefoptError, ValueError, ImportError):
         return  # a plan that cannot be made does not stop the run
-    _refuse_unfit(plan_, budget, f"prefopt plan RECIPE --gpu-memory SIZE{'' if torch.cuda.is_available() else ' --device cpu'}"
-                  " shows what would fit; --gpu-memory off skips this check")
+    device = "" if torch.cuda.is_available() else " --device cpu"
+    _refuse_unfit(plan_, budget, f"prefopt plan RECIPE --gpu-memory SIZE{device} shows what would fit; --gpu-memory "
+                  "off skips this check")
 
 
 def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
@@ -194,25 +194,16 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
     and each stage's peak memory per device, by component, with settings that fit when it does not. Exit code 2
     when anything would stop the run (a stage that does not fit --gpu-memory included), 0 otherwise."""
     with _handled():
-        from .preflight import load_checked
-
         rec = load_checked(recipe, list(overrides))
-        from .memory import parse_size
-        from .plan import default_gpu_memory, make_plan, memory_plan
-
         budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
         out_dir = output_dir or f"runs/{rec.name}"
         if as_json:
-            import json
-
-            from .pipeline import preflight
-
             # stdout holds the JSON alone: what libraries print while importing (transformers prints "[INFO]
             # Running in WANDB offline mode" under WANDB_MODE=offline) goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 checked = preflight(rec, output_dir=out_dir)
                 try:
-                    plan_ = memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
+                    plan_ = recipe_memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
                 except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
                     plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
             out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
@@ -233,12 +224,8 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
 def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> None:
     """Run the data step of every stage of RECIPE without training: filters, counts, data_report.json and a review
     sample per stage in runs/<name>/data/ (loads no model unless a stage asks for the reference filter)."""
-    from .config import load_recipe
-
     with _handled(output_dir):
         rec = load_recipe(recipe, list(overrides))
-        from .data.command import run_data_step
-
         out = run_data_step(rec, output_dir=output_dir, echo=lambda s: click.echo(s, err=True))
     click.echo(f"data reports: {out}")
 
@@ -246,7 +233,8 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter folder (instead of RUN_DIR).")
-@click.option("--base", "base_model", default=None, help="Base model folder or hub id (default: as recorded in training).")
+@click.option("--base", "base_model", default=None,
+              help="Base model folder or hub id (default: as recorded in training).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN_DIR/merged).")
 @click.option("--merge-base", type=click.Choice(["auto", "dequantized", "original"]), default="auto", show_default=True,
               help="Merge into the weights as the quantized training base saw them, or into the originals.")
@@ -256,16 +244,17 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
               help="Dtype of the merged weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing merged and adapter models.")
-@click.option("--max-rel-logit-diff", type=float, default=0.05, show_default=True)
-@click.option("--mean-kl", type=float, default=1e-4, show_default=True)
-@click.option("--min-top1-agreement", type=float, default=0.9, show_default=True)
+@click.option("--max-rel-logit-diff", type=float, default=_MERGE["max_rel_logit_diff"], show_default=True,
+              help=MergeSection.model_fields["max_rel_logit_diff"].description)
+@click.option("--mean-kl", type=float, default=_MERGE["mean_kl"], show_default=True,
+              help=MergeSection.model_fields["mean_kl"].description)
+@click.option("--min-top1-agreement", type=float, default=_MERGE["min_top1_agreement"], show_default=True,
+              help=MergeSection.model_fields["min_top1_agreement"].description)
 @click.option("--ignore-gates", is_flag=True, help="Merge a run whose evaluation failed a gate (refused otherwise).")
 def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
     with _handled(run_dir, "nothing was written to the output folder"):
-        from .merging.stream import Thresholds, merge_adapter, merge_run
-
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
                   thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement),
                   echo=lambda s: click.echo(s, err=True))
@@ -294,9 +283,6 @@ def eval_(run_dir: str, overrides: tuple[str, ...], in_run: bool) -> None:
     """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions, gates (exit code 3
     when a gate fails)."""
     with _handled(run_dir):
-        from .eval import describe
-        from .evaluation import evaluate_existing
-
         log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True), in_run=in_run)
     click.echo(describe(log))
 
@@ -308,11 +294,7 @@ def eval_(run_dir: str, overrides: tuple[str, ...], in_run: bool) -> None:
 @click.option("--note", default=None, help="A note kept with the review.")
 def review(run_dir: str, reviewer: str | None, verdict: str | None, note: str | None) -> None:
     """Show a run's completions and verdict, or sign it: --reviewer NAME --verdict approve|reject [--note TEXT]."""
-    try:
-        from pathlib import Path
-
-        from .runs import folder as runfolder
-
+    with _handled(run_dir):
         if (reviewer is None) != (verdict is None):
             raise PrefoptError("--reviewer and --verdict go together (or give neither, to read the run)")
         log = runfolder.read_eval_log(run_dir)
@@ -321,29 +303,14 @@ def review(run_dir: str, reviewer: str | None, verdict: str | None, note: str | 
         if reviewer is None:
             click.echo(_review_text(Path(run_dir), log))
             return
-        from .eval.log import add_review
-
         entry = add_review(Path(run_dir), reviewer=reviewer, verdict=verdict, note=note)
-        from .report import build_report
-
         if (Path(run_dir) / runfolder.MERGED / runfolder.MERGE_REPORT).is_file():
-            from .eval.card import write_model_card
-
             write_model_card(Path(run_dir) / runfolder.MERGED, Path(run_dir))
         build_report(run_dir)
-    except PrefoptError as e:
-        _fail(e)
-    except Exception as e:
-        _bug(e, run_dir)
     click.echo(f"review recorded: {entry['reviewer']} {entry['verdict']} at {entry['at']}")
 
 
 def _review_text(run_dir, log: dict) -> str:
-    import json
-
-    from .runs import folder as runfolder
-    from .eval import describe
-
     out = []
     path = run_dir / runfolder.EVAL / "completions.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
@@ -361,17 +328,10 @@ def _review_text(run_dir, log: dict) -> str:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 def report(run_dir: str) -> None:
     """Rebuild RUN_DIR/report.html from the run folder."""
-    try:
-        from .runs import folder as runfolder
-        from .report import build_report
-
+    with _handled(run_dir):
         if runfolder.read_manifest(run_dir) is None:
             raise PrefoptError(f"{run_dir}: not a prefopt run folder (no run.json)")
         path = build_report(run_dir)
-    except PrefoptError as e:
-        _fail(e)
-    except Exception as e:
-        _bug(e, run_dir)
     click.echo(str(path))
 
 

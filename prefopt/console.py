@@ -16,19 +16,19 @@ import sys
 import time
 from pathlib import Path
 
+from . import signals
+from .cachedir import cache_root
+
 _GONE = (errno.EPIPE, errno.EIO, errno.ECONNRESET, errno.EBADF)
 STATE: dict = {"log": None, "closed": False}
 
 
 def log_dir() -> Path:
     """Where prefopt writes logs that have no run folder to go to (or whose run folder cannot be written):
-    $PREFOPT_CACHE_DIR/logs, else ~/.cache/prefopt/logs, else the temp folder."""
+    the user cache's logs/ (prefopt.cachedir), else the temp folder."""
     import tempfile
 
-    base = os.environ.get("PREFOPT_CACHE_DIR")
-    for d in ([Path(base) / "logs"] if base and base.lower() != "off" else []) + \
-            [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefopt" / "logs",
-             Path(tempfile.gettempdir()) / "prefopt-logs"]:
+    for d in [cache_root() / "logs", Path(tempfile.gettempdir()) / "prefopt-logs"]:
         try:
             d.mkdir(parents=True, exist_ok=True)
             probe = d / f".probe-{os.getpid()}"
@@ -69,7 +69,6 @@ class _Guarded(io.TextIOBase):
             os.close(null)
         except (OSError, ValueError, AttributeError):
             pass
-        from . import signals
 
         signals.request_stop("pipe")
         self._to_log(f"prefopt: the console ({self._name}) closed at {time.strftime('%H:%M:%S')}; the run stops at "

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 
+from . import errors
+from .errors import PrefoptError
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,9 +82,8 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def main_first(fn, *args, **kwargs):
+def on_main_then_share(fn, *args, **kwargs):
     """Run fn on the main process (which writes), then hand its result -- or its error -- to every rank."""
-    from .errors import PrefoptError
 
     result, error = None, None
     if is_main():
@@ -96,9 +98,8 @@ def main_first(fn, *args, **kwargs):
     if error is not None:
         raise error
     if shared[1] == "user":
-        from . import config
 
-        cls = getattr(config, shared[3] or "", None)  # the same kind of user error (a failed gate exits 3 everywhere)
+        cls = getattr(errors, shared[3] or "", None)  # the same kind of user error (a failed gate exits 3 everywhere)
         if isinstance(cls, type) and issubclass(cls, PrefoptError) and cls.__init__ is Exception.__init__:
             raise cls(shared[2])
         raise PrefoptError(shared[2])

@@ -58,8 +58,7 @@ def ask(repo_id: str, *, kind: str = "model", revision: str | None = None) -> tu
     if _STATE["unreachable"]:
         return "unreachable", _STATE["unreachable"]
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
     info = api.model_info if kind == "model" else api.dataset_info

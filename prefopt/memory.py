@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .errors import PrefoptError
+from .models import empty_model, load_config
+
 GiB = 2**30
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes' 4-bit blocks and double-quant blocks (of absmax values)
 LOGIT_TOKENS, LOGIT_VOCAB = 4096, 32768  # TRL's fused LM head tile (tokens x vocabulary), trl.kernels.chunked_logprob
@@ -40,14 +43,9 @@ class ModelShape:
 def model_shape(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
     """The shape of the model at `path` (folder or hub id), read from its config; no weights are loaded."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import whole_weights_on_load
-
-    whole_weights_on_load()  # not a ZeRO-3 partitioned build, whatever a DeepSpeed trainer left behind
-    cfg = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    cfg = load_config(path, revision=revision, trust_remote_code=trust_remote_code)
+    model = empty_model(cfg, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     linears, in_linears = [], 0
     for name, mod in model.named_modules():
@@ -205,8 +203,6 @@ def parse_size(text: str | int) -> int:
     """'24GB' / '24G' (10^9 bytes), '24GiB' (2^30), '512MiB', '80e9' or a number of bytes -> bytes."""
     import re
 
-    from .errors import PrefoptError
-
     units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
              "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([A-Za-z]*)\s*", str(text))
@@ -217,7 +213,9 @@ def parse_size(text: str | int) -> int:
 
 def stage_settings(stage) -> dict:
     """The values of one recipe stage the estimate reads (the stage section itself is not passed on)."""
-    return {"name": stage.name, "type": stage.type, "train": stage.train,
+    length = stage.effective_max_length()  # trainer_kwargs.max_length counts, as in the trainer
+    train = stage.train.model_copy(update={"max_length": length}) if isinstance(length, int) else stage.train
+    return {"name": stage.name, "type": stage.type, "train": train,
             "reference": getattr(stage, "reference", None),
             "disable_dropout": bool(stage.trainer_kwargs.get("disable_dropout", True))}
 
@@ -301,9 +299,25 @@ def format_plan(plan: dict) -> list[str]:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sug["set"].items())
             lines.append(f"      fits with {sug['note']}: peak {sug['peak_bytes'] / div:.2f} {unit}  ({sets})")
         if st["fits"] is False and not st["suggestions"]:
-            lines.append("      nothing near fits: the whole base must fit one device while it loads; a smaller model or "
+            lines.append("      nothing near fits: the whole base must fit one device while it loads; a smaller "
+                         "model or "
                          "a larger device" if budget is not None and st["load_bytes"] > budget else
-                         "      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a larger device")
+                         "      nothing near fits: a quantized base (model.quantization: nf4), a smaller model or a "
+                         "larger device")
     if budget is None:
         lines.append("    (give --gpu-memory, e.g. 24GB, to check the fit)")
     return lines
+
+
+def recipe_memory_plan(recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
+                       sharding: str = "none") -> dict:
+    """`memory_plan` for a recipe's model and stages."""
+    m = recipe.model
+    try:
+        shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except OSError as e:
+        raise PrefoptError(f"model.name_or_path: cannot read the config of '{m.name_or_path}' for the memory plan: "
+                           f"{str(e).splitlines()[0]}") from None
+    return memory_plan(shape, quantization=m.quantization, dtype=m.dtype, adapter=recipe.adapter,
+                       stages=[stage_settings(st) for st in recipe.stages], gpu_memory=gpu_memory, gpus=gpus,
+                       device=device, sharding=sharding)

@@ -1,19 +1,28 @@
 """Load the base model (4-bit NF4 / 8-bit / unquantized), the tokenizer, and the ONE adapter config.
 
-Components take the values they need, not the Recipe.
+`load_model(spec, ...)` is the one way prefopt loads base + tokenizer + adapter: training, the data step's reference
+filter and the evaluation all call it. `empty_model` builds a weightless (meta-device) model from a config, for
+everything that only needs the model's shape. Components take the values they need, not the Recipe.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import _compat
+from .config import AdapterSection, ModelSection, defaults
 from .errors import PrefoptError
 from .quant import harden_4bit_layers, quantization_config, torch_dtype
+from .runs.folder import model_identity
+
+_MODEL = defaults(ModelSection)  # the schema's defaults, written there once
+_ADAPTER = defaults(AdapterSection)
 
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
+    "+ '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BASE_INFO = "prefopt_base.json"  # beside each saved adapter: how its base was loaded in training
@@ -23,11 +32,11 @@ ADAPTER_NAME = "default"  # PEFT's own default; never "train" (clashes with nn.M
 def load_base_model(
     name_or_path: str,
     *,
-    quantization: str = "nf4",
-    dtype: str = "bfloat16",
+    quantization: str = _MODEL["quantization"],
+    dtype: str = _MODEL["dtype"],
     revision: str | None = None,
     trust_remote_code: bool = False,
-    quant_storage: str = "uint8",
+    quant_storage: str = _MODEL["quant_storage"],
 ):
     """The frozen base, ready for an adapter. Loads safetensors only (never pickle)."""
     import torch
@@ -78,12 +87,12 @@ def load_tokenizer(name_or_path: str, *, chat_template: str | None = None, revis
 
 def build_lora_config(
     *,
-    r: int = 16,
-    alpha: float = 16,
-    dropout: float = 0.05,
-    target_modules: str | list[str] = "all-linear",
-    use_dora: bool = True,
-    use_rslora: bool = False,
+    r: int = _ADAPTER["r"],
+    alpha: float = _ADAPTER["alpha"],
+    dropout: float = _ADAPTER["dropout"],
+    target_modules: str | list[str] = _ADAPTER["target_modules"],
+    use_dora: bool = _ADAPTER["method"] == "dora",
+    use_rslora: bool = _ADAPTER["use_rslora"],
 ):
     """The one PEFT adapter config every stage shares."""
     from peft import LoraConfig
@@ -100,7 +109,7 @@ def build_lora_config(
     )
 
 
-def adapter_config_from_section(adapter) -> "object":
+def adapter_config_from_section(adapter) -> object:
     """LoraConfig from the recipe's adapter section (a thin mapping; keeps call sites explicit)."""
     return build_lora_config(
         r=adapter.r,
@@ -132,7 +141,7 @@ def whole_weights_on_load() -> None:
 
 
 def attach_adapter(model, lora_config, *, init_from: str | Path | None = None, trainable: bool = True,
-                   dora_impl: str = "fast", dora_dropout: str = "lowrank"):
+                   dora_impl: str = _ADAPTER["dora_impl"], dora_dropout: str = _ADAPTER["dora_dropout"]):
     """Wrap the base with the running adapter: a fresh one, or the previous stage's (same config, same weights).
 
     DoRA adapters take prefopt's exact low-rank forward unless dora_impl="peft" (see prefopt.dora).
@@ -158,7 +167,7 @@ def _with_dora_impl(peft_model, lora_config, dora_impl: str, dora_dropout: str):
     if dora_impl not in ("fast", "peft"):
         raise ValueError(f"dora_impl must be 'fast' or 'peft', got {dora_impl!r}")
     if lora_config.use_dora and dora_impl == "fast":
-        from .dora.forward import enable_fast_dora
+        from .dora import enable_fast_dora  # (imports torch: a heavy import, kept out of `prefopt --help`)
 
         enable_fast_dora(peft_model, dora_dropout)
     return peft_model
@@ -178,8 +187,75 @@ def base_info(model, *, name_or_path: str, quantization: str, dtype: str) -> dic
 
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
-                # under FSDP the weight is a DTensor shard outside the forward; bitsandbytes keeps the state on the module
+                # under FSDP the weight is a DTensor shard outside the forward; bitsandbytes keeps the state on
+                # the module
                 qs = getattr(m.weight, "quant_state", None) or getattr(m, "quant_state", None)
                 info["bnb"] = {"quant_type": qs.quant_type, "blocksize": qs.blocksize, "double_quant": bool(qs.nested)}
                 break
     return info
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the base is loaded and which DoRA forward its adapter takes: the recipe's model and adapter sections,
+    resolved (a local model path made absolute)."""
+
+    name_or_path: str
+    quantization: str = _MODEL["quantization"]
+    dtype: str = _MODEL["dtype"]
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    quant_storage: str = _MODEL["quant_storage"]
+    dora_impl: str = _ADAPTER["dora_impl"]
+    dora_dropout: str = _ADAPTER["dora_dropout"]
+
+    @classmethod
+    def of(cls, recipe) -> ModelSpec:
+        m, a = recipe.model, recipe.adapter
+        return cls(recipe.model_path(), m.quantization, m.dtype, m.revision, m.trust_remote_code, m.chat_template,
+                   m.quant_storage, a.dora_impl, a.dora_dropout)
+
+    def identity(self) -> dict:
+        """What the base's numbers depend on (a cache key part): not where it was read from, if local."""
+        return model_identity({"name_or_path": self.name_or_path, "quantization": self.quantization,
+                               "dtype": self.dtype, "revision": self.revision})
+
+
+def load_model(spec: ModelSpec, lora_config=None, *, adapter: str | Path | None = None, trainable: bool = True):
+    """The base, the tokenizer, and the adapter on the base: `(base, model, tokenizer)`.
+
+    `adapter` continues a saved adapter (None: a fresh one from `lora_config`); with `lora_config` None the saved
+    adapter's own config is used. An inference model (`trainable=False`) is put in eval mode."""
+    base = load_base_model(spec.name_or_path, quantization=spec.quantization, dtype=spec.dtype, revision=spec.revision,
+                           trust_remote_code=spec.trust_remote_code, quant_storage=spec.quant_storage)
+    tokenizer = load_tokenizer(spec.name_or_path, chat_template=spec.chat_template, revision=spec.revision,
+                               trust_remote_code=spec.trust_remote_code)
+    if lora_config is None:
+        from peft import PeftConfig
+
+        lora_config = PeftConfig.from_pretrained(str(adapter))
+    model = attach_adapter(base, lora_config, init_from=adapter, trainable=trainable, dora_impl=spec.dora_impl,
+                           dora_dropout=spec.dora_dropout)
+    if not trainable:
+        model.eval()
+    return base, model, tokenizer
+
+
+def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config (config.json), from a folder or the hub; no weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def empty_model(config, *, dtype=None, trust_remote_code: bool = False):
+    """The model a config describes, with its parameters on the meta device (no memory, no weights); buffers such
+    as rotary frequencies are real. Built whole, not ZeRO-3 partitioned, whatever a DeepSpeed trainer left behind."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    whole_weights_on_load()
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                **({"dtype": dtype} if dtype is not None else {}))

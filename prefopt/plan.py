@@ -1,42 +1,61 @@
-"""`prefopt plan`: the resolved recipe, the stages, data sizes after the split, trainable parameters."""
+"""`prefopt plan`: what a run will do -- the stages and their adapter and references, data sizes after the split,
+trainable parameters, the evaluation, and each stage's memory -- before any weights load."""
 
 from __future__ import annotations
 
-from .config import Recipe
+from .config import PREFERENCE_TYPES, Recipe
+from .data.report import summary_lines
+from .errors import PrefoptError
+from .eval import mmlu
+from .memory import format_plan, recipe_memory_plan
+from .models import adapter_config_from_section, count_trainable, empty_model, load_config
+from .preflight import preflight
 
 
 def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
     """Adapter parameters vs all parameters, counted on a weightless (meta-device) copy of the base."""
-    import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models import adapter_config_from_section, count_trainable
 
     m = recipe.model
-    cfg = AutoConfig.from_pretrained(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(cfg, trust_remote_code=m.trust_remote_code)
+    cfg = load_config(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    base = empty_model(cfg, trust_remote_code=m.trust_remote_code)
     peft_model = get_peft_model(base, adapter_config_from_section(recipe.adapter))
     return count_trainable(peft_model)
 
 
-def memory_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
-                sharding: str = "none") -> dict:
-    """Each stage's peak memory per device, by component (prefopt.memory), for the recipe's model and stages."""
-    from .memory import memory_plan as plan_of, model_shape, stage_settings
+def adapter_note(recipe: Recipe) -> str:
+    """The one adapter every stage shares, and which DoRA forward trains it."""
+    a = recipe.adapter
+    note = f"adapter: {a.method} r={a.r} alpha={a.alpha:g} dropout={a.dropout:g}, shared by every stage"
+    if a.method == "dora":
+        drop = {"lowrank": "on the low-rank branch only", "full": "on the whole layer input (PEFT's semantics)"}
+        note += (f"; {'fast low-rank' if a.dora_impl == 'fast' else 'PEFT'} DoRA forward"
+                 + (f", dropout {drop[a.dora_dropout]}" if a.dropout > 0 else ""))
+    return note
 
-    m = recipe.model
-    try:
-        shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except OSError as e:
-        from .errors import PrefoptError
 
-        raise PrefoptError(f"model.name_or_path: cannot read the config of '{m.name_or_path}' for the memory plan: "
-                           f"{str(e).splitlines()[0]}") from None
-    return plan_of(shape, quantization=m.quantization, dtype=m.dtype, adapter=recipe.adapter,
-                   stages=[stage_settings(st) for st in recipe.stages], gpu_memory=gpu_memory, gpus=gpus,
-                   device=device, sharding=sharding)
+def stage_notes(recipe: Recipe) -> list[str]:
+    """What the chain will do about adapters and references, said at start-up."""
+    notes = []
+    for i, st in enumerate(recipe.stages):
+        prev = recipe.stages[i - 1].name if i else None
+        start = f"continues the adapter from '{prev}'" if prev else "starts a fresh adapter"
+        if st.type == "dpo":
+            if prev is None:
+                ref = "reference: the base model (no stage before it)"
+            elif st.reference == "base":
+                ref = (f"reference: the BASE model (adapter disabled), not '{prev}', because reference: base was "
+                       "asked for")
+            else:
+                ref = f"reference: a frozen copy of the adapter from '{prev}'"
+            if st.precompute_ref_log_probs:
+                ref += ", log-probs precomputed"
+        elif st.type in PREFERENCE_TYPES:
+            ref = "reference-free"
+        else:
+            ref = ""
+        notes.append(f"{st.name} ({st.type}): {start}" + (f"; {ref}" if ref else ""))
+    return notes
 
 
 def default_gpu_memory() -> int | None:
@@ -49,9 +68,6 @@ def default_gpu_memory() -> int | None:
 def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
               sharding: str = "none", output_dir=None) -> tuple[str, dict | None]:
     """The plan as text, and the memory plan (None when it cannot be made)."""
-    from .data.report import summary_lines
-    from .pipeline import adapter_note, preflight, stage_notes
-
     checked = preflight(recipe, output_dir=output_dir)
     try:
         trainable, total = trainable_parameters(recipe)
@@ -60,23 +76,18 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
         params = f"unknown ({str(e).splitlines()[0]})"
     lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", f"# {adapter_note(recipe)}", "",
              *[f"# warning: {w}" for w in checked.warnings], "# stages"]
-    for i, (st, note) in enumerate(zip(recipe.stages, stage_notes(recipe))):
+    for i, note in enumerate(stage_notes(recipe)):
         data = checked.data[i]
         n_eval = len(data.eval) if data.eval is not None else 0
         lines.append(f"{i:02d}-{note}")
         lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
         lines += [f"    {line}" for line in summary_lines(data.report)]
     if recipe.eval is not None:
-        from .config import resolve_path
-
-        mmlu_path = recipe.eval.mmlu and str(resolve_path(recipe.eval.mmlu.path, recipe._base_dir) or recipe.eval.mmlu.path)
+        mmlu_path = recipe.eval.mmlu and str(recipe.resolve(recipe.eval.mmlu.path) or recipe.eval.mmlu.path)
         lines += ["# eval (before the merge)", f"    {eval_note(recipe.eval, mmlu_path)}"]
-    from .errors import PrefoptError
-    from .memory import format_plan
-
     plan = None
     try:
-        plan = memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device, sharding=sharding)
+        plan = recipe_memory_plan(recipe, gpu_memory=gpu_memory, gpus=gpus, device=device, sharding=sharding)
         lines += ["", *format_plan(plan)]
     except (PrefoptError, ValueError, ImportError) as e:  # a model class that will not build on meta tensors: the
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # rest still stands
@@ -85,14 +96,13 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
 
 def eval_note(ev, mmlu_path: str | None) -> str:
     """One line: when the evaluation runs, on what, and its gates (mmlu_path: the MMLU path resolved)."""
-    from .eval import mmlu
-
     parts = [f"after: {ev.after}"]
     if ev.mmlu is not None:
         if mmlu.is_local(mmlu_path):
             tests = mmlu.files_used(mmlu_path, 0)
             n = sum(mmlu.count_rows(f) for f in tests)
-            what = f"{len(tests)} subjects, {n} test questions" + (f" (at most {ev.mmlu.limit} each)" if ev.mmlu.limit else "")
+            what = f"{len(tests)} subjects, {n} test questions" + (
+                f" (at most {ev.mmlu.limit} each)" if ev.mmlu.limit else "")
         else:
             what = "hub"
         parts.append(f"MMLU {ev.mmlu.path} ({what}, {ev.mmlu.num_fewshot}-shot), base vs tuned")

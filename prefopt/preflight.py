@@ -15,8 +15,17 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PREFERENCE_TYPES, Recipe, resolve_path
+from . import hub
+from .config import PREFERENCE_TYPES, Recipe, load_recipe, looks_local
+from .data import data_problem, stage_data
+from .dist import launcher_problems
 from .errors import DataError, RecipeError, option
+from .eval import mmlu
+from .memory import model_shape, recipe_memory_plan
+from .models import CHATML_TEMPLATE, empty_model, load_tokenizer
+from .stages import CHECKS, CONFIGS, OPTIONS
+from .stages.common import training_args
+from .tracking import effective_mode, has_credentials
 
 
 @dataclass
@@ -30,8 +39,6 @@ class Checked:
 def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None) -> Checked:
     """Every problem, all at once (RecipeError). `output_dir`: the run folder the run will write (checked for
     writability and free space); None checks nothing on disk."""
-    from .stages import CHECKS
-
     problems: list[str] = []
     checked = Checked()
     checked.warnings += check_hub(recipe)  # first: an unreachable hub makes the rest work from the local cache
@@ -45,8 +52,6 @@ def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None
         problems += named + typed + probs
     problems += check_wandb(recipe)
     problems += check_eval(recipe)
-    from .dist import launcher_problems
-
     problems += launcher_problems(quantization=recipe.model.quantization, quant_storage=recipe.model.quant_storage,
                                   quant_key=recipe.locate("model", "quantization"),
                                   storage_key=recipe.locate("model", "quant_storage"))
@@ -55,12 +60,9 @@ def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None
     if output_dir is not None:
         problems += check_output(recipe, Path(output_dir), model_ok=not model_problems)
 
-    from .data import data_problem, evaluation_sets, prepare_stage, trained_max_length
-
-    for i, st in enumerate(recipe.stages):
+    for i in range(len(recipe.stages)):
         try:
-            data = prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
-                                 max_length=trained_max_length(st), extra_decontaminate=evaluation_sets(recipe))
+            data = stage_data(recipe, i, tokenizer)
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
             checked.data.append(None)
@@ -71,7 +73,7 @@ def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None
     if checked.data and checked.data[-1] is not None:
         problems += check_completion_prompts(recipe, checked.data[-1])
     if problems:
-        raise RecipeError(problems, recipe._source)
+        raise RecipeError(problems, recipe.source)
     for w in checked.warnings:
         (echo or (lambda s: None))(f"prefopt: warning: {w}")
     return checked
@@ -81,8 +83,6 @@ def load_checked(path, overrides=None) -> Recipe:
     """load_recipe, except that a recipe with schema problems is also checked further (its bad values left out):
     one report lists every problem -- the schema's, the files', the names', the TRL configs' -- not one kind per
     attempt. A recipe without schema problems is returned as loaded (preflight then runs as usual)."""
-    from .config import load_recipe
-
     try:
         return load_recipe(path, overrides)
     except RecipeError as e:
@@ -148,8 +148,6 @@ def check_kwarg_types(recipe: Recipe, i: int) -> list[str]:
     `label_smoothing: 'high'` would be kept, `eval_accumulation_steps: 'two'` would fail after training)."""
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-    from .stages import CONFIGS
-
     st = recipe.stages[i]
     types = _field_types(CONFIGS[st.type]())
     problems = []
@@ -177,9 +175,6 @@ def check_kwarg_types(recipe: Recipe, i: int) -> list[str]:
 
 def build_trl_config(recipe: Recipe, i: int):
     """The stage's TRL config built as the stage builds it (CPU, a temp output folder): its own checks, now."""
-    from .stages import CONFIGS, OPTIONS
-    from .stages.common import training_args
-
     st = recipe.stages[i]
     config_cls = CONFIGS[st.type]()
     known = {f.name for f in fields(config_cls)}
@@ -201,8 +196,6 @@ def build_trl_config(recipe: Recipe, i: int):
 
 
 def check_wandb(recipe: Recipe) -> list[str]:
-    from .tracking import effective_mode, has_credentials
-
     mode, source = effective_mode(recipe.tracking.wandb.mode)
     import importlib.util
 
@@ -226,8 +219,6 @@ def check_eval(recipe: Recipe) -> list[str]:
     ev = recipe.eval
     if ev is None:
         return []
-    from .eval import mmlu
-
     problems = []
     import importlib.util
 
@@ -237,7 +228,7 @@ def check_eval(recipe: Recipe) -> list[str]:
     if ev.mmlu is not None:
         p = ev.mmlu.path
         where = recipe.locate("eval", "mmlu", "path")
-        local = resolve_path(p, recipe._base_dir)
+        local = recipe.resolve(p)
         if local is not None:
             problems += [f"{where}: {msg}" for msg in mmlu.check_local_folder(local, ev.mmlu.num_fewshot)[:10]]
         elif not _HUB_ID.match(p) or p.startswith((".", "/", "~")):
@@ -245,8 +236,6 @@ def check_eval(recipe: Recipe) -> list[str]:
                             "give a folder in the Hendrycks layout (dev/<subject>_dev.csv, test/<subject>_test.csv) "
                             "or a hub id such as cais/mmlu")
         elif not mmlu.hub_cached(p):
-            from . import hub
-
             state, detail = ("unreachable", "") if hub.offline() else hub.ask(p, kind="dataset")
             if state == "unreachable":
                 hub.go_offline()
@@ -259,7 +248,7 @@ def check_eval(recipe: Recipe) -> list[str]:
     prompts = ev.completions.prompts
     if prompts:
         where = recipe.locate("eval", "completions", "prompts")
-        rp = resolve_path(prompts, recipe._base_dir)
+        rp = recipe.resolve(prompts)
         if rp is None or not rp.is_file():
             problems.append(f"{where}: file not found: {prompts}")
         elif rp.suffix not in (".jsonl", ".txt"):
@@ -302,7 +291,7 @@ def check_model(recipe: Recipe):
     if not local.exists():
         # "demo/tiny-lama" is a mistyped local path when demo/ exists here, not a hub id to try for minutes
         first = Path(m.name_or_path).parts[0] if m.name_or_path else ""
-        local_parent = "/" in m.name_or_path and resolve_path(first, recipe._base_dir) is not None
+        local_parent = "/" in m.name_or_path and recipe.resolve(first) is not None
         if not _HUB_ID.match(m.name_or_path) or m.name_or_path.startswith((".", "/", "~")) or local_parent:
             return [f"{where}: folder not found: {m.name_or_path} (looked in the current folder and beside the "
                     "recipe)"], None
@@ -330,8 +319,6 @@ def check_model(recipe: Recipe):
         return [f"{where}: cannot read the model's config.json: {str(e).splitlines()[0]}"], None
     problems += check_target_modules(recipe, cfg)
     try:
-        from .models import load_tokenizer
-
         tokenizer = load_tokenizer(path, chat_template=None, revision=m.revision,
                                    trust_remote_code=m.trust_remote_code)
     except Exception as e:
@@ -342,16 +329,14 @@ def check_model(recipe: Recipe):
 
 def hub_ids(recipe: Recipe) -> list[tuple[str, str]]:
     """The hub repos the run will read: ("model" | "dataset", id)."""
-    from .config import looks_local
-
     out = []
-    if resolve_path(recipe.model.name_or_path, recipe._base_dir) is None and _HUB_ID.match(recipe.model.name_or_path):
+    if recipe.resolve(recipe.model.name_or_path) is None and _HUB_ID.match(recipe.model.name_or_path):
         out.append(("model", recipe.model.name_or_path))
     for st in recipe.stages:
         paths = [src.path for src in st.data.sources()] + [st.data.eval_path] + list(st.data.quality.decontaminate)
         out += [("dataset", p) for p in paths if p and not looks_local(p) and _HUB_ID.match(p)]
     ev = recipe.eval
-    if ev is not None and ev.mmlu is not None and resolve_path(ev.mmlu.path, recipe._base_dir) is None \
+    if ev is not None and ev.mmlu is not None and recipe.resolve(ev.mmlu.path) is None \
             and _HUB_ID.match(ev.mmlu.path):
         out.append(("dataset", ev.mmlu.path))
     return out
@@ -360,8 +345,6 @@ def hub_ids(recipe: Recipe) -> list[tuple[str, str]]:
 def check_hub(recipe: Recipe) -> list[str]:
     """Ask the hub once (short timeout) when the run will read from it; unreachable: work offline from the local
     cache from here on, rather than have every file retried for most of a minute. Returns warnings."""
-    from . import hub
-
     ids = hub_ids(recipe)
     if not ids or hub.offline():
         return []
@@ -376,13 +359,12 @@ def check_hub(recipe: Recipe) -> list[str]:
 
 def _uncached_model(repo: str, revision: str | None, where: str) -> str | None:
     """The problem with a model id the local hub cache does not hold, after asking the hub once; None: on the hub."""
-    from . import hub
-
     fixes = (f"download it once where the network is reachable (`hf download {repo}`) and set HF_HUB_OFFLINE=1, or "
              "give a local folder")
     if hub.offline():
         unreachable = hub.unreachable()
-        why = f"the hub ({hub.endpoint()}) cannot be reached ({unreachable})" if unreachable else "HF_HUB_OFFLINE is set"
+        why = (f"the hub ({hub.endpoint()}) cannot be reached ({unreachable})" if unreachable
+               else "HF_HUB_OFFLINE is set")
         return f"{where}: '{repo}' is not a local folder and not in the local hub cache, and {why}; {fixes}"
     state, detail = hub.ask(repo, kind="model", revision=revision)
     if state == "ok":
@@ -415,11 +397,8 @@ def check_target_modules(recipe: Recipe, cfg) -> list[str]:
     if tm == "all-linear":
         return []
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
+    model = empty_model(cfg, trust_remote_code=recipe.model.trust_remote_code)
     out = model.get_output_embeddings()
     names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not out]
     where = recipe.locate("adapter", "target_modules")
@@ -438,8 +417,6 @@ def check_target_modules(recipe: Recipe, cfg) -> list[str]:
 
 def check_chat_template(recipe: Recipe, tokenizer) -> list[str]:
     """Compile the chat template the stages will use and render it on a conversation."""
-    from .models import CHATML_TEMPLATE
-
     ct = recipe.model.chat_template
     if ct == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -471,7 +448,8 @@ def check_output(recipe: Recipe, run_dir: Path, *, model_ok: bool = True) -> lis
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        return [f"output folder {run_dir}: {existing} is a file, not a folder; choose another {option('output_dir', 'DIR')}"]
+        return [f"output folder {run_dir}: {existing} is a file, not a folder; choose another "
+                f"{option('output_dir', 'DIR')}"]
     why = None
     if existing == run_dir:  # an existing folder (maybe a finished run): asked, not touched
         if not os.access(existing, os.W_OK | os.X_OK):
@@ -504,9 +482,7 @@ def check_output(recipe: Recipe, run_dir: Path, *, model_ok: bool = True) -> lis
 def _bytes_to_write(recipe: Recipe) -> int | None:
     """About what a run writes to its folder, from the model's config (None when it cannot be read)."""
     try:
-        from .plan import memory_plan
-
-        plan = memory_plan(recipe, device="cpu")
+        plan = recipe_memory_plan(recipe, device="cpu")
     except Exception:
         return None
     stages = plan["stages"]
@@ -514,8 +490,6 @@ def _bytes_to_write(recipe: Recipe) -> int | None:
     checkpoints = 2 * max((st["components"]["adapter"] + st["components"]["optimizer"] for st in stages), default=0)
     merged = 0
     if recipe.merge is not None:
-        from .memory import model_shape
-
         m = recipe.model
         shape = model_shape(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
         params = shape.other_params + sum(i * o for _, i, o in shape.linears)

@@ -86,3 +86,19 @@ def roundtrip(weight, info: dict):
         cb, scb, _ = F.int8_vectorwise_quant(w)
         return (cb.float() * scb.float().unsqueeze(1) / 127.0).to(torch.float32)
     return w.to(torch.float32)
+
+
+def dequantize(base) -> torch.Tensor:
+    """A quantized (or plain) base layer's weight as a float tensor, without touching the module: bitsandbytes
+    4-bit and 8-bit here (PEFT's helper re-assigns an 8-bit weight on CPU, which breaks the layer's next forward),
+    anything else through PEFT's `dequantize_module_weight`."""
+    w = base.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        return dequantize_4bit(base)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        scb = base.state.SCB if getattr(base, "state", None) is not None and base.state.SCB is not None else w.SCB
+        return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
+    return _compat.peft_dequantize(base)

@@ -112,7 +112,8 @@ def _mmlu_plot(m: dict) -> str:
     xs = range(len(subjects))
     ax.bar([x - 0.2 for x in xs], [m["per_subject"][s]["base"] for s in subjects], width=0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [m["per_subject"][s]["tuned"] for s in subjects], width=0.4, label="tuned")
-    ax.set_xticks(list(xs), subjects, rotation=45 if len(subjects) > 4 else 0, ha="right" if len(subjects) > 4 else "center",
+    many = len(subjects) > 4
+    ax.set_xticks(list(xs), subjects, rotation=45 if many else 0, ha="right" if many else "center",
                   fontsize=7 if len(subjects) > 12 else 9)
     ax.set(title="MMLU accuracy per subject", ylabel="accuracy", ylim=(0, 1))
     ax.legend()
@@ -120,6 +121,7 @@ def _mmlu_plot(m: dict) -> str:
 
 
 def build_report(run_dir: str | Path) -> Path:
+    """runs/<name>/report.html from the run folder alone (run.json, stage reports, eval log, merge report)."""
     run_dir = Path(run_dir)
     manifest = runfolder.read_manifest(run_dir) or {}
     log = runfolder.read_eval_log(run_dir) or {}
@@ -128,81 +130,12 @@ def build_report(run_dir: str | Path) -> Path:
     body = [f"<h1>{_e(title)}</h1>",
             f"<p>run id {_e(manifest.get('run_id'))}, recipe hash {_e(manifest.get('recipe_hash'))}, prefopt "
             f"{_e(manifest.get('prefopt_version'))}</p>"]
-
-    body.append("<h2>Stages</h2>")
-    rows = []
-    for s in stages:
-        ev, tr = (s.get("metrics") or {}).get("eval") or {}, (s.get("metrics") or {}).get("train") or {}
-        rows.append([s["name"], s["type"], s.get("status"), s.get("data", {}).get("train_rows"),
-                     s.get("data", {}).get("eval_rows"), tr.get("train_loss"), ev.get("eval_loss"),
-                     ev.get("eval_rewards/accuracies")])
-    body.append(_table(rows, ["stage", "type", "status", "train rows", "eval rows", "train loss", "eval loss",
-                              "reward accuracy"]))
-    body += _plots(run_dir, stages)
-
-    reports = [(s["name"], _read_json(run_dir / "stages" / f"{i:02d}-{s['name']}" / "data_report.json"))
-               for i, s in enumerate(stages)]
-    reports = [(n, r) for n, r in reports if isinstance(r, dict)]
-    if reports:
-        body.append("<h2>Data reports</h2>")
-        for name, r in reports:
-            dropped = r.get("dropped") or {}
-            body.append(f"<h3>{_e(name)}</h3>" + _table(
-                [[k, v] for k, v in r.items() if k != "dropped" and not isinstance(v, (dict, list))]
-                + [[f"dropped: {k}", v] for k, v in dropped.items()], ["", "value"]))
-
+    body += _stages_section(run_dir, stages)
+    body += _data_section(run_dir, stages)
     if log:
-        body.append("<h2>Held-out metrics (final model)</h2>")
-        held = log.get("heldout") or {}
-        keys = sorted({k for h in held.values() for k in h})
-        body.append(_table([[k] + [h.get(k) for h in held.values()] for k in keys], ["metric", *held]))
-        for name, entry in (log.get("per_stage") or {}).items():
-            h = entry.get("heldout") or {}
-            body.append(f"<p>after stage {_e(name)}: " + ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in h.items()) + "</p>")
-        m = log.get("mmlu")
-        if m:
-            body.append("<h2>MMLU</h2>")
-            body.append(f"<p>{_e(m['path'])}, {m['num_fewshot']}-shot, n = {m['tuned']['n']}: base "
-                        f"{m['base']['acc']:.4f}, tuned {m['tuned']['acc']:.4f}, delta <b>{m['delta_points']:+.2f}</b> "
-                        f"points (paired standard error {m['paired_stderr']:.2f})</p>")
-            body.append(_mmlu_plot(m))
-        comps = []
-        cpath = run_dir / runfolder.EVAL / "completions.jsonl"
-        if cpath.is_file():
-            comps = [json.loads(x) for x in cpath.read_text().splitlines() if x.strip()]
-        if comps:
-            body.append(f"<h2>Completions ({len(comps)}, greedy)</h2>")
-            body.append(_table([[c["index"] + 1, _Raw(f"<pre>{_e(c['prompt'])}</pre>"), _Raw(f"<pre>{_e(c['base'])}</pre>"),
-                                 _Raw(f"<pre>{_e(c['tuned'])}</pre>")] for c in comps], ["#", "prompt", "base", "tuned"]))
-        body.append("<h2>Gates</h2>")
-        body.append(_table([[g["name"], g["what"], runfolder.gate_limit(g), g["value"], _Raw(
-            f"<b class='{_e(g['verdict'])}'>{_e(g['verdict'])}</b>")] for g in log.get("gates", [])],
-            ["gate", "figure", "limit", "value", "verdict"]))
-        body.append(f"<p>Evaluation verdict: <b>{'passed' if log.get('passed') else 'FAILED'}</b></p>")
-        body.append("<h2>Datasets</h2>")
-        body.append(_table([[d["role"], d["path"], d.get("sha256"), d.get("rows", d.get("train_rows"))]
-                            for d in log.get("datasets", [])], ["role", "path", "sha256", "rows"]))
-
-    body.append("<h2>Merge</h2>")
-    merge = manifest.get("merge")
-    report = _read_json(run_dir / runfolder.MERGED / runfolder.MERGE_REPORT)
-    if report and (report.get("verification") or {}).get("passed") is not None:
-        v = report["verification"]
-        body.append(f"<p>merged/ ({_e(report.get('base_mode'))}): verification "
-                    f"<b>{'PASSED' if v.get('passed') else 'FAILED'}</b></p>")
-    elif merge:
-        body.append(f"<p>merge status: {_e(merge.get('status'))}</p>")
-    elif log and not log.get("passed"):
-        body.append("<p>not merged: a gate failed</p>")
-    else:
-        body.append("<p>not merged</p>")
-
-    body.append("<h2>Reviews</h2>")
-    reviews = log.get("reviews") or []
-    body.append(_table([[r["at"], r["reviewer"], r["verdict"], r.get("note") or "",
-                         "stale: read an earlier model" if r.get("stale") else "current"] for r in reviews],
-                       ["when", "reviewer", "verdict", "note", "model"]) if reviews else "<p>no review yet</p>")
-
+        body += _eval_section(run_dir, log)
+    body += _merge_section(run_dir, manifest, log)
+    body += _reviews_section(log)
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;font-size:90%}"
              "pre{white-space:pre-wrap;margin:0}.fail{color:#b00}.pass{color:#070}")
@@ -211,3 +144,95 @@ def build_report(run_dir: str | Path) -> Path:
     path = run_dir / runfolder.REPORT
     runfolder.write_atomic(path, doc)
     return path
+
+
+def _stages_section(run_dir: Path, stages: list[dict]) -> list[str]:
+    body = ["<h2>Stages</h2>"]
+    rows = []
+    for s in stages:
+        ev, tr = (s.get("metrics") or {}).get("eval") or {}, (s.get("metrics") or {}).get("train") or {}
+        rows.append([s["name"], s["type"], s.get("status"), s.get("data", {}).get("train_rows"),
+                     s.get("data", {}).get("eval_rows"), tr.get("train_loss"), ev.get("eval_loss"),
+                     ev.get("eval_rewards/accuracies")])
+    body.append(_table(rows, ["stage", "type", "status", "train rows", "eval rows", "train loss", "eval loss",
+                              "reward accuracy"]))
+    return body + _plots(run_dir, stages)
+
+
+def _data_section(run_dir: Path, stages: list[dict]) -> list[str]:
+    reports = [(s["name"], _read_json(run_dir / "stages" / f"{i:02d}-{s['name']}" / "data_report.json"))
+               for i, s in enumerate(stages)]
+    reports = [(n, r) for n, r in reports if isinstance(r, dict)]
+    if not reports:
+        return []
+    body = ["<h2>Data reports</h2>"]
+    for name, r in reports:
+        dropped = r.get("dropped") or {}
+        body.append(f"<h3>{_e(name)}</h3>" + _table(
+            [[k, v] for k, v in r.items() if k != "dropped" and not isinstance(v, (dict, list))]
+            + [[f"dropped: {k}", v] for k, v in dropped.items()], ["", "value"]))
+    return body
+
+
+def _eval_section(run_dir: Path, log: dict) -> list[str]:
+    body = ["<h2>Held-out metrics (final model)</h2>"]
+    held = log.get("heldout") or {}
+    keys = sorted({k for h in held.values() for k in h})
+    body.append(_table([[k] + [h.get(k) for h in held.values()] for k in keys], ["metric", *held]))
+    for name, entry in (log.get("per_stage") or {}).items():
+        h = entry.get("heldout") or {}
+        body.append(f"<p>after stage {_e(name)}: " + ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in h.items()) + "</p>")
+    m = log.get("mmlu")
+    if m:
+        body.append("<h2>MMLU</h2>")
+        body.append(f"<p>{_e(m['path'])}, {m['num_fewshot']}-shot, n = {m['tuned']['n']}: base "
+                    f"{m['base']['acc']:.4f}, tuned {m['tuned']['acc']:.4f}, delta <b>{m['delta_points']:+.2f}</b> "
+                    f"points (paired standard error {m['paired_stderr']:.2f})</p>")
+        body.append(_mmlu_plot(m))
+    comps = []
+    cpath = run_dir / runfolder.EVAL / "completions.jsonl"
+    if cpath.is_file():
+        comps = [json.loads(x) for x in cpath.read_text().splitlines() if x.strip()]
+    if comps:
+        body.append(f"<h2>Completions ({len(comps)}, greedy)</h2>")
+        body.append(_table([[c["index"] + 1, _Raw(f"<pre>{_e(c['prompt'])}</pre>"),
+                             _Raw(f"<pre>{_e(c['base'])}</pre>"), _Raw(f"<pre>{_e(c['tuned'])}</pre>")]
+                            for c in comps], ["#", "prompt", "base", "tuned"]))
+    body.append("<h2>Gates</h2>")
+    body.append(_table([[g["name"], g["what"], runfolder.gate_limit(g), g["value"], _Raw(
+        f"<b class='{_e(g['verdict'])}'>{_e(g['verdict'])}</b>")] for g in log.get("gates", [])],
+        ["gate", "figure", "limit", "value", "verdict"]))
+    body.append(f"<p>Evaluation verdict: <b>{'passed' if log.get('passed') else 'FAILED'}</b></p>")
+    body.append("<h2>Datasets</h2>")
+    body.append(_table([[d["role"], d["path"], d.get("sha256"), d.get("rows", d.get("train_rows"))]
+                        for d in log.get("datasets", [])], ["role", "path", "sha256", "rows"]))
+    return body
+
+
+def _merge_section(run_dir: Path, manifest: dict, log: dict) -> list[str]:
+    merge = manifest.get("merge")
+    report = _read_json(run_dir / runfolder.MERGED / runfolder.MERGE_REPORT)
+    if report and (report.get("verification") or {}).get("passed") is not None:
+        v = report["verification"]
+        said = (f"<p>merged/ ({_e(report.get('base_mode'))}): verification "
+                f"<b>{'PASSED' if v.get('passed') else 'FAILED'}</b></p>")
+    elif merge:
+        said = f"<p>merge status: {_e(merge.get('status'))}</p>"
+    elif log and not log.get("passed"):
+        said = "<p>not merged: a gate failed</p>"
+    else:
+        said = "<p>not merged</p>"
+    return ["<h2>Merge</h2>", said]
+
+
+def _reviews_section(log: dict) -> list[str]:
+    reviews = log.get("reviews") or []
+    return ["<h2>Reviews</h2>",
+            _table([[r["at"], r["reviewer"], r["verdict"], r.get("note") or "",
+                     "stale: read an earlier model" if r.get("stale") else "current"] for r in reviews],
+                   ["when", "reviewer", "verdict", "note", "model"]) if reviews else "<p>no review yet</p>"]
+
+
+def write_report(run_dir: Path, echo) -> None:
+    """Build the run's report.html and say where it is."""
+    echo(f"prefopt: report: {build_report(run_dir)}")

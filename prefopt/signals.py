@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 
 EXIT_CODES = {"sigint": 130, "sigterm": 143, "pipe": 141}
-WORDS = {"sigint": "interrupted (Ctrl-C)", "sigterm": "terminated (SIGTERM)", "pipe": "stopped: the console pipe closed"}
+WORDS = {"sigint": "interrupted (Ctrl-C)", "sigterm": "terminated (SIGTERM)",
+         "pipe": "stopped: the console pipe closed"}
 
 
 class Terminated(KeyboardInterrupt):

@@ -14,6 +14,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from .dist import is_main
+
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
 
@@ -50,7 +52,6 @@ def stage_run(wandb_cfg, *, run_dir: Path, group: str, name: str, job_type: str,
 
     The W&B run ends with exit code 0 only when the stage finished; an exception or interrupt inside the
     stage is recorded with a non-zero exit code (1, or 130 for an interrupt) before it propagates."""
-    from .dist import is_main
 
     mode, _ = effective_mode(wandb_cfg.mode)
     if mode == "disabled" or not is_main():  # under torchrun, one W&B run per stage: the main process's

@@ -95,7 +95,7 @@ def check_same_start(models: dict, ids, autocast: bool, dtype: str) -> None:
 
     losses = {}
     for name, (model, mode) in models.items():
-        from prefopt.dora import forward as dora
+        from prefopt import dora
 
         if mode:
             dora.enable_fast_dora(model, mode)
@@ -116,19 +116,19 @@ def check_fresh_norms(model, ids) -> None:
     current weights."""
     import torch
 
-    from prefopt.dora import forward as dora
+    from prefopt.quant import dequantize
 
     with torch.no_grad():
         model(input_ids=ids[:1, :8])
     for m in model.modules():
-        plan = m.__dict__.get("_prefopt_cur")
-        if plan is None or plan.inv_s is None:
+        plan = m.__dict__.get("_prefopt_cur")  # (the fast forward's cached norm: this check is about that internal)
+        if plan is None or plan.s_over_norm is None:
             continue
-        w = dora._dequantized(plan.base).float()
+        w = dequantize(plan.base).float()
         a, b = plan.lora_a.weight.float(), plan.lora_b.weight.float()
         s = m.scaling[plan.name]
         want = torch.linalg.norm(w + s * b @ a, dim=1)
-        got = s / plan.inv_s.float()
+        got = s / plan.s_over_norm.float()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
             raise BenchError(f"a layer's norm in use is stale: max |diff| {(got - want).abs().max().item():.3e}")
 
@@ -150,7 +150,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
     import torch
 
-    from prefopt.dora import forward as dora
+    from prefopt import dora
 
     rows = []
     vocab = 500
@@ -167,10 +167,11 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
         else:
             variants["prefopt dora lowrank"] = (fast, "lowrank")
             variants["prefopt dora full"] = (fast, "full")
-        check_same_start({"peft dora": (peft[0], None), "prefopt dora": (fast[0], "lowrank")}, ids, autocast, args.dtype)
+        check_same_start({"peft dora": (peft[0], None), "prefopt dora": (fast[0], "lowrank")}, ids, autocast,
+                         args.dtype)
         n_fast = dora.fast_dora_layers(fast[0])
         times: dict[str, list[float]] = {k: [] for k in variants}
-        for name, ((model, opt), mode) in variants.items():  # warm up every variant once
+        for _name, ((model, opt), mode) in variants.items():  # warm up every variant once
             if mode:
                 dora.enable_fast_dora(model, mode)
             time_steps(model, opt, ids, 1, args.accum, autocast=autocast)
@@ -184,11 +185,12 @@ def bench_base(path: Path, quant: str, args, device: str) -> list[dict]:
                 # untimed steps first: the timed step follows a step of the same model, as in training, not
                 # another variant's (whose freed memory and evicted caches would be charged to it)
                 time_steps(model, opt, ids, args.warm, args.accum, autocast=autocast)
-                norms = dora.STATS["norms"]
+                norms = dora.path_counts()["norms"]
                 times[name].append(time_steps(model, opt, ids, args.steps, args.accum, CLOCKS[args.clock], autocast))
-                if mode and dora.STATS["norms"] - norms != n_fast * args.steps:
-                    raise BenchError(f"{name}: {dora.STATS['norms'] - norms} weight norms computed in {args.steps} "
-                                     f"step(s) of {n_fast} DoRA layers; want exactly one per layer per step")
+                if mode and dora.path_counts()["norms"] - norms != n_fast * args.steps:
+                    raise BenchError(f"{name}: {dora.path_counts()['norms'] - norms} weight norms computed in "
+                                     f"{args.steps} step(s) of {n_fast} DoRA layers; want exactly one per layer "
+                                     "per step")
         check_fresh_norms(fast[0], ids)
         # best of the rounds (noise on a shared machine only ever adds time), and the median over rounds of the
         # ratio to LoRA's time in the same round (slow drifts of the machine's speed cancel in it)
@@ -228,7 +230,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from demo_assets import build_tiny_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

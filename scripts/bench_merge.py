@@ -3,9 +3,10 @@ random Llama of about 2 GB (bf16) in several shards, with a DoRA adapter (r=16, 
 
     python scripts/bench_merge.py [--layers 16] [--hidden 2048] [--shard-mb 400]
 
-Each merge runs in its own fresh process that reports its own peak RSS (VmHWM; see peak_rss_mb): prefopt's default merge (verification
-on, as `prefopt merge` runs it), prefopt's merge with verification off, and PEFT's load-then-merge. Prints the
-peak RSS ratios (target for the default: <= 0.35 of PEFT's) and wall-time ratios, and checks the outputs agree.
+Each merge runs in its own fresh process that reports its own peak RSS (VmHWM; see peak_rss_mb): prefopt's default
+merge (verification on, as `prefopt merge` runs it), prefopt's merge with verification off, and PEFT's load-then-merge.
+Prints the peak RSS ratios (target for the default: <= 0.35 of PEFT's) and wall-time ratios, and checks the outputs
+agree.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def peak_rss_mb():
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
-from prefopt.merging import merge_adapter
+from prefopt.merging.stream import merge_adapter
 adapter, base, out = sys.argv[1:4]
 report = merge_adapter(adapter, out, base=base, quantization="none", dtype="bfloat16", out_dtype="bfloat16",
                        verify_merge=sys.argv[4] == "verify", echo=lambda s: None)
 v = report.get("verification") or {}
 print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                  "verification": {k: v.get(k) for k in ("passed", "max_rel_logit_diff", "mean_kl", "top1_agreement")}}))
+                  "verification": {k: v.get(k) for k in ("passed", "max_rel_logit_diff", "mean_kl",
+                                                         "top1_agreement")}}))
 '''
 
 PEFT = r'''
@@ -66,10 +68,9 @@ print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()
 def make_model(out: Path, *, layers: int, hidden: int, inter: int, vocab: int, shard_mb: int) -> int:
     """Random bf16 Llama weights written shard by shard (never whole in memory), plus config + tokenizer."""
     import torch
+    from demo_assets import build_tokenizer
     from safetensors.torch import save_file
     from transformers import LlamaConfig
-
-    from demo_assets import build_tokenizer
 
     out.mkdir(parents=True)
     build_tokenizer(out, ROOT / "data" / "demo")
@@ -77,7 +78,8 @@ def make_model(out: Path, *, layers: int, hidden: int, inter: int, vocab: int, s
                       num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, tie_word_embeddings=False)
     cfg.dtype = "bfloat16"
     cfg.save_pretrained(out)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -190,7 +192,8 @@ def main() -> None:
         peft = res["peft"]
         print(f"peak RSS ratio, default prefopt merge (verified) / peft: "
               f"{res['prefopt']['peak_rss_mb'] / peft['peak_rss_mb']:.3f} (target <= 0.35)")
-        print(f"peak RSS ratio, verification off / peft: {res['prefopt-noverify']['peak_rss_mb'] / peft['peak_rss_mb']:.3f}")
+        print(f"peak RSS ratio, verification off / peft: "
+              f"{res['prefopt-noverify']['peak_rss_mb'] / peft['peak_rss_mb']:.3f}")
         print(f"wall-time ratio, default (verified) / peft: {res['prefopt']['wall'] / peft['wall']:.3f}; "
               f"verification off / peft: {res['prefopt-noverify']['wall'] / peft['wall']:.3f}")
         print(f"layer-0 max relative difference between the two merged checkpoints: {worst:.2e}")

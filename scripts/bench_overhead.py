@@ -89,7 +89,8 @@ def recipe(model: Path, steps: int) -> dict:
         # PEFT's DoRA forward on both sides: this measures the framework's overhead (bench_dora.py the forward)
         "adapter": {"method": "dora", "r": 16, "alpha": 16, "dropout": 0.05, "dora_impl": "peft"},
         "stages": [
-            {"name": "sft", "type": "sft", "data": {"path": str(data / "sft.jsonl"), "eval_fraction": 0.1}, "train": train},
+            {"name": "sft", "type": "sft", "data": {"path": str(data / "sft.jsonl"), "eval_fraction": 0.1},
+             "train": train},
             {"name": "dpo", "type": "dpo", "data": {"path": str(data / "prefs.jsonl"), "eval_fraction": 0.15},
              "train": dict(train, learning_rate=2e-3)},
         ],

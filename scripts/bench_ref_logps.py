@@ -34,8 +34,9 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-    import prefopt
     from demo_assets import build_tiny_model
+
+    import prefopt
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

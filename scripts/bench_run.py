@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 RUN = r"""
 import atexit, json, os, sys
 from prefopt import dora
-atexit.register(lambda: open(os.environ["BENCH_STATS"], "w").write(json.dumps(dora.STATS)))
+atexit.register(lambda: open(os.environ["BENCH_STATS"], "w").write(json.dumps(dora.path_counts())))
 from prefopt.cli import main
 sys.argv = ["prefopt", "run", *sys.argv[1:]]
 main()
@@ -70,7 +70,6 @@ def main() -> None:
 
     import torch
     import yaml
-
     from demo_assets import build_tiny_model
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -91,7 +90,8 @@ def main() -> None:
                 env["BENCH_STATS"] = str(tmp / f"{method}.stats.json")
                 t0 = time.perf_counter()
                 c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                proc = subprocess.run([sys.executable, "-c", RUN, str(path), "--output-dir", str(tmp / f"run-{i}-{method}")],
+                proc = subprocess.run([sys.executable, "-c", RUN, str(path), "--output-dir",
+                                       str(tmp / f"run-{i}-{method}")],
                                       env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
                 c1 = resource.getrusage(resource.RUSAGE_CHILDREN)

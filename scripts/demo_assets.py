@@ -22,7 +22,8 @@ TOPICS = [
     "the island", "a clock", "the meadow", "a painting", "the valley", "a teacup", "the school", "a ship",
     "the bakery", "a kite", "the orchard", "a window", "the village", "a storm",
 ]
-GOOD = ["kind", "calm", "bright", "gentle", "warm", "lovely", "clear", "friendly", "honest", "cheerful", "graceful", "sweet"]
+GOOD = ["kind", "calm", "bright", "gentle", "warm", "lovely", "clear", "friendly", "honest", "cheerful", "graceful",
+        "sweet"]
 BAD = ["rude", "dull", "cold", "harsh", "awful", "messy", "boring", "noisy", "gloomy", "grim", "sour", "nasty"]
 PROMPTS = ["Tell me about {t}.", "What do you think of {t}?", "Describe {t}.", "Say something about {t}."]
 
@@ -43,7 +44,8 @@ def make_data(out: Path, seed: int = 0, n_sft: int = 320, n_pref: int = 320) -> 
             t = rng.choice(TOPICS)
             mixed = rng.sample(GOOD, 2) + rng.sample(BAD, 2)
             answer = _answer(rng, t, mixed)
-            msgs = [{"role": "user", "content": rng.choice(PROMPTS).format(t=t)}, {"role": "assistant", "content": answer}]
+            msgs = [{"role": "user", "content": rng.choice(PROMPTS).format(t=t)},
+                    {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     with open(out / "prefs.jsonl", "w") as f:
         for _ in range(n_pref):
@@ -105,7 +107,8 @@ def make_mmlu(out: Path, seed: int = 0, n_dev: int = 5, n_test: int = 8) -> None
 
 
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

@@ -280,7 +280,7 @@ def cmd_run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # models and per-step files: big, and not for $OUT
     py = args.python or sys.executable
     # never a stage or a log-prob cache from an earlier run (the shared store, the evaluation's cache)
-    env = {**os.environ, "PREFOPT_CACHE_DIR": str(work / "cache"), "PREFOPT_CACHE": str(work / "eval-cache")}
+    env = {**os.environ, "PREFOPT_CACHE_DIR": str(work / "cache")}
     report = {"cpu": args.cpu, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget,
               "install_s": args.install_s, "steps": []}
     status = 0

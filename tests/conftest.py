@@ -33,14 +33,6 @@ def _own_shared_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE_DIR", str(tmp_path / "prefopt-cache"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def eval_cache(tmp_path_factory):
-    """The evaluation's user-level cache (base MMLU results): one per test session, never the user's own."""
-    path = tmp_path_factory.mktemp("prefopt-cache")
-    os.environ["PREFOPT_CACHE"] = str(path)  # subprocesses (the demo test) inherit it
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from demo_assets import build_tiny_model

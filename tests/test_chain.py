@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chain_recipe
 from safetensors.torch import load_file
 
 import prefopt
-from prefopt import recipe_from_dict
-from conftest import chain_recipe
-from prefopt.dora import forward as dora
+from prefopt import dora, recipe_from_dict
 
 LN2 = math.log(2)
 
@@ -36,11 +35,11 @@ def test_sft_then_dpo_reference_is_the_sft_model(tmp_path, tiny_model, small_dat
     monkeypatch.setenv("WANDB_API_KEY", secret)
     recipe = recipe_from_dict(chain_recipe(tiny_model, small_data, "dpo", wandb="offline"))
     assert recipe.adapter.dora_impl == "fast"
-    before = dict(dora.STATS)
+    before = dora.path_counts()
     result = prefopt.run(recipe, output_dir=tmp_path / "run")
     run_dir = result.run_dir
     # every adapted-layer forward of both stages (policy and the "ref" copy) took the fast DoRA path
-    assert dora.STATS["fast"] > before["fast"] and dora.STATS["fallback"] == before["fallback"]
+    assert dora.path_counts()["fast"] > before["fast"] and dora.path_counts()["fallback"] == before["fallback"]
 
     # Step 0 of DPO: policy == reference (the SFT model), so loss = ln 2 and every reward is 0.
     step0 = first_logged_step(run_dir, "01-dpo")
@@ -62,7 +61,7 @@ def test_sft_then_dpo_reference_is_the_sft_model(tmp_path, tiny_model, small_dat
     assert "eval_rewards/accuracies" in manifest["stages"][1]["metrics"]["eval"]
     assert (run_dir / "recipe.yaml").is_file()
     # the run folder's recipe is the resolved one, plus each data file's content hash (checked on a rerun)
-    from prefopt.data import file_hash
+    from prefopt.runs.folder import file_hash
 
     recorded = prefopt.load_recipe(run_dir / "recipe.yaml").to_dict()
     for st, path in zip(recorded["stages"], (small_data["sft"], small_data["prefs"])):
@@ -166,7 +165,7 @@ def test_frozen_4bit_base_never_changes_and_adapter_moves(tmp_path, tiny_model, 
     tok = load_tokenizer(str(tiny_model))
     base0, adapter = _base_state(model), _adapter_state(model)
     assert any(".absmax" in k for k in base0)
-    for i, stage in enumerate(recipe.stages):
+    for _i, stage in enumerate(recipe.stages):
         data = load_stage_data(stage, seed=0)
         metrics = prefopt.train_stage(stage, model, tok, data.train.to_list(), data.eval.to_list(),
                                       output_dir=tmp_path / stage.name)

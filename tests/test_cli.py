@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import DEMO_DATA, chain_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

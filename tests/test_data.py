@@ -2,10 +2,10 @@ import csv
 import json
 
 import pytest
+from conftest import write_jsonl
 
 from prefopt import DataError, RecipeError, recipe_from_dict
 from prefopt.data import check_recipe_data, load_stage_data, normalise_preference, normalise_sft, read_rows
-from conftest import write_jsonl
 
 
 def test_sft_formats_become_chat_or_text():
@@ -65,7 +65,8 @@ def test_local_file_types(tmp_path):
 def test_split_is_seeded_and_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(50)])
     recipe = recipe_from_dict({"name": "x", "model": {"name_or_path": "m"},
-                               "stages": [{"name": "s", "type": "sft", "data": {"path": str(path), "eval_fraction": 0.2}}]})
+                               "stages": [{"name": "s", "type": "sft",
+                                           "data": {"path": str(path), "eval_fraction": 0.2}}]})
     a = load_stage_data(recipe.stages[0], seed=1)
     b = load_stage_data(recipe.stages[0], seed=1)
     assert (len(a.train), len(a.eval)) == (40, 10)

@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import chain_recipe, write_jsonl
-from planted_data import KINDS, write as write_planted
+from planted_data import KINDS
+from planted_data import write as write_planted
+
 from prefopt import recipe_from_dict
 from prefopt.data import REASONS, prepare_stage
-from prefopt.data.quality import _shingles, row_words
+from prefopt.data.quality import row_words, shingles
 
 
 def _stage(tmp_path, path, kind="dpo", **data):
@@ -75,8 +76,8 @@ def _jaccard(a: set, b: set) -> float:
 
 def test_no_held_out_row_has_a_twin_in_training(planted):
     data, _, _ = planted
-    train = [_shingles(row_words(r)) for r in data.train.to_list()]
-    worst = max(_jaccard(e, t) for e in (_shingles(row_words(r)) for r in data.eval.to_list()) for t in train)
+    train = [shingles(row_words(r)) for r in data.train.to_list()]
+    worst = max(_jaccard(e, t) for e in (shingles(row_words(r)) for r in data.eval.to_list()) for t in train)
     assert worst < 0.85, worst  # true Jaccard, computed exactly, not MinHash's estimate
 
 
@@ -227,7 +228,8 @@ def test_prefopt_data_bad_rows_exit_2_with_file_and_row(tmp_path, tiny_model, sm
     raw["stages"][1]["data"]["path"] = str(bad)
     result = CliRunner().invoke(main, ["data", _write_recipe(tmp_path, raw), "--output-dir", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
-    assert f"{bad} row 2: chosen must be a string or a list of {{role, content}} messages, got int" in result.output and "Traceback" not in result.output
+    assert (f"{bad} row 2: chosen must be a string or a list of {{role, content}} messages, got int" in result.output
+            and "Traceback" not in result.output)
 
     same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": f"q{i} and more words here", "chosen": "same answer",
                                                   "rejected": "same  answer"} for i in range(10)])

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import DEMO_DATA, ROOT, chain_recipe
 
 import prefopt
-from conftest import DEMO_DATA, ROOT, chain_recipe
 from prefopt import recipe_from_dict
 
 
@@ -149,14 +149,15 @@ def _same_as_one_process(single_dir, out):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quantization):
-    """The shipped FSDP config (recipes/accelerate/fsdp_qlora.yaml, fp32 here) on 2 CPU processes: every weight a DTensor
-    shard (the 4-bit base too, in float32 storage), DoRA's norm computed on the gathered weights inside the layer's
-    forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the same
-    per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
+    """The shipped FSDP config (recipes/accelerate/fsdp_qlora.yaml, fp32 here) on 2 CPU processes: every weight a
+    DTensor shard (the 4-bit base too, in float32 storage), DoRA's norm computed on the gathered weights inside the
+    layer's forward, DPO's reference precomputed, the adapter gathered from its shards and saved, merged -- and the
+    same per-step losses and adapter as one process with the same global batch. (accelerate routes FSDP only on
     accelerators; scripts/launch_cpu.py takes its GPU branch on the CPU, see there.)"""
     def recipe(batch_size):
         raw = _recipe(tiny_model, small_data, batch_size)
-        raw["model"].update(quantization=quantization, **({"quant_storage": "float32"} if quantization == "nf4" else {}))
+        raw["model"].update(quantization=quantization,
+                            **({"quant_storage": "float32"} if quantization == "nf4" else {}))
         for st in raw["stages"]:
             st["train"]["gradient_checkpointing"] = True  # the recipe default
         return raw
@@ -179,13 +180,14 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, tiny_model, small_data, quan
     ({"FSDP_VERSION": "1"}, "none", "fsdp_version 1: prefopt runs FSDP version 2"),
     ({"FSDP_VERSION": "2"}, "nf4", "uint8 (the default) keeps the 4-bit base weights out of FSDP's shards"),
     ({"FSDP_VERSION": "2"}, "int8", "int8 under FSDP: bitsandbytes' 8-bit weights cannot be sharded"),
-    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "nf4",
-     "r.yaml line 9): nf4 under DeepSpeed ZeRO-3: DeepSpeed partitions only weights it creates itself"),
+    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+     "nf4", "r.yaml line 9): nf4 under DeepSpeed ZeRO-3: DeepSpeed partitions only weights it creates itself"),
     ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true",  # the shipped config: a DeepSpeed file
       "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "recipes" / "accelerate" / "zero3.json")}, "nf4",
      "nf4 under DeepSpeed ZeRO-3"),
     ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, "none", "zero3_init_flag true: prefopt loads every stage's base whole"),
+      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, "none",
+     "zero3_init_flag true: prefopt loads every stage's base whole"),
 ])
 def test_launcher_settings_prefopt_cannot_honour_are_user_errors(tmp_path, tiny_model, small_data, monkeypatch, env,
                                                             quantization, expect):

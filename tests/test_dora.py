@@ -11,11 +11,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHAPES
 
-from prefopt.dora import forward as dora
+from prefopt import dora
 from prefopt.models import attach_adapter, build_lora_config, load_base_model, load_tokenizer
+from prefopt.quant import dequantize
 
 N_LAYERS = 2 * 7  # two decoder layers x (q, k, v, o, gate, up, down); models: conftest.shaped_models
 
@@ -62,9 +62,9 @@ def _assert_same(a, b, *, logit_tol=1e-5, grad_tol=5e-5):
 
 
 def _fast_calls(fn):
-    before = dict(dora.STATS)
+    before = dora.path_counts()
     out = fn()
-    return out, dora.STATS["fast"] - before["fast"], dora.STATS["fallback"] - before["fallback"]
+    return out, dora.path_counts()["fast"] - before["fast"], dora.path_counts()["fallback"] - before["fallback"]
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
@@ -144,7 +144,7 @@ def test_lowrank_dropout_is_torchtune_semantics(shaped_models):
     xd = layer.lora_dropout["default"](x)
     assert not torch.equal(xd, x)
 
-    w = dora._dequantized(base).float()
+    w = dequantize(base).float()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     s = layer.scaling["default"]
     m = layer.lora_magnitude_vector["default"].weight
@@ -199,9 +199,9 @@ def test_gradient_checkpointing_matches(shaped_models):
 
 
 def _norms(fn):
-    before = dora.STATS["norms"]
+    before = dora.path_counts()["norms"]
     out = fn()
-    return out, dora.STATS["norms"] - before
+    return out, dora.path_counts()["norms"] - before
 
 
 def test_eval_cache_follows_weight_updates_and_generation_matches(shaped_models):
@@ -344,8 +344,8 @@ def test_saved_adapters_are_interchangeable_with_plain_peft(tmp_path, shaped_mod
 
 
 def test_recipe_fields(small_data):
-    from prefopt.errors import RecipeError
     from prefopt.config import recipe_from_dict
+    from prefopt.errors import RecipeError
 
     def recipe(**adapter):
         return {"name": "r", "model": {"name_or_path": "x"}, "adapter": adapter,
@@ -363,10 +363,10 @@ def test_recipe_fields(small_data):
 def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_model, small_data):
     """A real SFTTrainer stage, adapter dropout 0.05, gradient accumulation and checkpointing on: fast+full and
     PEFT give the same losses and adapter (the fast path reuses its cached norms between micro-batches)."""
-    import prefopt
+    from conftest import chain_recipe
     from safetensors.torch import load_file
 
-    from conftest import chain_recipe
+    import prefopt
     from prefopt import recipe_from_dict
 
     runs = {}
@@ -376,9 +376,9 @@ def test_sft_stage_trains_identically_with_fast_full_and_peft(tmp_path, tiny_mod
         # the recipes' default optimizer (fused AdamW): it moves no version counter, so a norm cache keyed on them
         # went stale after the first step (4.6e-4 apart); SGD, which moves them, hid that
         raw["stages"][0]["train"].update(batch_size=2, grad_accum=2, gradient_checkpointing=True)
-        before = dict(dora.STATS)
+        before = dora.path_counts()
         result = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / f"{impl}-{mode}")
-        assert (dora.STATS["fast"] > before["fast"]) == (impl == "fast")
+        assert (dora.path_counts()["fast"] > before["fast"]) == (impl == "fast")
         history = json.loads((result.run_dir / "stages" / "00-sft" / "log_history.json").read_text())
         runs[impl, mode] = ([h["loss"] for h in history if "loss" in h],
                             load_file(result.adapters["sft"] / "adapter_model.safetensors"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import DEMO_DATA, chain_recipe, write_jsonl
 
 import prefopt
-from conftest import DEMO_DATA, chain_recipe, write_jsonl
 from prefopt import RecipeError, recipe_from_dict
 from prefopt.cli import main
 
@@ -93,9 +93,10 @@ def test_the_base_is_scored_with_the_adapter_disabled(run, tiny_model, mmlu_dir)
     for plain_item, base_item in zip(items, cached):
         assert plain_item["loglik"] == pytest.approx(base_item["loglik"], abs=1e-4)
     # ... and the tuned model is another model: its log-likelihoods moved
-    from prefopt.eval import ModelSpec, _load
+    from prefopt.models import ModelSpec, load_model
 
-    tuned, tok = _load(ModelSpec(str(tiny_model), "nf4", "float32"), run / "stages" / "01-dpo" / "adapter")
+    _, tuned, tok = load_model(ModelSpec(str(tiny_model), "nf4", "float32"),
+                               adapter=run / "stages" / "01-dpo" / "adapter", trainable=False)
     moved = mmlu.score(tuned, tok, path=str(mmlu_dir), num_fewshot=1, limit=None, batch_size=8, seed=0)
     assert max(abs(a - b) for t, c in zip(moved, cached) for a, b in zip(t["loglik"], c["loglik"])) > 1e-3
 
@@ -271,7 +272,8 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 def test_eval_section_schema(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
-    raw = {"name": "x", "model": {"name_or_path": "m"}, "stages": [{"name": "s", "type": "sft", "data": {"path": str(data)}}]}
+    raw = {"name": "x", "model": {"name_or_path": "m"},
+           "stages": [{"name": "s", "type": "sft", "data": {"path": str(data)}}]}
     assert recipe_from_dict(raw).eval is None  # no eval: section, no evaluation (runs as before)
     ev = recipe_from_dict({**raw, "eval": {}}).eval
     assert (ev.after, ev.mmlu.path, ev.mmlu.num_fewshot, ev.mmlu.limit) == ("last", "cais/mmlu", 5, None)

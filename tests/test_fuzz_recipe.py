@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefopt.errors import RecipeError
 from prefopt.config import load_recipe
+from prefopt.errors import RecipeError
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
@@ -99,7 +99,8 @@ def _apply(text: str, ops) -> str:
 
 
 # a problem line: a key path (name, name.sub, stages[0].x) followed by ':' or its line, or a whole-file problem
-PROBLEM = re.compile(r"^((\(recipe\)|[A-Za-z_][\w-]*(\[\d+\])*(\.[\w-]+(\[\d+\])*)*)(:| \([^)]*line \d+\):)|--set .+|not valid YAML|"
+PROBLEM = re.compile(r"^((\(recipe\)|[A-Za-z_][\w-]*(\[\d+\])*(\.[\w-]+(\[\d+\])*)*)(:| \([^)]*line \d+\):)|"
+                     r"--set .+|not valid YAML|"
                      r"the recipe must be a YAML mapping|not UTF-8|recipe file not found)")
 
 

@@ -7,7 +7,6 @@ import time
 import zipfile
 
 import gpu_check
-
 from conftest import ROOT
 
 INSTALL_ALLOWANCE_S = 40  # pip install --target of .whl/ (bitsandbytes unpacks ~130 MB) before the steps

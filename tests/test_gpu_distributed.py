@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 import yaml
-
-import prefopt
 from conftest import ROOT, chain_recipe
 from test_distributed import _free_port, _losses
+
+import prefopt
 from prefopt import recipe_from_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import DEMO_DATA, chain_recipe
+
 from prefopt.cli import main
 
 PREFOPT = [sys.executable, "-m", "prefopt.cli"]
@@ -227,7 +226,7 @@ def test_an_unexpected_error_in_a_read_only_run_folder_logs_elsewhere(copy, tmp_
             raise ZeroDivisionError("a bug")
         except ZeroDivisionError as e:
             with pytest.raises(SystemExit) as exit_:
-                cli._bug(e, out)
+                cli._bug(e, out)  # the CLI's bug handler itself: this test is about that internal
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert "ZeroDivisionError: a bug" in err and "Traceback" not in err
@@ -448,7 +447,7 @@ def test_a_stage_by_name_in_set(tmp_path, tiny_model, small_data):
     assert "did you mean cosine?" in result.output
 
 
-# ---------------------------------------------------------------------------------------------- exit codes, gates, merge
+# --------------------------------------------------------------------------------------------- exit codes, gates, merge
 
 
 def test_plan_exits_2_when_a_stage_does_not_fit(tmp_path, tiny_model, small_data):

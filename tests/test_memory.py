@@ -11,8 +11,8 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import DEMO_DATA, write_jsonl
+
 
 @pytest.fixture(scope="module")
 def test_models(tmp_path_factory, tiny_model):

@@ -1,7 +1,6 @@
 """Streaming, DoRA-exact merge: formula, PEFT parity, shards, 4-bit fidelity, refusals, broken merges."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from prefopt.errors import MergeError
 from prefopt.merging.stream import Thresholds, merge_adapter, read_adapter, stream_merge, verify
-from prefopt.quant import roundtrip
 from prefopt.models import base_info, load_base_model
+from prefopt.quant import roundtrip
 
 LOOSE = Thresholds(max_rel_logit_diff=10, mean_kl=10, min_top1_agreement=0)
 
@@ -41,8 +40,8 @@ def make_adapter(base_dir: Path, out: Path, *, use_dora=True, quantization="none
 
 @pytest.fixture(scope="module")
 def sharded_model(tmp_path_factory):
-    from demo_assets import build_tiny_model
     from conftest import DEMO_DATA
+    from demo_assets import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("sharded") / "m", DEMO_DATA, max_shard_size="200KB", seed=1)
 
@@ -133,9 +132,9 @@ def test_wrong_base_fails_verification(tmp_path, tiny_model, sharded_model):
     out = tmp_path / "merged"
     # merge into another model of the same shapes, then check against the adapter on its own base
     stream_merge(read_adapter(adapter), sharded_model, out, info=info, base_mode="dequantized", out_dtype="bfloat16")
-    from prefopt.merging.stream import _copy_side_files
+    from prefopt.merging.stream import copy_side_files
 
-    _copy_side_files(tiny_model, adapter, out, "bfloat16")
+    copy_side_files(tiny_model, adapter, out, "bfloat16")
     v = verify(out, adapter, info, tiny_model, None, Thresholds())
     assert not v["passed"] and v["failures"]
 
@@ -177,8 +176,8 @@ def test_refusals(tmp_path, tiny_model, sharded_model):
     with pytest.raises(MergeError, match="DoRA adapter without its magnitude vector"):
         merge_adapter(broken, tmp_path / "o1", base=str(tiny_model), echo=lambda s: None)
     # shapes that do not match the base
-    from demo_assets import build_tiny_model
     from conftest import DEMO_DATA
+    from demo_assets import build_tiny_model
 
     wide = build_tiny_model(tmp_path / "wide", DEMO_DATA, hidden_size=128, intermediate_size=256)
     with pytest.raises(MergeError, match="adapter does not fit the base"):

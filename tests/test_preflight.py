@@ -7,9 +7,9 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import chain_recipe
 
 from prefopt.cli import main
-from conftest import chain_recipe
 
 
 @pytest.fixture()
@@ -118,7 +118,8 @@ def test_plan_names_the_key_with_exit_2(case, tmp_path, tiny_model, small_data, 
 def test_duplicate_yaml_key_names_both_lines(tmp_path, tiny_model, small_data, no_weights):
     raw = chain_recipe(tiny_model, small_data, "dpo")
     text = yaml.safe_dump(raw, sort_keys=False)
-    text = text.replace("    learning_rate: 0.003\n", "    learning_rate: 0.003\n    epochs: 2\n    learning_rate: 0.1\n")
+    text = text.replace("    learning_rate: 0.003\n",
+                        "    learning_rate: 0.003\n    epochs: 2\n    learning_rate: 0.1\n")
     path = tmp_path / "r.yaml"
     path.write_text(text)
     lines = text.splitlines()
@@ -193,12 +194,12 @@ def test_some_rows_over_max_length_are_counted_and_left_out(tmp_path, tiny_model
 
 
 def test_an_unexpected_error_is_one_line_and_a_log(tmp_path, tiny_model, small_data, monkeypatch):
-    import prefopt.plan
+    import prefopt.cli
 
     def broken(recipe, **_):  # make_plan takes the memory plan's options as keywords
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(prefopt.plan, "make_plan", broken)
+    monkeypatch.setattr(prefopt.cli, "make_plan", broken)  # (the plan the command makes)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(chain_recipe(tiny_model, small_data, "dpo"), sort_keys=False))
     result, out = plan(path)

@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
+from conftest import chain_recipe
 
 import prefopt
 from prefopt import recipe_from_dict
 from prefopt.stages import STAGES
-from conftest import chain_recipe
 
 
 def _manifest(run_dir):
@@ -207,7 +207,8 @@ def test_a_sweep_reuses_the_unchanged_sft_stage_from_another_run_folder(tmp_path
     a = (first.adapters["sft"] / "adapter_model.safetensors").read_bytes()
     assert (second.adapters["sft"] / "adapter_model.safetensors").read_bytes() == a
     m = _manifest(second.run_dir)
-    assert m["stages"][0]["status"] == "done" and m["stages"][0]["metrics"] == _manifest(first.run_dir)["stages"][0]["metrics"]
+    assert (m["stages"][0]["status"] == "done"
+            and m["stages"][0]["metrics"] == _manifest(first.run_dir)["stages"][0]["metrics"])
     # a changed SFT stage is trained, not reused
     third = prefopt.run(recipe_from_dict(raw, overrides={"stages.0.train.learning_rate": 1e-3}),
                         output_dir=tmp_path / "lr")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import chain_recipe
 from safetensors.torch import load_file
 
 import prefopt
 from prefopt import PrefoptError, recipe_from_dict
-from conftest import chain_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def tensors(folder: Path) -> dict:
 
 KILL_IN_MERGE = textwrap.dedent('''
     import os, signal, sys
-    import prefopt, prefopt.merging as merging
+    import prefopt, prefopt.merging.stream as merging, prefopt.steps.merge as merge_step
     point = sys.argv[3]
     if point == "temp-written":
         real = merging.stream_merge
@@ -44,11 +44,11 @@ KILL_IN_MERGE = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         merging.stream_merge = killed
     else:  # merged/ swapped in, run.json not yet updated
-        real = merging.merge_adapter
+        real = merge_step.merge_adapter  # (as the run's merge step calls it)
         def killed(*a, **kw):
             real(*a, **kw)
             os.kill(os.getpid(), signal.SIGKILL)
-        merging.merge_adapter = killed
+        merge_step.merge_adapter = killed
     recipe = prefopt.load_recipe(sys.argv[1], overrides=sys.argv[4:])
     prefopt.run(recipe, output_dir=sys.argv[2])
 ''')
@@ -187,8 +187,8 @@ def test_temp_folders_are_cleared_when_a_run_starts(tmp_path):
 def test_names_alone_do_not_make_a_run_folder(tmp_path):
     """A user's own wandb/ or logs/ (prefopt writes such names too) and hidden *.tmp files are not prefopt's:
     --fresh refuses the folder and deletes nothing."""
-    from prefopt.runs import folder as runfolder
     from prefopt.errors import PrefoptError
+    from prefopt.runs import folder as runfolder
 
     out = tmp_path / "mine"
     (out / "wandb").mkdir(parents=True)

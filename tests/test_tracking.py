@@ -4,11 +4,11 @@ distinctly named run in the same group, and the environment's WANDB_MODE wins ov
 import json
 
 import pytest
+from conftest import chain_recipe
 
 import prefopt
 from prefopt import recipe_from_dict
 from prefopt.stages import STAGES
-from conftest import chain_recipe
 
 
 def _runs(run_dir):

@@ -6,18 +6,18 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import chain_recipe
+from test_merge import make_adapter
 
 import prefopt
 from prefopt.merging.stream import Thresholds, merge_adapter
 from prefopt.models import load_base_model, load_tokenizer
-from conftest import chain_recipe
-from test_merge import make_adapter
 
 
 def _reference_logits(tiny_model, adapter, quantization, texts, fast):
     from peft import PeftModel
 
-    from prefopt.dora.forward import enable_fast_dora
+    from prefopt.dora import enable_fast_dora
     from prefopt.quant import harden_4bit_layers
 
     base = load_base_model(str(tiny_model), quantization=quantization, dtype="float32")

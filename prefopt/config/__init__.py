@@ -7,13 +7,34 @@ paths stay fast.
 
 from .load import apply_overrides, check_paths, load_recipe, recipe_from_dict, validate_recipe
 from .locate import DATA_SUFFIXES, fmt_path, looks_local, resolve_path
-from .schema import (PREFERENCE_TYPES, STAGE_TYPES, AdapterSection, CompletionsSection, DataSection, DPOStage,
-                     EvalSection, GatesSection, MergeSection, MMLUSection, ModelSection, ORPOStage, QualitySection,
-                     Recipe, ReferenceFilterSection, SFTStage, SimPOStage, SourceSection, Stage, TrackingSection,
-                     TrainSection, WandbSection)
+from .schema import (
+                     PREFERENCE_TYPES,
+                     STAGE_TYPES,
+                     AdapterSection,
+                     CompletionsSection,
+                     DataSection,
+                     DPOStage,
+                     EvalSection,
+                     GatesSection,
+                     MergeSection,
+                     MMLUSection,
+                     ModelSection,
+                     ORPOStage,
+                     QualitySection,
+                     Recipe,
+                     ReferenceFilterSection,
+                     SFTStage,
+                     SimPOStage,
+                     SourceSection,
+                     Stage,
+                     TrackingSection,
+                     TrainSection,
+                     WandbSection,
+                     defaults,
+)
 
 __all__ = ["DATA_SUFFIXES", "PREFERENCE_TYPES", "STAGE_TYPES", "AdapterSection", "CompletionsSection", "DPOStage",
            "DataSection", "EvalSection", "GatesSection", "MMLUSection", "MergeSection", "ModelSection", "ORPOStage",
            "QualitySection", "Recipe", "ReferenceFilterSection", "SFTStage", "SimPOStage", "SourceSection", "Stage",
-           "TrackingSection", "TrainSection", "WandbSection", "apply_overrides", "check_paths", "fmt_path",
+           "TrackingSection", "TrainSection", "WandbSection", "apply_overrides", "check_paths", "defaults", "fmt_path",
            "load_recipe", "looks_local", "recipe_from_dict", "resolve_path", "validate_recipe"]

@@ -15,17 +15,6 @@ from .locate import fmt_path, line_map, looks_local, resolve_path, where
 from .schema import STAGE_TYPES, Recipe, _StageBase
 
 
-
-
-
-
-
-
-
-
-
-
-
 def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
     """The pydantic model that owns the mapping at `loc` (used to suggest key names)."""
     model: Any = Recipe
@@ -48,8 +37,8 @@ def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
             continue
         ann = field.annotation
         # `eval: EvalSection | None` suggests EvalSection's keys too
-        ann = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
+        ann = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
         model = ann
     return model if isinstance(model, type) else None
 
@@ -147,7 +136,7 @@ def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | N
     return problems
 
 
-def _repaired(raw: dict, locs: list[tuple]) -> "Recipe | None":
+def _repaired(raw: dict, locs: list[tuple]) -> Recipe | None:
     """The recipe with every bad key left out (so its default applies), if that validates; None otherwise (a
     required key was bad, or a check spans several keys)."""
     import copy
@@ -214,7 +203,8 @@ def apply_overrides(raw: dict, overrides: dict | list | None, given: dict | None
     if isinstance(overrides, (list, tuple)):
         items = [(*_parse_override(o), o) for o in overrides]
     else:
-        items = [([int(p) if p.isdigit() else p for p in str(k).split(".")], v, f"{k}={v}") for k, v in overrides.items()]
+        items = [([int(p) if p.isdigit() else p for p in str(k).split(".")], v, f"{k}={v}")
+                 for k, v in overrides.items()]
     problems = []
     for path, value, text in items:
         key = ".".join(map(str, path))

@@ -10,15 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .locate import fmt_path, resolve_path, where
 
-
 PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
+
+
+def defaults(section: type[BaseModel]) -> dict:
+    """A section's field defaults, by name: code outside the schema reads its defaults from here."""
+    return {k: f.default for k, f in section.model_fields.items()}
 
 
 class _Section(BaseModel):
@@ -53,7 +57,8 @@ class AdapterSection(_Section):
 
     method: Literal["dora", "lora"] = Field("dora", description="dora (weight-decomposed LoRA) or plain lora.")
     r: int = Field(16, gt=0, description="Rank of the low-rank update.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with "
+                         "rslora).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
@@ -72,7 +77,7 @@ class AdapterSection(_Section):
     )
 
     @model_validator(mode="after")
-    def _dora_semantics(self) -> "AdapterSection":
+    def _dora_semantics(self) -> AdapterSection:
         if self.method == "dora" and self.dora_impl == "peft" and self.dora_dropout == "lowrank":
             if "dora_dropout" in self.model_fields_set and self.dropout > 0:
                 raise ValueError(
@@ -96,7 +101,7 @@ class SourceSection(_Section):
     sha256: str | None = Field(None, description="Expected content hash of `path` (as DataSection.sha256).")
 
     @model_validator(mode="after")
-    def _one_amount(self) -> "SourceSection":
+    def _one_amount(self) -> SourceSection:
         if self.fraction is not None and self.rows is not None:
             raise ValueError("give fraction or rows, not both")
         return self
@@ -129,7 +134,8 @@ class QualitySection(_Section):
         description="Evaluation sets (files, folders of CSV/JSONL files, or hub ids): a row sharing a 13-word n-gram "
         "with one of their items is dropped.",
     )
-    min_tokens: int = Field(4, ge=0, description="Drop rows whose text (prompt + answer) is shorter than this many tokens.")
+    min_tokens: int = Field(4, ge=0, description="Drop rows whose text (prompt + answer) is shorter than this many "
+                            "tokens.")
     reference_filter: ReferenceFilterSection | None = Field(
         None, description="Opt-in: drop the rows the reference model rates lowest (loads the model).")
     review_fraction: float = Field(
@@ -182,7 +188,6 @@ class TrainSection(_Section):
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="SFT: train on the assistant turns only (every other token masked), or on all tokens.")
 
-
     @field_validator("checkpoint_every", mode="before")
     @classmethod
     def _checkpoint_every(cls, v):
@@ -191,7 +196,8 @@ class TrainSection(_Section):
         if v is False:  # YAML 1.1 reads a bare `off` as false
             return "off"
         if isinstance(v, bool):
-            raise ValueError("must be steps (an integer), a percentage such as '10%', minutes such as '30min', or 'off'")
+            raise ValueError("must be steps (an integer), a percentage such as '10%', minutes such as '30min', "
+                             "or 'off'")
         if isinstance(v, int):
             if v <= 0:
                 raise ValueError("must be > 0 steps (or 'off')")
@@ -220,7 +226,7 @@ class _StageBase(_Section):
         return v
 
     @model_validator(mode="after")
-    def _reference_score_fits_the_stage(self) -> "_StageBase":
+    def _reference_score_fits_the_stage(self) -> _StageBase:
         rf = self.data.quality.reference_filter
         pref = self.type in PREFERENCE_TYPES
         if rf is not None and rf.score == ("logprob" if pref else "margin"):
@@ -229,6 +235,13 @@ class _StageBase(_Section):
                              f"{'SFT' if pref else 'preference'} rows; a {self.type} stage uses "
                              f"{'margin' if pref else 'logprob'} (or auto)")
         return self
+
+    def effective_max_length(self) -> int | None:
+        """The length the stage's trainer cuts sequences to: trainer_kwargs.max_length (last wins) over
+        train.max_length. The one place this is worked out: the data step, the stage's TRL config and the memory
+        plan read it here."""
+        n = self.trainer_kwargs.get("max_length", self.train.max_length)
+        return n if isinstance(n, int) or n is None else self.train.max_length  # a wrong type: preflight reports it
 
 
 class SFTStage(_StageBase):
@@ -263,7 +276,7 @@ class SimPOStage(_StageBase):
 
 STAGE_TYPES: dict[str, type[_StageBase]] = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage, "simpo": SimPOStage}
 
-Stage = Annotated[Union[SFTStage, DPOStage, ORPOStage, SimPOStage], Field(discriminator="type")]
+Stage = Annotated[SFTStage | DPOStage | ORPOStage | SimPOStage, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------------------------------------- tracking / merge
@@ -303,9 +316,9 @@ class MergeSection(_Section):
 class MMLUSection(_Section):
     """MMLU through lm-evaluation-harness, base and tuned on the same items in the same process."""
 
-    path: str = Field("cais/mmlu", description="Hub dataset id (cais/mmlu), or a local folder in the original Hendrycks "
-                      "layout: dev/<subject>_dev.csv and test/<subject>_test.csv, no header (question, A, B, C, D, "
-                      "answer letter). A local folder works offline.")
+    path: str = Field("cais/mmlu", description="Hub dataset id (cais/mmlu), or a local folder in the original "
+                      "Hendrycks layout: dev/<subject>_dev.csv and test/<subject>_test.csv, no header (question, A, B, "
+                      "C, D, answer letter). A local folder works offline.")
     num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question, taken from the dev split.")
     limit: int | None = Field(None, gt=0, description="At most this many test questions per subject (null: all).")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size (log-likelihood requests per forward).")
@@ -331,7 +344,8 @@ class GatesSection(_Section):
                                             "reward margin (chosen - rejected reward) is below this: a model that "
                                             "did not move has accuracy by luck but a margin near 0.")
     min_task_delta: float | None = Field(None, description="Fail if the held-out task metric (preference stages: "
-                                         "tuned-over-base win rate - 0.5; SFT: exact match tuned - base) is below this.")
+                                         "tuned-over-base win rate - 0.5; SFT: exact match tuned - base) is below "
+                                         "this.")
 
 
 class EvalSection(_Section):
@@ -347,7 +361,7 @@ class EvalSection(_Section):
     seed: int | None = Field(None, description="Seed for generation and lm-eval (null: the recipe's seed).")
 
     @model_validator(mode="after")
-    def _mmlu_gate_needs_mmlu(self) -> "EvalSection":
+    def _mmlu_gate_needs_mmlu(self) -> EvalSection:
         if self.mmlu is None and self.gates.max_mmlu_drop is not None:
             raise ValueError("gates.max_mmlu_drop is set but mmlu is null (nothing to measure the drop on); set "
                              "mmlu, or gates.max_mmlu_drop: null")
@@ -361,10 +375,12 @@ class Recipe(_Section):
     name: str = Field(description="Recipe name; the run folder is runs/<name>/ unless --output-dir says otherwise.")
     seed: int = Field(42, description="Seed for data splits, adapter init and training.")
     model: ModelSection = Field(description="The base model and how it is loaded.")
-    adapter: AdapterSection = Field(default_factory=AdapterSection, description="The ONE adapter config every stage shares.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection,
+                                    description="The ONE adapter config every stage shares.")
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order, sharing one adapter.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
-    merge: MergeSection | None = Field(None, description="Merge the final adapter after the last stage (off if absent).")
+    merge: MergeSection | None = Field(None, description="Merge the final adapter after the last stage (off if "
+                                       "absent).")
     cache_dir: str | None = Field(
         None, description="Shared cache of finished stages and reference log-probs, reused across run folders: "
         "null is $PREFOPT_CACHE_DIR or ~/.cache/prefopt; 'off' turns sharing off.")
@@ -388,11 +404,12 @@ class Recipe(_Section):
         return _StageBase._name_is_a_folder_name(v)
 
     @model_validator(mode="after")
-    def _unique_stage_names(self) -> "Recipe":
+    def _unique_stage_names(self) -> Recipe:
         seen: dict[str, int] = {}
         for i, st in enumerate(self.stages):
             if st.name in seen:
-                raise ValueError(f"stages[{i}].name: '{st.name}' is already used by stages[{seen[st.name]}]; names must be unique")
+                raise ValueError(f"stages[{i}].name: '{st.name}' is already used by stages[{seen[st.name]}]; names "
+                                 "must be unique")
             seen[st.name] = i
         return self
 
@@ -409,13 +426,17 @@ class Recipe(_Section):
     def resolve(self, path: str | None) -> Path | None:
         """A local file or folder the recipe names, resolved (the current folder first, then the recipe's); None if
         it does not exist (a hub id, or a missing file)."""
-        return resolve_path(path, self._base_dir) if path else None
+        return resolve_path(path, self._base_dir) if path is not None else None
 
-    def line_of(self, *path) -> str:
-        """' (recipe.yaml line 14)' for a key path, its nearest written parent's line, or ' (from --set k=v)'."""
+    def line_of(self, *path, exact: bool = False) -> str:
+        """' (recipe.yaml line 14)' for a key path, its nearest written parent's line, or ' (from --set k=v)';
+        exact: the key's own line in the recipe file, or ''."""
+        if exact:
+            line = self._lines.get(tuple(path))
+            return f" ({self._source} line {line})" if self._source and line else ""
         return where(tuple(path), self._lines, self._source, self._overrides)
 
-    def with_origin_of(self, other: "Recipe") -> "Recipe":
+    def with_origin_of(self, other: Recipe) -> Recipe:
         """This recipe, remembering where `other` came from (its file, lines and --set items)."""
         self._base_dir, self._lines, self._source, self._overrides = (other._base_dir, other._lines, other._source,
                                                                       other._overrides)

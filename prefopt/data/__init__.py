@@ -9,10 +9,13 @@ Public:
 
 from __future__ import annotations
 
+from ..config import looks_local
 from ..errors import DataError, RecipeError
+from ..models import load_tokenizer
+from ..runs.folder import file_hash, sha256_of
 from .formats import normalise_preference, normalise_rows, normalise_sft
 from .prepare import REASONS, StageData, fingerprint, prepare_stage
-from .sources import file_hash, read_rows, sha256_of
+from .sources import read_rows
 
 
 def load_stage_data(stage, *, seed: int, base_dir=None) -> StageData:
@@ -22,24 +25,20 @@ def load_stage_data(stage, *, seed: int, base_dir=None) -> StageData:
 
 
 def trained_max_length(stage) -> int | None:
-    """The length the stage's trainer truncates to (trainer_kwargs may override train.max_length); None when
-    nothing is cut from the start's side (DPO's keep_end truncation keeps every answer's end)."""
-    kw = stage.trainer_kwargs
-    if kw.get("truncation_mode") == "keep_end":
+    """The length the data step checks rows against: the stage's effective max_length, or None when nothing is
+    cut from the start's side (DPO's keep_end truncation keeps every answer's end)."""
+    if stage.trainer_kwargs.get("truncation_mode") == "keep_end":
         return None
-    n = kw.get("max_length", stage.train.max_length)
-    return n if isinstance(n, int) or n is None else stage.train.max_length  # a wrong type is preflight's to report
+    return stage.effective_max_length()
 
 
 def evaluation_sets(recipe) -> list[str]:
     """The local evaluation data the recipe evaluates on (eval.mmlu.path as a folder): every stage's rows are
     decontaminated against it too. A hub id is not fetched for this (name it in quality.decontaminate)."""
-    from ..config import looks_local, resolve_path
-
     ev = getattr(recipe, "eval", None)
     if ev is None or ev.mmlu is None or not looks_local(ev.mmlu.path):
         return []
-    rp = resolve_path(ev.mmlu.path, recipe._base_dir)
+    rp = recipe.resolve(ev.mmlu.path)
     return [str(rp)] if rp is not None and rp.is_dir() else []
 
 
@@ -47,14 +46,29 @@ def recipe_stage_data(recipe, i: int, tokenizer=None) -> StageData:
     """Stage i's data exactly as `prefopt run` prepares it (the model's tokenizer, the trained max_length), so the
     held-out rows are the ones the run held out. Loads the tokenizer when none is given."""
     if tokenizer is None:
-        from ..models import load_tokenizer
-
         m = recipe.model
         tokenizer = load_tokenizer(recipe.model_path(), chat_template=m.chat_template, revision=m.revision,
                                    trust_remote_code=m.trust_remote_code)
+    return stage_data(recipe, i, tokenizer)
+
+
+def stage_data(recipe, i: int, tokenizer) -> StageData:
+    """Stage i's data as a run prepares it, with this tokenizer (None: the token checks are left out)."""
     st = recipe.stages[i]
-    return prepare_stage(st, seed=recipe.seed, base_dir=recipe._base_dir, tokenizer=tokenizer,
+    return prepare_stage(st, seed=recipe.seed, base_dir=recipe.base_dir, tokenizer=tokenizer,
                          max_length=trained_max_length(st), extra_decontaminate=evaluation_sets(recipe))
+
+
+def prepare_stages(recipe, tokenizer) -> tuple[list, list[str]]:
+    """Every stage's data as a run prepares it, and every stage's data problem (its stage's entry is then None)."""
+    datas, problems = [], []
+    for i in range(len(recipe.stages)):
+        try:
+            datas.append(stage_data(recipe, i, tokenizer))
+        except DataError as e:
+            problems.append(data_problem(recipe, i, e))
+            datas.append(None)
+    return datas, problems
 
 
 def data_problem(recipe, i: int, e: DataError) -> str:
@@ -63,9 +77,7 @@ def data_problem(recipe, i: int, e: DataError) -> str:
         return f"{recipe.locate('stages', i, *_key_path(e.key.removeprefix('stage:')))}: {e}"
     if e.key:
         return f"{recipe.locate('stages', i, 'data', *_key_path(e.key))}: {e}"
-    line = recipe._lines.get(("stages", i, "data", "path"))
-    where = f" ({recipe._source} line {line})" if recipe._source and line else ""
-    return f"stages[{i}].data{where}: {e}"
+    return f"stages[{i}].data{recipe.line_of('stages', i, 'data', 'path', exact=True)}: {e}"
 
 
 def _key_path(key: str) -> tuple:
@@ -84,13 +96,13 @@ def check_recipe_data(recipe) -> None:
     problems = []
     for i, st in enumerate(recipe.stages):
         try:
-            load_stage_data(st, seed=recipe.seed, base_dir=recipe._base_dir)
+            load_stage_data(st, seed=recipe.seed, base_dir=recipe.base_dir)
         except DataError as e:
             problems.append(data_problem(recipe, i, e))
     if problems:
-        raise RecipeError(problems, recipe._source)
+        raise RecipeError(problems, recipe.source)
 
 
 __all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
            "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows",
-           "evaluation_sets", "recipe_stage_data", "sha256_of", "trained_max_length"]
+           "evaluation_sets", "prepare_stages", "recipe_stage_data", "stage_data", "sha256_of", "trained_max_length"]

@@ -124,7 +124,8 @@ def _sft_row(row: dict, fmt: str) -> dict:
         user = _text(row["instruction"], "instruction") + (f"\n\n{inp}" if inp and inp.strip() else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row["output"], "output")}]
     else:  # prompt_completion
-        msgs = _as_messages(row["prompt"], "prompt", "user") + _as_messages(row["completion"], "completion", "assistant")
+        msgs = (_as_messages(row["prompt"], "prompt", "user")
+                + _as_messages(row["completion"], "completion", "assistant"))
     if not any(m["role"] == "assistant" for m in msgs):
         raise _Drop("invalid", "no assistant turn: nothing to train on")
     return {"messages": msgs}

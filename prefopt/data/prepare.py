@@ -17,11 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PREFERENCE_TYPES
+from ..config import PREFERENCE_TYPES, SourceSection, looks_local, resolve_path
 from ..errors import DataError
+from ..runs.folder import sha256_of
 from . import quality
 from .formats import normalise_rows, to_conversational
-from .sources import check_hash, read_rows, sha256_of
+from .sources import _read_text, check_hash, read_rows
+from .tokens import token_checks
 
 REASONS = ("empty", "invalid", "identical_pair", "too_long", "too_short", "exact_duplicate", "near_duplicate",
            "contaminated", "low_reference_score")
@@ -31,8 +33,8 @@ EXAMPLES = 3
 
 @dataclass
 class StageData:
-    train: "object"  # datasets.Dataset
-    eval: "object | None"
+    train: object  # datasets.Dataset
+    eval: object | None
     fmt: str
     files: list[str]
     report: dict = field(default_factory=dict)
@@ -104,8 +106,6 @@ def decontamination_index(paths, base_dir=None) -> tuple[quality.NgramIndex, lis
     """The evaluation items of files, folders (CSV without header as MMLU's, JSONL, JSON, Parquet) or hub ids."""
     import csv
 
-    from ..config import looks_local, resolve_path
-
     index = quality.NgramIndex()
     described = []
     for p in paths:
@@ -119,7 +119,6 @@ def decontamination_index(paths, base_dir=None) -> tuple[quality.NgramIndex, lis
             before = index.items
             for f in files:
                 if f.suffix.lower() == ".csv":
-                    from .sources import _read_text
                     import io
 
                     for rec in csv.reader(io.StringIO(_read_text(f), newline="")):
@@ -155,7 +154,6 @@ def _strings(v) -> list[str]:
 def _token_checks(part: _Rows, kind: str, tokenizer, max_length: int | None, min_tokens: int, loss_on: str,
                   seed: int) -> dict:
     """too_long, identical_pair after truncation, too_short; returns token-length statistics."""
-    from .tokens import token_checks
 
     idx = part.alive()
     drops, stats = token_checks([part.rows[i] for i in idx], kind, tokenizer, max_length, min_tokens, loss_on, seed)
@@ -184,91 +182,27 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
     d, q = stage.data, stage.data.quality
     kind = "preference" if stage.type in PREFERENCE_TYPES else "sft"
     part = _Rows()
-    sources = []
-    multi = not isinstance(d.path, str)
-    for j, src in enumerate(d.sources()):
-        try:
-            sources.append(_read_source(src, kind, seed, base_dir, f"path[{j}].sha256" if multi else "sha256", part,
-                                        False))
-        except DataError as e:
-            raise DataError(str(e), key=e.key or (f"path[{j}]" if multi else None)) from None
-    eval_source = None
-    if d.eval_path:
-        from ..config import SourceSection
-
-        eval_source = _read_source(SourceSection(path=d.eval_path, sha256=d.eval_sha256, split=d.split), kind, seed,
-                                   base_dir, "eval_sha256", part, True)
-    input_rows = sum(s["rows_read"] for s in sources) + (eval_source["rows_read"] if eval_source else 0)
-
-    if kind == "preference" and any(isinstance(r["prompt"], list) for r in part.rows):
-        part.rows = [to_conversational(r) for r in part.rows]
-        form = "conversational"
-    elif kind == "preference":
-        form = "standard"
-    else:
-        forms = {"text" if "text" in r else "messages" for r in part.rows}
-        if len(forms) > 1:
-            raise DataError("the sources mix plain `text` rows with chat rows; train them in separate stages")
-        form = forms.pop() if forms else "messages"
-
-    wds = [quality.row_words(r) for r in part.rows] if q.dedup == "near" or q.decontaminate or extra_decontaminate \
-        else None
-    if kind == "preference":
-        for i in quality.identical_pairs(part.rows):
-            part.drop(i, "identical_pair", "chosen and rejected are the same text")
-    if q.dedup in ("exact", "near"):
-        for i in quality.exact_duplicates(part.rows, set(part.dropped)):
-            part.drop(i, "exact_duplicate", "repeats an earlier row")
-    if q.dedup == "near":
-        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1,
-                                                row_words_of=wds):
-            label, row = part.origin[twin]
-            part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
-    contamination = []
-    decon = list(q.decontaminate) + [p for p in extra_decontaminate if p not in q.decontaminate]
-    if decon:
-        index, contamination = decontamination_index(decon, base_dir)
-        for i, gram in quality.contaminated(part.rows, set(part.dropped), index, row_words_of=wds):
-            part.drop(i, "contaminated", f"shares '{gram}' with an evaluation item")
+    sources, eval_source = _read_sources(d, kind, seed, base_dir, part)
+    form = _row_form(part, kind)
+    contamination = _quality_filters(part, q, kind, seed, base_dir, extra_decontaminate)
     tokens = {}
     if tokenizer is not None:
         tokens = _token_checks(part, kind, tokenizer, max_length, q.min_tokens, stage.train.loss_on, seed)
-
     alive = part.alive()
     if not any(not part.is_eval[i] for i in alive):
-        reasons = ", ".join(f"{c} {r}" for r, c in part.counts.most_common())
-        if part.counts.get("too_long"):  # the knob is the stage's max_length, not the data
-            where = "stage:trainer_kwargs.max_length" if "max_length" in stage.trainer_kwargs else "stage:train.max_length"
-            raise DataError(f"every training row was dropped ({reasons}): each prompt fills max_length {max_length} "
-                            f"tokens or more (e.g. {part.examples['too_long'][0]['why']}), so none would train; raise "
-                            "max_length or shorten the prompts", key=where)
-        raise DataError(f"every training row was dropped ({reasons or 'no rows'}); see the examples with "
-                        "`prefopt data RECIPE`, fix the data or relax data.quality")
+        raise _nothing_left(part, stage, max_length)
     rows = [dict(part.rows[i]) for i in alive]
     origin = [part.origin[i] for i in alive]
-    train_idx = [k for k, i in enumerate(alive) if not part.is_eval[i]]
-    eval_idx = [k for k, i in enumerate(alive) if part.is_eval[i]]
-    if not d.eval_path and d.eval_fraction > 0 and len(train_idx) >= 2:
-        n_eval = max(1, round(len(train_idx) * d.eval_fraction))
-        if n_eval >= len(train_idx):
-            raise DataError(f"eval_fraction {d.eval_fraction:g} of {len(train_idx)} rows holds out {n_eval} and leaves "
-                            "no training row; lower it", key="eval_fraction")
-        order = list(train_idx)
-        random.Random(seed).shuffle(order)
-        eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    over_max = 0
-    if d.max_samples and len(train_idx) > d.max_samples:
-        over_max = len(train_idx) - d.max_samples
-        train_idx = train_idx[: d.max_samples]
+    train_idx, eval_idx, over_max = _split(d, alive, part, seed)
     train = Dataset.from_list([rows[k] for k in train_idx])
     eval_ds = Dataset.from_list([rows[k] for k in eval_idx]) if eval_idx else None
-
     n_review = min(len(train_idx), max(MIN_REVIEW, round(len(train_idx) * q.review_fraction))) \
         if q.review_fraction > 0 else 0
     pick = sorted(random.Random(f"{seed}:review").sample(range(len(train_idx)), n_review))
     review = [{"source": origin[train_idx[k]][0], "row": origin[train_idx[k]][1], **rows[train_idx[k]]} for k in pick]
 
     files = [s["path"] for s in sources] + ([eval_source["path"]] if eval_source else [])
+    input_rows = sum(s["rows_read"] for s in sources) + (eval_source["rows_read"] if eval_source else 0)
     report = {
         "stage": stage.name,
         "type": stage.type,
@@ -295,3 +229,90 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
                      train_origin=[origin[k] for k in train_idx])
     data.fingerprint = fingerprint([rows[k] for k in train_idx], [rows[k] for k in eval_idx])
     return data
+
+
+def _read_sources(d, kind: str, seed: int, base_dir: Path | None, part: _Rows) -> tuple[list[dict], dict | None]:
+    """Every source's rows into `part` (the eval_path file's marked as held out); each source's report entry."""
+    sources = []
+    multi = not isinstance(d.path, str)
+    for j, src in enumerate(d.sources()):
+        try:
+            sources.append(_read_source(src, kind, seed, base_dir, f"path[{j}].sha256" if multi else "sha256", part,
+                                        False))
+        except DataError as e:
+            raise DataError(str(e), key=e.key or (f"path[{j}]" if multi else None)) from None
+    eval_source = None
+    if d.eval_path:
+        eval_source = _read_source(SourceSection(path=d.eval_path, sha256=d.eval_sha256, split=d.split), kind, seed,
+                                   base_dir, "eval_sha256", part, True)
+    return sources, eval_source
+
+
+def _row_form(part: _Rows, kind: str) -> str:
+    """The rows' one form (TRL's): conversational or standard preference pairs; text or messages for SFT."""
+    if kind == "preference" and any(isinstance(r["prompt"], list) for r in part.rows):
+        part.rows = [to_conversational(r) for r in part.rows]
+        return "conversational"
+    if kind == "preference":
+        return "standard"
+    forms = {"text" if "text" in r else "messages" for r in part.rows}
+    if len(forms) > 1:
+        raise DataError("the sources mix plain `text` rows with chat rows; train them in separate stages")
+    return forms.pop() if forms else "messages"
+
+
+def _quality_filters(part: _Rows, q, kind: str, seed: int, base_dir: Path | None, extra_decontaminate) -> list:
+    """Identical pairs, exact and near duplicates, contamination with evaluation sets: dropped from `part`. Returns
+    what the rows were decontaminated against."""
+    wds = [quality.row_words(r) for r in part.rows] if q.dedup == "near" or q.decontaminate or extra_decontaminate \
+        else None
+    if kind == "preference":
+        for i in quality.identical_pairs(part.rows):
+            part.drop(i, "identical_pair", "chosen and rejected are the same text")
+    if q.dedup in ("exact", "near"):
+        for i in quality.exact_duplicates(part.rows, set(part.dropped)):
+            part.drop(i, "exact_duplicate", "repeats an earlier row")
+    if q.dedup == "near":
+        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1,
+                                                row_words_of=wds):
+            label, row = part.origin[twin]
+            part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
+    contamination = []
+    decon = list(q.decontaminate) + [p for p in extra_decontaminate if p not in q.decontaminate]
+    if decon:
+        index, contamination = decontamination_index(decon, base_dir)
+        for i, gram in quality.contaminated(part.rows, set(part.dropped), index, row_words_of=wds):
+            part.drop(i, "contaminated", f"shares '{gram}' with an evaluation item")
+    return contamination
+
+
+def _nothing_left(part: _Rows, stage, max_length: int | None) -> DataError:
+    """Every training row was dropped: why, and the knob to turn."""
+    reasons = ", ".join(f"{c} {r}" for r, c in part.counts.most_common())
+    if part.counts.get("too_long"):  # the knob is the stage's max_length, not the data
+        key = "stage:trainer_kwargs.max_length" if "max_length" in stage.trainer_kwargs else "stage:train.max_length"
+        return DataError(f"every training row was dropped ({reasons}): each prompt fills max_length {max_length} "
+                         f"tokens or more (e.g. {part.examples['too_long'][0]['why']}), so none would train; raise "
+                         "max_length or shorten the prompts", key=key)
+    return DataError(f"every training row was dropped ({reasons or 'no rows'}); see the examples with "
+                     "`prefopt data RECIPE`, fix the data or relax data.quality")
+
+
+def _split(d, alive: list[int], part: _Rows, seed: int) -> tuple[list[int], list[int], int]:
+    """Train and held-out indexes into the surviving rows (the seeded split, unless eval_path gave the held-out
+    rows), and how many training rows max_samples left out."""
+    train_idx = [k for k, i in enumerate(alive) if not part.is_eval[i]]
+    eval_idx = [k for k, i in enumerate(alive) if part.is_eval[i]]
+    if not d.eval_path and d.eval_fraction > 0 and len(train_idx) >= 2:
+        n_eval = max(1, round(len(train_idx) * d.eval_fraction))
+        if n_eval >= len(train_idx):
+            raise DataError(f"eval_fraction {d.eval_fraction:g} of {len(train_idx)} rows holds out {n_eval} and leaves "
+                            "no training row; lower it", key="eval_fraction")
+        order = list(train_idx)
+        random.Random(seed).shuffle(order)
+        eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    over_max = 0
+    if d.max_samples and len(train_idx) > d.max_samples:
+        over_max = len(train_idx) - d.max_samples
+        train_idx = train_idx[: d.max_samples]
+    return train_idx, eval_idx, over_max

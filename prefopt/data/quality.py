@@ -69,7 +69,7 @@ def row_words(row: dict) -> list[str]:
     return words(" ".join(fields(row, skip_system=True)))
 
 
-def _shingles(w: list[str]) -> set[str]:
+def shingles(w: list[str]) -> set[str]:
     if len(w) < SHINGLE:
         return {" ".join(w)} if w else set()
     return {" ".join(w[j:j + SHINGLE]) for j in range(len(w) - SHINGLE + 1)}
@@ -99,7 +99,7 @@ def near_duplicates(rows: list[dict], skip: set[int], threshold: float, seed: in
     """(dropped row, the earlier row it nearly repeats) for rows whose estimated Jaccard similarity of word
     shingles with an earlier kept row reaches `threshold`."""
     idx = [i for i in range(len(rows)) if i not in skip]
-    sets = [_shingles(row_words_of[i] if row_words_of else row_words(rows[i])) for i in idx]
+    sets = [shingles(row_words_of[i] if row_words_of else row_words(rows[i])) for i in idx]
     if (engine_name or engine()) == "rensa":
         from rensa import RMinHash, RMinHashLSH
 

@@ -16,6 +16,9 @@ import json
 import random
 
 from ..config import PREFERENCE_TYPES
+from ..runs.folder import write_atomic
+from .quality import fields
+from .tokens import encode_preference, encode_sft
 
 
 def _mean_logps(model, seqs: list[list[int]], masks: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
@@ -45,8 +48,6 @@ def _mean_logps(model, seqs: list[list[int]], masks: list[list[int]], batch_size
 def score_rows(model, tokenizer, rows: list[dict], *, preference: bool, max_length: int | None, batch_size: int,
                use_base: bool) -> list[float]:
     import torch
-
-    from .tokens import encode_preference, encode_sft
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cut = (lambda s: s[:max_length]) if max_length else (lambda s: s)
@@ -95,7 +96,6 @@ def apply_reference_filter(model, tokenizer, stage, data, *, use_base: bool, max
     rep["review_rows"] = len(data.review)
     rep["dropped"]["low_reference_score"] = len(drop)
     rep["train_rows"] = len(data.train)
-    from .quality import fields
 
     ex = [{"source": origin[k][0], "row": origin[k][1], "why": f"{score} {scores[k]:.4f}",
            "text": " | ".join(fields(rows[k]))[:300]} for k in order[:3]] if drop else []
@@ -111,7 +111,6 @@ SCORES = "data_scores.jsonl"
 
 
 def write_scores(folder, scores: list[dict]) -> None:
-    from ..runs.folder import write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / SCORES, "".join(json.dumps(s) + "\n" for s in scores))

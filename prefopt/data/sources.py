@@ -4,12 +4,12 @@ row); anything else is a `datasets` hub id. Content hashes of what was read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from ..errors import DataError
 from ..config import looks_local, resolve_path
+from ..errors import DataError
+from ..runs.folder import file_hash
 
 
 def _read_text(path: Path) -> str:
@@ -33,13 +33,14 @@ def _read_local(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} row {i}: not valid JSON ({e.msg}); each line must be one JSON object")
+                raise DataError(f"{path} row {i}: not valid JSON ({e.msg}); each line must be one JSON object") \
+                    from None
         return rows
     if suffix == ".json":
         try:
             obj = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})")
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
             obj = next(iter(obj.values()))  # {"train": [...]} / {"data": [...]}
         if not isinstance(obj, list):
@@ -69,7 +70,7 @@ def read_rows(path: str, *, split: str = "train", base_dir: Path | None = None) 
     try:
         ds = load_dataset(path, split=split)
     except Exception as e:  # the hub/network path: report, don't trace
-        raise DataError(f"cannot load dataset '{path}' (split {split}): {str(e).splitlines()[0]}")
+        raise DataError(f"cannot load dataset '{path}' (split {split}): {str(e).splitlines()[0]}") from None
     return ds.to_list(), f"{path}[{split}]"
 
 
@@ -79,19 +80,3 @@ def check_hash(label: str, expected: str | None, key: str) -> None:
                         f"{expected}); restore the file, or remove {key} to train on the new content", key=key)
 
 
-def file_hash(label: str) -> str:
-    """Content hash of a local data file (hub ids hash their name): the first 16 hex digits of sha256_of."""
-    return sha256_of(label)[:16]
-
-
-def sha256_of(label: str) -> str:
-    """The full sha256 of a local file (hub ids: of their name), for reports."""
-    p = Path(label)
-    h = hashlib.sha256()
-    if p.is_file():
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    else:
-        h.update(label.encode())
-    return h.hexdigest()

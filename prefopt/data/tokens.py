@@ -11,6 +11,7 @@ keeping the start).
 from __future__ import annotations
 
 from ..errors import DataError
+from .quality import answer_text, words
 
 
 def _render(tokenizer, msgs, **kw) -> str:
@@ -110,7 +111,6 @@ def encode_preference(rows: list[dict], tokenizer) -> list[tuple[list[int], list
 
 def content_tokens(rows: list[dict], tokenizer) -> list[int]:
     """Tokens of each row's own text (prompt and the shorter answer, or the conversation, or the text), no template."""
-    from .quality import answer_text
 
     texts = []
     for r in rows:
@@ -170,8 +170,6 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
     """([(row index, reason, why)], statistics): too_long, identical_pair after truncation, too_short; rows are
     tokenized exactly when they might reach max_length, or might be too short, or are in the statistics sample."""
     import random
-
-    from .quality import words
 
     bound = _Bound(tokenizer)
     sample = set(random.Random(f"{seed}:tokens").sample(range(len(rows)), min(STATS_SAMPLE, len(rows))))

@@ -5,6 +5,6 @@ its autograd functions (the column norm, the 4-bit weight shared between forward
 at module level: import this package inside the functions that need it.
 """
 
-from .forward import clear_norm_cache, disable_fast_dora, enable_fast_dora
+from .forward import clear_norm_cache, disable_fast_dora, enable_fast_dora, fast_dora_layers, path_counts
 
-__all__ = ["clear_norm_cache", "disable_fast_dora", "enable_fast_dora"]
+__all__ = ["clear_norm_cache", "disable_fast_dora", "enable_fast_dora", "fast_dora_layers", "path_counts"]

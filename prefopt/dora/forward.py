@@ -1,73 +1,27 @@
-"""An exact low-rank DoRA forward that never materialises W + s·B·A.
+"""The fast DoRA forward: PEFT's DoRA layer, exact, without ever building W + s·B·A (the maths, the freshness rule
+of the cached norm and the two dropout semantics: docs/dora.md).
 
-PEFT's DoRA layer, on every forward of every adapted layer, dequantizes the whole base weight,
-builds B·A as a full out x in matrix, adds them and takes row norms; with adapter dropout on it also
-runs the base matmul a second time on the dropped-out input. The norm never needs the full matrix:
-per output row i, with W frozen,
-
-    ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T
-
-- ||W_i||^2 is a constant, computed once per layer from the dequantized weight (and again only if the
-  base weight object changes);
-- W A^T (out x r) is what the base layer computes for r extra input rows: on a 4-bit base it comes from the
-  same dequantization as the layer's own matmul (no second dequantization, no copy of the input, no gradient
-  work for it); behind forward hooks the r rows of A (detached) ride along in the batch of the base call and
-  are split off again; a plain frozen Linear multiplies A directly; an 8-bit base dequantizes for these r
-  rows (LLM.int8 would quantize them);
-- A A^T is r x r; the rest is O(out r^2);
-- the norm is cached only where that is provably safe (see "Freshness" below), so it is computed once per
-  optimizer step, not once per micro-batch, recomputation or frozen-reference forward.
-
-The output is PEFT's result + (scale - 1) base_result + scale s B A x with scale = m / ||W + s BA||, computed
-as scale * (base(x) + s x A^T B^T) (+ bias (1 - scale)) with one pass over the output besides the matmuls:
-the same number of full-size passes as LoRA's own addition, plus the magnitude gradient's reduction.
-
-In the common case (no dropout or `lowrank` dropout; a frozen plain-Linear or 4-bit base and plain-Linear
-factors, none behind hooks; with or without autocast) the whole layer, base matmul included, is one autograd node
-with a written-out backward (`dora_ops.DoraLinear`). At small widths DoRA's cost over LoRA is not arithmetic but fixed
-per-layer work: small kernels, autograd nodes and the Python around them (which, after a layer's large
-matmuls, runs out of cache). So the hot path resolves each adapter's modules once (`_Plan`), and the norm
-takes five small kernels after W A^T. Everything else takes the general path, with autograd.
-
-The norm is detached, as in the DoRA paper and PEFT, so gradients are PEFT's. Nothing about the adapter
-changes: the modules keep their PEFT parameters (lora_A, lora_B, lora_magnitude_vector), so saved
-adapters are plain PEFT adapters, and anything this path does not handle (several active adapters, mixed
-batches, merged or disabled adapters, fan_in_fan_out, lora_bias, non-Linear layers) runs PEFT's own forward.
-
-Freshness. The norm in use must be ||W + s B A|| of the current weights, whatever wrote them. Version counters
-alone cannot say so: fused AdamW and bitsandbytes' 8-bit optimizers update parameters without moving them. So
-every step of every torch optimizer stamps its parameters with a process-wide step number (torch's global
-optimizer step hook), and a cached norm is reused only when
-- the key matches: the same tensors (identity, storage), their version counters (in-place writes such as
-  load_state_dict or set_peft_model_state_dict) and their optimizer stamps (every optimizer step), and
-- nothing else can have written them: A and B are frozen (DPO's "ref" copy, inference) or stamped by an
-  optimizer (whose every step is seen), or the call is a recomputation inside a backward pass (gradient
-  checkpointing: no step can fall between a forward and its backward), or both this call and the cached one ran
-  without grad (eval, generation: nothing trained in between).
-A trainable adapter no optimizer has stepped yet (a user's own update loop writing through `.data`, say) is
-therefore recomputed on every training forward: slower, never stale. One write stays invisible: `.data` writes
-outside any optimizer to tensors an optimizer has stamped or to frozen ones; call `clear_norm_cache` after such a
-write (prefopt does, after TRL copies the adapter into DPO's "ref" adapter).
-
-Under torch.compile the layer runs PEFT's own forward (traced by Dynamo, same numbers), so nothing of this cache
-is baked into a graph.
-
-Adapter dropout has two published semantics (`dropout=`):
-- "lowrank": dropout on the low-rank branch only, out = scale * (base(x) + s B A dropout(x)), as torchtune's
-  DoRALinear; no second base matmul.
-- "full": the DoRA paper's / PEFT's out = base(x) + (scale - 1) base(dropout(x)) + scale s B A dropout(x),
-  bit-for-bit PEFT's semantics; on a 4-bit base the second product shares the one dequantization.
+This module and ops.py are the DoRA kernel. Besides torch, its one contract with another library is PEFT's LoRA
+layer (written against PEFT 0.21; removable only if PEFT's own DoRA forward gets as cheap). It swaps the class of
+PEFT's `lora.Linear` / bnb `Linear4bit` / `Linear8bitLt` layers for a subclass with this forward (`_fast_class`),
+recognises DoRA by `DoraLinearVariant`, reads the layer's `_active_adapter`, `_disable_adapters`,
+`merged_adapters`, `scaling`, its `_modules` (`base_layer`, `lora_A`, `lora_B`, `lora_magnitude_vector`,
+`lora_dropout`) and their `_parameters` directly (the hot path: nn.Module.__getattr__ is slow), casts with
+and casts with `_cast_input_dtype`. Every other private API it needs (torch's backward-pass query
+and hook dicts, accelerate's hook, bitsandbytes' internals) goes through prefopt._compat. tests/test_dora.py checks
+every path against PEFT's own forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
 from torch import nn
 
 from .. import _compat
-from ..quant import dequantize_4bit, harden_4bit_layers
+from ..quant import dequantize, harden_4bit_layers
 from .ops import DoraLinear, Rows, Shared4bit, inv_norm_s
 
 DROPOUT_MODES = ("lowrank", "full")
@@ -76,15 +30,14 @@ _CLASSES: dict[type, type] = {}
 # per process: fast forwards taken (of which one-node), PEFT fallbacks, weight norms computed (not from the cache)
 STATS = {"fast": 0, "one_node": 0, "fallback": 0, "norms": 0}
 _STAMP = "_prefopt_step"  # tensor attribute: the number of the last optimizer step that held this tensor
-_STEPS = [0]  # optimizer steps taken in this process
+_OPTIMIZER_STEPS = itertools.count(1)  # numbers the optimizer steps taken in this process
 _HOOK: list = []
 
 
 def _stamp_step(optimizer, args, kwargs) -> None:
     """After every step of every torch optimizer (fused, foreach, bitsandbytes' 8-bit, Adafactor, a user's own
     subclass): stamp its tensors, since fused kernels update them without moving their version counters."""
-    _STEPS[0] += 1
-    n = _STEPS[0]
+    n = next(_OPTIMIZER_STEPS)
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.__dict__[_STAMP] = n
@@ -176,6 +129,13 @@ def clear_norm_cache(model: nn.Module) -> None:
             plan.key = None
 
 
+def path_counts() -> dict[str, int]:
+    """How many forwards took each path in this process, for tests and benchmarks: `fast` (of which `one_node`, the
+    whole layer as one autograd node), `fallback` (PEFT's own forward) and `norms` (weight norms computed, not
+    taken from the cache)."""
+    return dict(STATS)
+
+
 def fast_dora_layers(model: nn.Module) -> int:
     """How many layers of `model` take the fast path."""
     return sum(1 for m in model.modules() if getattr(type(m), _FAST, False))
@@ -188,23 +148,6 @@ def _weight_key(w: torch.Tensor) -> tuple:
     return (id(w), w.data_ptr(), w._version, w.device)
 
 
-def _dequantized(base) -> torch.Tensor:
-    """The base weight as a float tensor, without touching the module (PEFT's helper re-assigns an 8-bit
-    weight on CPU, which breaks the layer's next forward)."""
-    w = base.weight
-    kind = type(w).__name__
-    if kind == "Params4bit":
-        return dequantize_4bit(base)
-    if kind == "Int8Params":
-        import bitsandbytes as bnb
-
-        scb = base.state.SCB if getattr(base, "state", None) is not None and base.state.SCB is not None else w.SCB
-        return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
-    from peft.utils.integrations import dequantize_module_weight
-
-    return dequantize_module_weight(base)
-
-
 def _base_norm2(module, base) -> torch.Tensor:
     """||W_i||^2 per output row (fp32), recomputed only when the base weight object or storage changes."""
     key = _weight_key(base.weight)
@@ -212,13 +155,13 @@ def _base_norm2(module, base) -> torch.Tensor:
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        w = _dequantized(base)
-        w2 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        w = dequantize(base)
+        weight_norm2 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
         step = max(1, (1 << 24) // max(1, w.shape[1]))  # bound the fp32 temporary to ~64 MB
         for i in range(0, w.shape[0], step):
-            w2[i : i + step] = w[i : i + step].float().pow(2).sum(1)
-    module._prefopt_w2 = (key, w2)
-    return w2
+            weight_norm2[i : i + step] = w[i : i + step].float().pow(2).sum(1)
+    module._prefopt_w2 = (key, weight_norm2)
+    return weight_norm2
 
 
 def _active_dora_adapter(module, args, kwargs):
@@ -282,11 +225,13 @@ class _Plan:
     large matmuls they are out of cache), so the hot path reads these slots rather than walking PEFT's
     ModuleDicts and properties."""
 
-    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "inv_s", "nograd")
+    __slots__ = ("name", "active", "base", "lora_a", "lora_b", "mag", "dropout", "fusable", "key", "s_over_norm",
+                 "nograd")
 
     def __init__(self, name, base, lora_a, lora_b, mag, dropout):
-        self.name, self.base, self.lora_a, self.lora_b, self.mag, self.dropout = name, base, lora_a, lora_b, mag, dropout
-        self.active = self.key = self.inv_s = self.nograd = None
+        self.name, self.base, self.lora_a, self.lora_b = name, base, lora_a, lora_b
+        self.mag, self.dropout = mag, dropout
+        self.active = self.key = self.s_over_norm = self.nograd = None
         # the one-node path reads these modules' weights itself: plain Linear low-rank factors without biases
         self.fusable = _plain_linear(lora_a) and _plain_linear(lora_b)
 
@@ -359,12 +304,13 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not full and shortcut_ok and p.fusable and _hookless(lora_a) and _hookless(lora_b) and _hookless(p.mag):
         # the common case, one autograd node for the whole layer
         STATS["one_node"] += 1
-        xd = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
-        w2 = None
+        x_drop = dropout(self._cast_input_dtype(rows, a_w.dtype)) if drop else None
+        weight_norm2 = None
         if not fresh:
-            w2 = _base_norm2(self, base)
+            weight_norm2 = _base_norm2(self, base)
             STATS["norms"] += 1
-        out = DoraLinear.apply(rows, xd, a_w, b_w, magnitude, base, p, None if fresh else key, w2, scaling, ac)
+        out = DoraLinear.apply(rows, x_drop, a_w, b_w, magnitude, base, p, None if fresh else key, weight_norm2,
+                               scaling, ac)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     return _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scaling, ac)
 
@@ -379,52 +325,53 @@ def _general_forward(self, p, x, rows, drop, full, shortcut_ok, key, fresh, scal
     quantized = type(base_w).__name__
     # PEFT's bnb layers leave dtypes to autocast when it is on; its plain Linear always casts
     convert = not (quantized in ("Params4bit", "Int8Params") and ac is not None)
-    xl = self._cast_input_dtype(x, a_w.dtype) if convert else x
-    xd = dropout(xl) if drop else xl
+    x_cast = self._cast_input_dtype(x, a_w.dtype) if convert else x
+    x_drop = dropout(x_cast) if drop else x_cast
     in_features = x.shape[-1]
     n = rows.shape[0]
-    xs = [rows, xd.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
+    xs = [rows, x_drop.reshape(-1, in_features).to(rows.dtype)] if full else [rows]
     a_rows = None if fresh else a_w.detach().to(rows.dtype)
-    wat = tail = None  # W A^T (out x r), or the A rows' outputs of a shared base call
+    weight_a_t = a_rows_out = None  # W A^T (out x r), or the A rows' outputs of a shared base call
     if quantized == "Params4bit" and shortcut_ok and ac is None and (a_rows is not None or full):
         # 4-bit: one dequantization serves every product, with no copy of x and no gradient work for A
         outs = Shared4bit.apply(a_rows, base, *xs)
-        ys, wat = (outs[:-1], outs[-1]) if a_rows is not None else (outs, None)
+        base_outs, weight_a_t = (outs[:-1], outs[-1]) if a_rows is not None else (outs, None)
     elif a_rows is not None and (not shortcut_ok or ac is not None):
         # behind hooks or autocast the layer makes its own call: the A rows ride along in its batch
         out = base(torch.cat([*xs, a_rows]))
-        ys = Rows.apply(out, n, full)[: len(xs)]
-        tail = out[len(xs) * n :]
+        base_outs = Rows.apply(out, n, full)[: len(xs)]
+        a_rows_out = out[len(xs) * n :]
     else:
-        ys = [base(x_) for x_ in xs]
-    result, base_d = ys[0], (ys[1] if full else None)
+        base_outs = [base(x_) for x_ in xs]
+    result, base_dropped_out = base_outs[0], (base_outs[1] if full else None)
     bias = base.bias
     if not fresh:
         with torch.no_grad():
             # W A^T as out x r: W @ A^T, not A @ W^T (BLAS is several times slower with only r output rows)
-            if tail is not None:
-                wat = tail.t() if bias is None else (tail - bias.to(tail.dtype)).t()
-            elif wat is None and quantized == "Int8Params":  # LLM.int8 would quantize the A rows
-                wat = _dequantized(base).float() @ a_rows.float().t()
-            elif wat is None:
-                wat = base_w @ a_rows.to(base_w.dtype).t()
-            p.key, p.inv_s = key, inv_norm_s(_base_norm2(self, base), wat, a_w, b_w, scaling)
+            if a_rows_out is not None:
+                weight_a_t = a_rows_out.t() if bias is None else (a_rows_out - bias.to(a_rows_out.dtype)).t()
+            elif weight_a_t is None and quantized == "Int8Params":  # LLM.int8 would quantize the A rows
+                weight_a_t = dequantize(base).float() @ a_rows.float().t()
+            elif weight_a_t is None:
+                weight_a_t = base_w @ a_rows.to(base_w.dtype).t()
+            p.key, p.s_over_norm = key, inv_norm_s(_base_norm2(self, base), weight_a_t, a_w, b_w, scaling)
             STATS["norms"] += 1
 
     torch_result_dtype = result.dtype
-    scale = (magnitude * (p.inv_s * (1 / scaling)).to(xl.dtype)).view(1, -1)
-    h = lora_a(xd.reshape(-1, in_features))
-    # PEFT's result + (scale - 1) * base_result + scale * s * lora_result is scale * (W x + s B A x - ... ) + bias
-    # [full: base(x) - base(xd) + scale * (W xd + s B A xd) + bias]. With scale folded into B (out x r) and the
-    # bias term into the low-rank matmul, it is one fused pass over the output, as LoRA's own addition.
-    r = base_d if full else result
-    if _plain_linear(lora_b):  # s and scale folded into B (out x r): no full-size pass for either
-        w_b = (b_w * (scale.view(-1, 1) * scaling)).to(h.dtype)
-        v_b = None if bias is None else (bias.detach() * (1 - scale.view(-1))).to(h.dtype)
-        combined = torch.addcmul(torch.nn.functional.linear(h, w_b, v_b), r, scale)
+    mag_norm_scale = (magnitude * (p.s_over_norm * (1 / scaling)).to(x_cast.dtype)).view(1, -1)
+    lora_a_out = lora_a(x_drop.reshape(-1, in_features))
+    # PEFT's result + (mag_norm_scale - 1) * base_result + mag_norm_scale * s * lora_result is
+    # mag_norm_scale * (W x + s B A x - ... ) + bias [full: base(x) - base(x_drop) + mag_norm_scale * (W x_drop +
+    # s B A x_drop) + bias]. With mag_norm_scale folded into B (out x r) and the bias term into the low-rank matmul,
+    # it is one fused pass over the output, as LoRA's own addition.
+    base_out = base_dropped_out if full else result
+    if _plain_linear(lora_b):  # s and mag_norm_scale folded into B (out x r): no full-size pass for either
+        b_scaled = (b_w * (mag_norm_scale.view(-1, 1) * scaling)).to(lora_a_out.dtype)
+        bias_term = None if bias is None else (bias.detach() * (1 - mag_norm_scale.view(-1))).to(lora_a_out.dtype)
+        combined = torch.addcmul(torch.nn.functional.linear(lora_a_out, b_scaled, bias_term), base_out, mag_norm_scale)
     else:
-        combined = _rescale(r, lora_b(h * scaling), scale, bias)
-    result = (result - base_d) + combined if full else combined
+        combined = _rescale(base_out, lora_b(lora_a_out * scaling), mag_norm_scale, bias)
+    result = (result - base_dropped_out) + combined if full else combined
     if convert:
         result = result.to(torch_result_dtype)
     return result.reshape(*x.shape[:-1], result.shape[-1])

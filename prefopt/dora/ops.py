@@ -11,16 +11,18 @@ import torch
 from ..quant import compute_dtype_4bit, dequantize_4bit
 
 
-def inv_norm_s(w2, wat, lora_a, lora_b, scaling) -> torch.Tensor:
+def inv_norm_s(weight_norm2, weight_a_t, lora_a, lora_b, scaling) -> torch.Tensor:
     """s / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors: five small
     kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic)."""
     f32 = torch.float32
-    wat, a, b = (t if t.dtype == f32 else t.float() for t in (wat, lora_a, lora_b))  # (called under no_grad)
+    # (called under no_grad)
+    weight_a_t, a, b = (t if t.dtype == f32 else t.float() for t in (weight_a_t, lora_a, lora_b))
     # ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T  =  ||W_i||^2 + 2s B_i . (W A^T + (s/2) B A A^T)_i,
     # divided by s^2 (so that its rsqrt is s / norm)
-    t = torch.addmm(wat, b, a @ a.t(), alpha=scaling / 2)
-    n2 = torch.baddbmm(w2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), beta=1 / scaling**2, alpha=2 / scaling)
-    return n2.view(-1).clamp_min_(0).rsqrt_()
+    t = torch.addmm(weight_a_t, b, a @ a.t(), alpha=scaling / 2)
+    norm2_over_s2 = torch.baddbmm(weight_norm2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), beta=1 / scaling**2,
+                                  alpha=2 / scaling)
+    return norm2_over_s2.view(-1).clamp_min_(0).rsqrt_()
 
 
 class Rows(torch.autograd.Function):
@@ -46,8 +48,9 @@ class Rows(torch.autograd.Function):
 
 
 class Shared4bit(torch.autograd.Function):
-    """One dequantization of a frozen 4-bit weight serves base(x), base(xd) for `full` dropout and, when the
-    norm is due, W A^T (a_rows=None skips it), as the base layer's own matmul would: out = x W^T + bias in the layer's compute dtype. Backward: the input gradients only
+    """One dequantization of a frozen 4-bit weight serves base(x), base(x_drop) for `full` dropout and, when the
+    norm is due, W A^T (a_rows=None skips it), as the base layer's own matmul would: out = x W^T + bias in the
+    layer's compute dtype. Backward: the input gradients only
     (W is frozen), from a fresh dequantization as bitsandbytes does; no gradient work for the A rows."""
 
     @staticmethod
@@ -59,9 +62,9 @@ class Shared4bit(torch.autograd.Function):
         ctx.base, ctx.x_dtypes = base, [x.dtype for x in xs]
         if a_rows is None:
             return tuple(outs)
-        wat = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
-        ctx.mark_non_differentiable(wat)
-        return (*outs, wat)
+        weight_a_t = deq @ a_rows.to(dtype).t()  # out x r: the cheap BLAS orientation
+        ctx.mark_non_differentiable(weight_a_t)
+        return (*outs, weight_a_t)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -82,12 +85,12 @@ class Shared4bit(torch.autograd.Function):
 class DoraLinear(torch.autograd.Function):
     """The whole adapted layer, base matmul included, as one autograd node (no dropout, or `lowrank` dropout):
 
-        out = s' (base(x) / s + xd A^T B^T) + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
+        out = s' (base(x) / s + x_drop A^T B^T) + bias (1 - s' / s),    s' = s m / ||W + s B A|| (norm detached)
 
     (s' = s * scale: PEFT's scale = m / norm, times the LoRA scaling), for a frozen plain-Linear or 4-bit base
     (one dequantization serves base(x) and, when the norm is due, W A^T) and plain-Linear lora_A / lora_B.
-    `xd` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
-    computed here from `w2` (||W_i||^2) and cached on `plan` under that key; otherwise the plan's cached norm
+    `x_drop` is the (dropped-out) low-rank input, or None when it is `x` itself. With `key` set the norm is
+    computed here from `weight_norm2` (||W_i||^2) and cached on `plan` under that key; otherwise the plan's cached norm
     is used.
 
     `ac` is the autocast dtype when the call runs under autocast (mixed precision), else None. Then the matmuls
@@ -95,21 +98,22 @@ class DoraLinear(torch.autograd.Function):
     unrounded weights, and the gradients come back in the inputs' and parameters' own dtypes; the body runs with
     autocast off, so that these explicit dtypes are the ones used, in the forward and in the backward.
 
-    The unscaled sum u = base(x) / s + xd A^T B^T is accumulated into the base output's own buffer and kept for
-    the backward, where it gives the magnitude gradient in one pass: dL/dm = (s / norm) sum_n g (u - bias / s).
+    The unscaled sum u = base(x) / s + x_drop A^T B^T (`unscaled`) is accumulated into the base output's own
+    buffer and kept for the backward, where it gives the magnitude gradient in one pass:
+    dL/dm = (s / norm) sum_n g (u - bias / s).
     The backward is written out: the gradients autograd gives for the same expression with the norm constant,
     in one node instead of a dozen, and no pass over the output the expression does not need. (Per layer and
     step such fixed costs, not arithmetic, are what DoRA adds to LoRA at small widths.)"""
 
     @staticmethod
-    def forward(ctx, x, xd, a, b, m, base, plan, key, w2, s, ac):
+    def forward(ctx, x, x_drop, a, b, m, base, plan, key, weight_norm2, s, ac):
         if ac is None:
-            return DoraLinear._forward(ctx, x, xd, a, b, m, base, plan, key, w2, s, None)
+            return DoraLinear._forward(ctx, x, x_drop, a, b, m, base, plan, key, weight_norm2, s, None)
         with torch.autocast(x.device.type, enabled=False):
-            return DoraLinear._forward(ctx, x, xd, a, b, m, base, plan, key, w2, s, ac)
+            return DoraLinear._forward(ctx, x, x_drop, a, b, m, base, plan, key, weight_norm2, s, ac)
 
     @staticmethod
-    def _forward(ctx, x, xd, a, b, m, base, plan, key, w2, s, ac):
+    def _forward(ctx, x, x_drop, a, b, m, base, plan, key, weight_norm2, s, ac):
         w = w0 = base.weight
         four_bit = type(w).__name__ == "Params4bit"
         if four_bit:
@@ -122,41 +126,42 @@ class DoraLinear(torch.autograd.Function):
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        r = torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), w, bias)
+        base_out = torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), w, bias)
         # the base's output dtype: bitsandbytes casts back to the input's, nn.Linear under autocast gives ac
         out_dtype = x.dtype if (ac is None or four_bit) else ac
-        ct = ac or a.dtype  # PEFT runs the low-rank branch in the adapter's dtype (autocast: in ac)
-        if ac is None and r.dtype != x.dtype:
-            r = r.to(x.dtype)
-        xl = x if xd is None else xd
-        if xl.dtype != ct:
-            xl = xl.to(ct)
+        lr_dtype = ac or a.dtype  # PEFT runs the low-rank branch in the adapter's dtype (autocast: in ac)
+        if ac is None and base_out.dtype != x.dtype:
+            base_out = base_out.to(x.dtype)
+        x_lr = x if x_drop is None else x_drop
+        if x_lr.dtype != lr_dtype:
+            x_lr = x_lr.to(lr_dtype)
         if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
-            wat = w0 @ (a if a.dtype == w0.dtype else a.to(w0.dtype)).t()
-            plan.key, plan.inv_s = key, inv_norm_s(w2, wat, a, b, s)
-        inv_s = plan.inv_s
-        ss = m * inv_s  # s * scale
-        al = a if a.dtype == ct else a.to(ct)
-        h = torch.nn.functional.linear(xl, al)
-        # under autocast u and the output are summed in fp32 (rounded once, at the end, as PEFT's fp32 combination is):
-        # u kept in bf16 put the magnitude and q/k gradients further from fp32 than PEFT's (cosine 0.970 vs 0.994)
-        ud = torch.float32 if ac is not None else torch.promote_types(r.dtype, ct)
-        bt = (b if b.dtype == ud else b.to(ud)).t()
-        if r.dtype == ud:  # u = r / s + h B^T into r's own buffer (fresh from the matmul above): no new tensor
-            u = r.addmm_(h if h.dtype == ud else h.to(ud), bt, beta=1 / s)
+            weight_a_t = w0 @ (a if a.dtype == w0.dtype else a.to(w0.dtype)).t()
+            plan.key, plan.s_over_norm = key, inv_norm_s(weight_norm2, weight_a_t, a, b, s)
+        s_over_norm = plan.s_over_norm
+        scale_s = m * s_over_norm  # s' = s m / ||W + s B A||: PEFT's mag_norm_scale times the LoRA scaling s
+        a_lr = a if a.dtype == lr_dtype else a.to(lr_dtype)
+        lora_a_out = torch.nn.functional.linear(x_lr, a_lr)
+        # under autocast u and the output are summed in fp32 (rounded once, at the end, as PEFT's fp32 combination
+        # is): u kept in bf16 put the magnitude and q/k gradients further from fp32 than PEFT's (cosine 0.970 vs 0.994)
+        sum_dtype = torch.float32 if ac is not None else torch.promote_types(base_out.dtype, lr_dtype)
+        b_t = (b if b.dtype == sum_dtype else b.to(sum_dtype)).t()
+        lora_a_sum = lora_a_out if lora_a_out.dtype == sum_dtype else lora_a_out.to(sum_dtype)
+        if base_out.dtype == sum_dtype:  # base_out / s + (x A^T) B^T into base_out's own (fresh) buffer: no new tensor
+            unscaled = base_out.addmm_(lora_a_sum, b_t, beta=1 / s)
         else:
-            u = torch.addmm(r.to(ud), h if h.dtype == ud else h.to(ud), bt, beta=1 / s)
-        ssu = ss if ss.dtype == ud else ss.to(ud)
+            unscaled = torch.addmm(base_out.to(sum_dtype), lora_a_sum, b_t, beta=1 / s)
+        scale_s_sum = scale_s if scale_s.dtype == sum_dtype else scale_s.to(sum_dtype)
         if bias is None:
-            out = u * ssu
+            out = unscaled * scale_s_sum
         else:  # PEFT's base bias stays out of the rescaling: + bias (1 - scale)
-            out = torch.addcmul((bias - bias * (ss / s)).to(ud), u, ssu)
+            out = torch.addcmul((bias - bias * (scale_s / s)).to(sum_dtype), unscaled, scale_s_sum)
         if out.dtype != out_dtype:
             out = out.to(out_dtype)
-        ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same, ctx.ac = base, four_bit, dtype, s, xd is None, ac
-        ctx.x_dtype, ctx.xd_dtype, ctx.a_dtype, ctx.b_dtype, ctx.m_dtype = (
-            x.dtype, None if xd is None else xd.dtype, a.dtype, b.dtype, m.dtype)
-        ctx.save_for_backward(xl, h, u, al, b, ss, inv_s)
+        ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same, ctx.ac = base, four_bit, dtype, s, x_drop is None, ac
+        ctx.x_dtype, ctx.x_drop_dtype, ctx.a_dtype, ctx.b_dtype, ctx.m_dtype = (
+            x.dtype, None if x_drop is None else x_drop.dtype, a.dtype, b.dtype, m.dtype)
+        ctx.save_for_backward(x_lr, lora_a_out, unscaled, a_lr, b, scale_s, s_over_norm)
         return out
 
     @staticmethod
@@ -168,18 +173,19 @@ class DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        xl, h, u, a, b, ss, inv_s = ctx.saved_tensors  # a, xl and h in the low-rank compute dtype
+        # a, x_lr and lora_a_out in the low-rank compute dtype
+        x_lr, lora_a_out, unscaled, a, b, scale_s, s_over_norm = ctx.saved_tensors
         need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        base, s, ct = ctx.base, ctx.s, h.dtype
+        base, s, lr_dtype = ctx.base, ctx.s, lora_a_out.dtype
         none = (None,) * 6
         grad_x = grad_xd = grad_a = grad_b = grad_m = None
         if need_m:  # dL/dm = (s / norm) sum_n g (u - bias / s), per row, in fp32
-            f32 = inv_s.dtype
-            gs = torch.linalg.vecdot(g, u, dim=0) if g.dtype == f32 == u.dtype else \
-                torch.linalg.vecdot(g.to(f32), u.to(f32), dim=0)
+            f32 = s_over_norm.dtype
+            g_dot_u = torch.linalg.vecdot(g, unscaled, dim=0) if g.dtype == f32 == unscaled.dtype else \
+                torch.linalg.vecdot(g.to(f32), unscaled.to(f32), dim=0)
             if base.bias is not None:
-                gs = gs.sub_(g.to(f32).sum(0).mul_(base.bias.to(f32)), alpha=1 / s)
-            grad_m = gs.mul_(inv_s)
+                g_dot_u = g_dot_u.sub_(g.to(f32).sum(0).mul_(base.bias.to(f32)), alpha=1 / s)
+            grad_m = g_dot_u.mul_(s_over_norm)
             if grad_m.dtype != ctx.m_dtype:
                 grad_m = grad_m.to(ctx.m_dtype)
         need_h = need_a or need_xd or (need_x and ctx.same)
@@ -191,37 +197,37 @@ class DoraLinear(torch.autograd.Function):
             if w.dtype != ctx.dtype:
                 w = w.to(ctx.dtype)
         own_w = w is not None and (ctx.four_bit or w is not base.weight)  # a fresh tensor: may be scaled in place
-        gss = None
+        g_scaled = None
         if w is None or g.shape[0] <= w.shape[1]:
             # the scale s' on g (n x out), once for every product that needs it
-            gss = g * (ss if ss.dtype == g.dtype else ss.to(g.dtype))
-            gl = gss if gss.dtype == ct else gss.to(ct)
-            grad_b = gl.t() @ h if need_b else None
-            grad_h = gl @ (b if b.dtype == ct else b.to(ct)) if need_h else None
+            g_scaled = g * (scale_s if scale_s.dtype == g.dtype else scale_s.to(g.dtype))
+            g_scaled_lr = g_scaled if g_scaled.dtype == lr_dtype else g_scaled.to(lr_dtype)
+            grad_b = g_scaled_lr.t() @ lora_a_out if need_b else None
+            grad_h = g_scaled_lr @ (b if b.dtype == lr_dtype else b.to(lr_dtype)) if need_h else None
         else:
             # more rows than W has columns: the scale goes on W's rows (out x in; on a 4-bit base the fresh
             # dequantization, in place) and on B (out x r) instead
-            sc = ss.to(ctx.dtype).unsqueeze(1)
-            w = w.mul_(sc) if own_w else w * sc
-            gc = g if g.dtype == ct else g.to(ct)
-            ssc = ss.to(ct).unsqueeze(1)
-            grad_b = (gc.t() @ h).mul_(ssc) if need_b else None
-            grad_h = gc @ (b.to(ct) * ssc) if need_h else None
+            scale_s_col = scale_s.to(ctx.dtype).unsqueeze(1)
+            w = w.mul_(scale_s_col) if own_w else w * scale_s_col
+            g_lr = g if g.dtype == lr_dtype else g.to(lr_dtype)
+            scale_s_lr = scale_s.to(lr_dtype).unsqueeze(1)
+            grad_b = (g_lr.t() @ lora_a_out).mul_(scale_s_lr) if need_b else None
+            grad_h = g_lr @ (b.to(lr_dtype) * scale_s_lr) if need_h else None
         if grad_b is not None and grad_b.dtype != ctx.b_dtype:
             grad_b = grad_b.to(ctx.b_dtype)
         if need_a:
-            grad_a = grad_h.t() @ xl
+            grad_a = grad_h.t() @ x_lr
             if grad_a.dtype != ctx.a_dtype:
                 grad_a = grad_a.to(ctx.a_dtype)
         if need_x:
             # (g s' / s) W [+ grad_h A]
-            gw = gss if gss is not None else g
-            if gw.dtype != ctx.dtype:
-                gw = gw.to(ctx.dtype)
+            g_for_x = g_scaled if g_scaled is not None else g
+            if g_for_x.dtype != ctx.dtype:
+                g_for_x = g_for_x.to(ctx.dtype)
             if ctx.same and grad_h.dtype == ctx.dtype == a.dtype:
-                grad_x = (grad_h @ a).addmm_(gw, w, alpha=1 / s)
+                grad_x = (grad_h @ a).addmm_(g_for_x, w, alpha=1 / s)
             else:
-                grad_x = torch.mm(gw, w)
+                grad_x = torch.mm(g_for_x, w)
                 if s != 1:
                     grad_x = grad_x.mul_(1 / s)
                 if ctx.same:
@@ -230,6 +236,6 @@ class DoraLinear(torch.autograd.Function):
                 grad_x = grad_x.to(ctx.x_dtype)
         if need_xd:
             grad_xd = grad_h @ a
-            if grad_xd.dtype != ctx.xd_dtype:
-                grad_xd = grad_xd.to(ctx.xd_dtype)
+            if grad_xd.dtype != ctx.x_drop_dtype:
+                grad_xd = grad_xd.to(ctx.x_drop_dtype)
         return grad_x, grad_xd, grad_a, grad_b, grad_m, *none

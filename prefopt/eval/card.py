@@ -44,7 +44,8 @@ def write_model_card(out_dir: Path, run_dir: Path) -> Path:
     name = cfg.get("name") or run_dir.name
     base = (cfg.get("model") or {}).get("name_or_path")
     data = ModelCardData(model_name=name, base_model=base if base and not Path(base).exists() else None,
-                         library_name="transformers", tags=["prefopt", "dora"] + [s["type"] for s in cfg.get("stages", [])],
+                         library_name="transformers",
+                         tags=["prefopt", "dora"] + [s["type"] for s in cfg.get("stages", [])],
                          eval_results=_results(log, name) or None)
     m = log.get("mmlu")
     lines = [f"# {name}", "", "Trained and merged by prefopt. "
@@ -64,7 +65,8 @@ def write_model_card(out_dir: Path, run_dir: Path) -> Path:
     lines += ["", "## Reviews", ""]
     lines += [f"- {r['at']}: {r['reviewer']}: **{r['verdict']}**" + (f" ({r['note']})" if r.get("note") else "")
               + (" -- *stale: this review read an earlier model*" if r.get("stale") else "")
-              for r in log.get("reviews", [])] or ["- none yet (`prefopt review RUN_DIR --reviewer NAME --verdict approve`)"]
+              for r in log.get("reviews", [])] \
+        or ["- none yet (`prefopt review RUN_DIR --reviewer NAME --verdict approve`)"]
     recipe = (run_dir / runfolder.RECIPE).read_text() if (run_dir / runfolder.RECIPE).is_file() else ""
     lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

@@ -86,7 +86,8 @@ def side_by_side(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: 
     with model.disable_adapter():
         base = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     tuned = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
-    return [{"index": k, "prompt": show(p), "base": b, "tuned": t} for k, (p, b, t) in enumerate(zip(prompts, base, tuned))]
+    return [{"index": k, "prompt": show(p), "base": b, "tuned": t}
+            for k, (p, b, t) in enumerate(zip(prompts, base, tuned))]
 
 
 def to_markdown(rows: list[dict], title: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from .completions import generate, prompt_of, reference_of
+
 SHORT_ANSWER_CHARS = 120  # "short reference answers": a sentence, a number, a label
 MAX_ROWS = 64  # generation per row is the slow part on a CPU
 
@@ -19,8 +21,8 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().split()).strip(" .!?")
 
 
-def sft_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict, *, seed: int, max_new_tokens: int = 64) -> dict:
-    from .completions import generate, prompt_of, reference_of
+def sft_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict, *, seed: int,
+                max_new_tokens: int = 64) -> dict:
 
     out: dict = {}
     loss = (stage_metrics.get("eval") or {}).get("eval_loss")

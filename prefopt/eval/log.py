@@ -13,8 +13,9 @@ import datetime as _dt
 import hashlib
 from pathlib import Path
 
-from ..runs import folder as runfolder
 from ..errors import PrefoptError
+from ..runs import folder as runfolder
+from ..version import __version__
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "lm_eval", "accelerate")
 VERDICTS = ("approve", "reject")
@@ -26,8 +27,6 @@ def now() -> str:
 
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
-
-    from ..version import __version__
 
     out = {"prefopt": __version__}
     for lib in LIBRARIES:

@@ -42,7 +42,8 @@ def check_local_folder(folder: Path, num_fewshot: int) -> list[str]:
         return [f"folder not found: {folder}"]
     subjects = local_subjects(folder)
     if not subjects:
-        return [f"{folder}: no test/<subject>_test.csv files (expected the Hendrycks MMLU layout: dev/<subject>_dev.csv, "
+        return [f"{folder}: no test/<subject>_test.csv files (expected the Hendrycks MMLU layout: "
+                "dev/<subject>_dev.csv, "
                 "test/<subject>_test.csv, no header: question, A, B, C, D, answer)"]
     problems = []
     for s in subjects:
@@ -74,7 +75,8 @@ def _rows(path: Path, problems: list[str]) -> list[list[str]] | None:
         if not row:
             continue
         if len(row) != 6:
-            problems.append(f"{path} line {i}: {len(row)} columns, expected 6 (question, A, B, C, D, answer; no header)")
+            problems.append(f"{path} line {i}: {len(row)} columns, expected 6 (question, A, B, C, D, answer; "
+                            "no header)")
             return None
         if row[5].strip() not in ("A", "B", "C", "D"):
             problems.append(f"{path} line {i}: answer {row[5]!r} is not A, B, C or D")
@@ -183,11 +185,13 @@ def build_tasks(path: str, num_fewshot: int) -> list:
             tasks.append(ConfigurableTask(config=dict(
                 common, task=TASK_PREFIX + s, dataset_path=path, dataset_name=s, doc_to_text=HUB_PROMPT,
                 doc_to_target="answer",
-                description=f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n")))
+                description="The following are multiple choice questions (with answers) about "
+                            f"{s.replace('_', ' ')}.\n\n")))
     return tasks
 
 
-def score(model, tokenizer, *, path: str, num_fewshot: int, limit: int | None, batch_size: int, seed: int) -> list[dict]:
+def score(model, tokenizer, *, path: str, num_fewshot: int, limit: int | None, batch_size: int,
+          seed: int) -> list[dict]:
     """Per-item results of one model: [{subject, id, correct, doc_hash, loglik}] in a fixed order."""
     import logging
 
@@ -200,7 +204,8 @@ def score(model, tokenizer, *, path: str, num_fewshot: int, limit: int | None, b
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # the tasks are built here, so lm-eval need not index its thousands of task files (seconds per call)
     out = simple_evaluate(model=lm, tasks=build_tasks(path, num_fewshot), num_fewshot=num_fewshot, limit=limit,
-                          task_manager=TaskManager(include_defaults=False), log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                          task_manager=TaskManager(include_defaults=False), log_samples=True, bootstrap_iters=0,
+                          random_seed=seed, numpy_random_seed=seed,
                           torch_random_seed=seed, fewshot_random_seed=seed)
     items = []
     for task, samples in sorted(out["samples"].items()):
@@ -218,7 +223,8 @@ def summary(items: list[dict]) -> dict:
     per_subject: dict[str, list] = {}
     for i in items:
         per_subject.setdefault(i["subject"], []).append(i["correct"])
-    return {"acc": acc, "n": n, "per_subject": {s: {"acc": sum(v) / len(v), "n": len(v)} for s, v in per_subject.items()}}
+    return {"acc": acc, "n": n,
+            "per_subject": {s: {"acc": sum(v) / len(v), "n": len(v)} for s, v in per_subject.items()}}
 
 
 def paired(base: list[dict], tuned: list[dict]) -> dict:
@@ -231,7 +237,8 @@ def paired(base: list[dict], tuned: list[dict]) -> dict:
         bi = b.get(key(t))
         if bi is None or (bi.get("doc_hash") and t.get("doc_hash") and bi["doc_hash"] != t["doc_hash"]):
             raise RuntimeError(f"MMLU item {key(t)} differs between the base and tuned evaluations")
-        rows.append({"subject": t["subject"], "id": t["id"], "base_correct": bi["correct"], "tuned_correct": t["correct"]})
+        rows.append({"subject": t["subject"], "id": t["id"], "base_correct": bi["correct"],
+                     "tuned_correct": t["correct"]})
     if len(rows) != len(base):
         raise RuntimeError(f"MMLU: {len(base)} base items but {len(rows)} tuned ones")
     n = len(rows)

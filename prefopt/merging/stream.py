@@ -10,29 +10,39 @@ with s = alpha / r (alpha / sqrt(r) with rsLoRA). W is the base weight as the ad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MergeError, PrefoptError, option
+from ..config import AdapterSection, MergeSection, defaults
+from ..errors import MergeError, option
 from ..models import BASE_INFO
 from ..quant import roundtrip, torch_dtype
+from ..runs.folder import adapter_hash
 from .heap import large_blocks_from_the_os, release_freed_memory
+from .verify import verify as _verify
 
 REPORT = "merge_report.json"
+_MERGE = defaults(MergeSection)  # the schema's merge settings and thresholds, written there once
+_ADAPTER = defaults(AdapterSection)
+
+
 @dataclass
 class Thresholds:
-    # Defaults: bf16 output rounding stays far below these; a dropped DoRA magnitude or a wrong base
-    # lands far above (see tests/test_merge.py and merge_report.json).
-    # Measured on the demo (tests/test_merge.py): correct NF4 merge 0.007 / 8e-8 / 0.99;
-    # magnitude dropped 1.2 / 7.6e-3 / 0.50.
-    max_rel_logit_diff: float = 0.05  # max |logit_merged - logit_adapter| / max |logit_adapter|
-    mean_kl: float = 1e-4  # mean KL(adapter || merged) per token
-    min_top1_agreement: float = 0.9
+    """When a merge fails its verification. bf16 output rounding stays far below the defaults; a dropped DoRA
+    magnitude or a wrong base lands far above (the figures: README, "Merge"; tests/test_merge.py)."""
+
+    max_rel_logit_diff: float = _MERGE["max_rel_logit_diff"]  # max |logit_merged - logit_adapter| / max |logit_adapter|
+    mean_kl: float = _MERGE["mean_kl"]  # mean KL(adapter || merged) per token
+    min_top1_agreement: float = _MERGE["min_top1_agreement"]
+
+    @classmethod
+    def of(cls, merge_section) -> Thresholds:
+        return cls(merge_section.max_rel_logit_diff, merge_section.mean_kl, merge_section.min_top1_agreement)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -193,7 +203,7 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
     return {"tensors_merged": merged, "shards": len(names)}
 
 
-def _copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: str) -> None:
+def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: str) -> None:
     cfg = json.loads((base_dir / "config.json").read_text())
     cfg.pop("quantization_config", None)
     cfg["dtype"] = out_dtype
@@ -215,8 +225,7 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype
 
 def verify(out_dir: Path, adapter_dir: Path, info: dict, base_dir: Path, probe_rows, thresholds: Thresholds,
            **kwargs) -> dict:
-    """The merged model vs the adapter model as trained, on probe prompts (see prefopt.verify)."""
-    from .verify import verify as _verify
+    """The merged model vs the adapter model as trained, on probe prompts (see prefopt.merging.verify)."""
 
     return _verify(out_dir, adapter_dir, info, base_dir, probe_rows, thresholds, **kwargs)
 
@@ -229,18 +238,18 @@ def merge_adapter(
     out_dir: str | Path,
     *,
     base: str | Path | None = None,
-    base_mode: str = "auto",
+    base_mode: str = _MERGE["base"],
     quantization: str | None = None,
     dtype: str | None = None,
-    out_dtype: str = "bfloat16",
+    out_dtype: str = _MERGE["dtype"],
     overwrite: bool = False,
-    verify_merge: bool = True,
+    verify_merge: bool = _MERGE["verify"],
     probe_rows: list[dict] | None = None,
     thresholds: Thresholds | None = None,
     report_extra: dict | None = None,
     probe_note: str | None = None,
-    dora_impl: str = "fast",
-    dora_dropout: str = "lowrank",
+    dora_impl: str = _ADAPTER["dora_impl"],
+    dora_dropout: str = _ADAPTER["dora_dropout"],
     echo=print,
 ) -> dict:
     """Merge one adapter into its base; writes out_dir (whole or not at all) with merge_report.json.
@@ -251,6 +260,47 @@ def merge_adapter(
     folder is kept for inspection, its report says why).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    thresholds = thresholds or Thresholds()
+    info = _training_base(adapter_dir, base, quantization, dtype)
+    base_mode = _base_mode(base_mode, info["quantization"])
+    settings = {"adapter_hash": adapter_hash(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
+                "out_dtype": out_dtype}
+    if out_dir.exists() and not overwrite:
+        current = current_merge(out_dir, settings, verify_merge=verify_merge, thresholds=thresholds)
+        if isinstance(current, dict):
+            echo(f"prefopt: merge: {out_dir} is current (the same adapter, base and settings"
+                 f"{', verified' if verify_merge else ''}); nothing to do ({option('overwrite')} merges again)")
+            return current
+        raise MergeError(f"{out_dir} already exists and {current}; pass {option('overwrite')} to replace it")
+    adapter = read_adapter(adapter_dir)
+    base_dir = resolve_base_dir(info["name_or_path"])
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with large_blocks_from_the_os():
+            counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
+        copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
+        report = {"adapter": str(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
+                  "training_quantization": info["quantization"], "training_dtype": info["dtype"],
+                  "method": "dora" if adapter.use_dora else "lora", "scale": adapter.scale, "out_dtype": out_dtype,
+                  "adapter_hash": settings["adapter_hash"], **counts, **(report_extra or {})}
+        if verify_merge:
+            with large_blocks_from_the_os():
+                report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows, thresholds,
+                                                dora_impl=dora_impl, dora_dropout=dora_dropout)
+            if report["verification"]["probe_source"] == "fixed prompts" and probe_note:
+                report["verification"]["probe_note"] = probe_note
+                echo(f"prefopt: merge: {probe_note}; verifying on {report['verification']['probes']} fixed prompts")
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say_verdict(report.get("verification"), base_mode, out_dir, echo)
+    return report
+
+
+def _training_base(adapter_dir: Path, base, quantization: str | None, dtype: str | None) -> dict:
+    """How the adapter's base was loaded in training (prefopt_base.json), with what the caller overrides."""
     recorded = json.loads((adapter_dir / BASE_INFO).read_text()) if (adapter_dir / BASE_INFO).is_file() else {}
     info = {
         "name_or_path": str(base or recorded.get("name_or_path") or ""),
@@ -261,85 +311,52 @@ def merge_adapter(
         info["bnb"] = recorded["bnb"]
     if not info["name_or_path"]:
         raise MergeError(f"{adapter_dir}: no base recorded; pass {option('base', 'MODEL')}")
+    return info
+
+
+def _base_mode(base_mode: str, quantization: str) -> str:
+    """auto: the dequantized base when training used a quantized one (the weights the adapter learned against)."""
     if base_mode == "auto":
-        base_mode = "dequantized" if info["quantization"] != "none" else "original"
+        base_mode = "dequantized" if quantization != "none" else "original"
     if base_mode not in ("dequantized", "original"):
         raise MergeError(f"merge base must be auto, dequantized or original, got {base_mode!r}")
-    if base_mode == "dequantized" and info["quantization"] == "none":
+    if base_mode == "dequantized" and quantization == "none":
         raise MergeError("merge base 'dequantized' needs the training quantization (nf4 or int8); "
                          "the adapter was trained on an unquantized base: use 'original'")
-    from ..runs.folder import adapter_hash
+    return base_mode
 
-    settings = {"adapter_hash": adapter_hash(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
-                "out_dtype": out_dtype}
-    if out_dir.exists() and not overwrite:
-        current = current_merge(out_dir, settings, verify_merge=verify_merge,
-                                thresholds=thresholds or Thresholds())
-        if isinstance(current, dict):
-            echo(f"prefopt: merge: {out_dir} is current (the same adapter, base and settings"
-                 f"{', verified' if verify_merge else ''}); nothing to do ({option('overwrite')} merges again)")
-            return current
-        raise MergeError(f"{out_dir} already exists and {current}; pass {option('overwrite')} to replace it")
-    adapter = read_adapter(adapter_dir)
-    base_dir = resolve_base_dir(info["name_or_path"])
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with large_blocks_from_the_os():
-            counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
-        _copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
-        report = {
-            "adapter": str(adapter_dir),
-            "base": info["name_or_path"],
-            "base_mode": base_mode,
-            "training_quantization": info["quantization"],
-            "training_dtype": info["dtype"],
-            "method": "dora" if adapter.use_dora else "lora",
-            "scale": adapter.scale,
-            "out_dtype": out_dtype,
-            "adapter_hash": settings["adapter_hash"],
-            **counts,
-            **(report_extra or {}),
-        }
-        if verify_merge:
-            with large_blocks_from_the_os():
-                report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows,
-                                                thresholds or Thresholds(), dora_impl=dora_impl,
-                                                dora_dropout=dora_dropout)
-            if report["verification"]["probe_source"] == "fixed prompts" and probe_note:
-                report["verification"]["probe_note"] = probe_note
-                echo(f"prefopt: merge: {probe_note}; verifying on {report['verification']['probes']} fixed prompts")
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        # swap in one rename; the old folder goes aside first (a temp name that run start-up clears)
-        aside = out_dir.with_name(f".{out_dir.name}.tmp-old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, aside)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    v = report.get("verification")
-    if v:
-        verdict = "PASSED" if v["passed"] else "FAILED"
-        echo(f"prefopt: merge {verdict}: max |Δlogit| {v['max_abs_logit_diff']:.3g} "
-             f"({v['max_rel_logit_diff']:.2%} of max |logit|), mean KL {v['mean_kl']:.2e}, "
-             f"top-1 agreement {v['top1_agreement']:.3f} over {v['tokens']} tokens of {v['probes']} "
-             f"{v['probe_source']} ({base_mode} base, on {v['device']}) -> {out_dir}")
-        pf = v.get("peft_forward")
-        if pf and pf["max_abs_logit_diff_vs_trained"] > 0:
-            echo(f"prefopt: merge: under PEFT's DoRA forward instead of the trained one: max |Δlogit| "
-                 f"{pf['max_abs_logit_diff']:.3g}, mean KL {pf['mean_kl']:.2e} (the two forwards differ by "
-                 f"{pf['max_abs_logit_diff_vs_trained']:.3g})")
-        if not v["passed"]:
-            raise MergeError(f"merged model does not behave like the adapter model: {'; '.join(v['failures'])} "
-                             f"(see {out_dir / REPORT})")
-    else:
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """The finished merge replaces out_dir in one rename; the old folder goes aside first (a temp name that run
+    start-up clears)."""
+    aside = out_dir.with_name(f".{out_dir.name}.tmp-old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, aside)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _say_verdict(v: dict | None, base_mode: str, out_dir: Path, echo) -> None:
+    """The verification's figures on the console; a failed verification is a MergeError (the folder is kept)."""
+    if not v:
         echo(f"prefopt: merged into {out_dir} (not verified)")
-    return report
+        return
+    verdict = "PASSED" if v["passed"] else "FAILED"
+    echo(f"prefopt: merge {verdict}: max |Δlogit| {v['max_abs_logit_diff']:.3g} "
+         f"({v['max_rel_logit_diff']:.2%} of max |logit|), mean KL {v['mean_kl']:.2e}, "
+         f"top-1 agreement {v['top1_agreement']:.3f} over {v['tokens']} tokens of {v['probes']} "
+         f"{v['probe_source']} ({base_mode} base, on {v['device']}) -> {out_dir}")
+    pf = v.get("peft_forward")
+    if pf and pf["max_abs_logit_diff_vs_trained"] > 0:
+        echo(f"prefopt: merge: under PEFT's DoRA forward instead of the trained one: max |Δlogit| "
+             f"{pf['max_abs_logit_diff']:.3g}, mean KL {pf['mean_kl']:.2e} (the two forwards differ by "
+             f"{pf['max_abs_logit_diff_vs_trained']:.3g})")
+    if not v["passed"]:
+        raise MergeError(f"merged model does not behave like the adapter model: {'; '.join(v['failures'])} "
+                         f"(see {out_dir / REPORT})")
 
 
-def current_merge(out_dir: Path, settings: dict, *, verify_merge: bool, thresholds: "Thresholds") -> dict | str:
+def current_merge(out_dir: Path, settings: dict, *, verify_merge: bool, thresholds: Thresholds) -> dict | str:
     """The merge report when out_dir already holds this merge (same adapter by content, base, base mode, dtype;
     verified and passed under the same thresholds when verification is asked); else why not, in words."""
     try:
@@ -361,55 +378,4 @@ def current_merge(out_dir: Path, settings: dict, *, verify_merge: bool, threshol
             return "holds a merge that was not verified, or failed its verification"
         if v.get("thresholds") != dataclasses.asdict(thresholds):
             return "was verified against other thresholds"
-    return report
-
-
-def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, recipe=None, ignore_gates: bool = False,
-              **kwargs) -> dict:
-    """Merge a run folder's final adapter; probes are the last stage's held-out rows. A run whose evaluation
-    failed a gate is refused (GateFailed) unless ignore_gates. With an eval log, merged/README.md is its model card."""
-    from ..errors import GateFailed
-    from ..config import load_recipe
-    from ..data import recipe_stage_data
-    from ..runs.folder import adapter_hash, failed_gates, gate_line, read_eval_log, read_manifest
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    if not manifest or not manifest.get("stages"):
-        raise MergeError(f"{run_dir}: no run.json with stages; is this a prefopt run folder?")
-    last = manifest["stages"][-1]
-    if last["status"] != "done":
-        raise MergeError(f"{run_dir}: the last stage '{last['name']}' is {last['status']}; finish the run first")
-    log = read_eval_log(run_dir)
-    if log is not None and log.get("adapter_hash") != adapter_hash(run_dir / last["adapter"]):
-        log = None  # an evaluation of an earlier adapter says nothing about this one
-    if failed_gates(log) and not ignore_gates:
-        raise GateFailed(f"{run_dir}: {gate_line(failed_gates(log))}; refusing to merge (pass {option('ignore_gates')} to "
-                         "merge anyway)")
-    if "probe_rows" not in kwargs:
-        kwargs["probe_rows"], kwargs["probe_note"] = None, None
-        try:
-            recipe = recipe or load_recipe(run_dir / "recipe.yaml")
-            data = recipe_stage_data(recipe, len(recipe.stages) - 1)
-            if data.eval is not None and len(data.eval):
-                kwargs["probe_rows"] = data.eval.to_list()
-            else:
-                kwargs["probe_note"] = f"the last stage '{last['name']}' has no held-out rows (eval_fraction 0)"
-        except PrefoptError as e:
-            kwargs["probe_note"] = f"the last stage's held-out rows cannot be read ({str(e).splitlines()[0]})"
-    if recipe is not None and recipe.adapter.method == "dora":
-        kwargs.setdefault("dora_impl", recipe.adapter.dora_impl)
-        kwargs.setdefault("dora_dropout", recipe.adapter.dora_dropout)
-    adapter_dir = run_dir / last["adapter"]
-    if not (adapter_dir / BASE_INFO).is_file():  # older run folders: the recipe says how the base was loaded
-        recipe = recipe or load_recipe(run_dir / "recipe.yaml")
-        kwargs.setdefault("base", recipe.model_path())
-        kwargs.setdefault("quantization", recipe.model.quantization)
-        kwargs.setdefault("dtype", recipe.model.dtype)
-    out = Path(out_dir) if out_dir else run_dir / "merged"
-    report = merge_adapter(adapter_dir, out, **kwargs)
-    if log is not None:
-        from ..eval.card import write_model_card
-
-        write_model_card(out, run_dir)
     return report

@@ -21,6 +21,12 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..config import AdapterSection, defaults
+from ..models import empty_model, load_config, load_tokenizer
+from ..quant import roundtrip, torch_dtype
+from .heap import release_freed_memory
+
+_ADAPTER = defaults(AdapterSection)
 FIXED_PROBES = [
     "Tell me about the sea.",
     "What do you think of a garden?",
@@ -87,17 +93,10 @@ def probe_texts(tokenizer, rows: list[dict] | None, n: int = 16) -> tuple[list[s
 
 
 def _empty(config_dir: Path, dtype):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..models import whole_weights_on_load
-
-    whole_weights_on_load()
-    cfg = AutoConfig.from_pretrained(str(config_dir))
+    """The merged model's skeleton, weightless (meta device), in eval mode, without a KV cache."""
+    cfg = load_config(str(config_dir))
     cfg.use_cache = False
-    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model.eval()
+    return empty_model(cfg, dtype=dtype).eval()
 
 
 def _prefix_of(root, module) -> str:
@@ -136,8 +135,6 @@ def streamed(root, decoder, load):
     """Hooks that bring each unit's meta parameters in through `load(key, owner_module)` just before the unit
     runs, and drop them right after: one linear layer's weight in memory at a time."""
     from accelerate.utils import set_module_tensor_to_device
-
-    from .heap import release_freed_memory
 
     handles = []
     for unit, prefix in _units(root, decoder):
@@ -202,7 +199,6 @@ class Matrix:
     def rows(self, ids):
         """The rows of these token ids, read one by one from the memory-mapped file."""
         import torch
-
         from safetensors import safe_open
 
         uniq = sorted(set(ids.flatten().tolist()))
@@ -262,8 +258,6 @@ def adapter_hiddens(adapter_dir: Path, info: dict, base_dir: Path, enc, dev, *, 
     """Final hidden states of the adapter model as trained (and under PEFT's forward, when that can differ)."""
     import torch
     from peft import PeftModel
-
-    from ..quant import roundtrip, torch_dtype
 
     dtype = torch_dtype(info["dtype"])
     quantized = info["quantization"] != "none"
@@ -343,11 +337,10 @@ def compare(h_a, w_a, h_b, w_b, mask) -> dict:
 
 
 def verify(out_dir: Path, adapter_dir: Path, info: dict, base_dir: Path, probe_rows, thresholds, *,
-           dora_impl: str = "fast", dora_dropout: str = "lowrank", max_length: int = 128) -> dict:
+           dora_impl: str = _ADAPTER["dora_impl"], dora_dropout: str = _ADAPTER["dora_dropout"],
+           max_length: int = 128) -> dict:
     """The merged model vs the adapter model as trained, on probe prompts; returns the verification report."""
     import gc
-
-    from ..models import load_tokenizer
 
     dev = device()
     tok = load_tokenizer(str(out_dir))
@@ -369,7 +362,8 @@ def verify(out_dir: Path, adapter_dir: Path, info: dict, base_dir: Path, probe_r
     metrics["device"] = str(dev)
     failures = []
     if metrics["max_rel_logit_diff"] > thresholds.max_rel_logit_diff:
-        failures.append(f"max relative logit diff {metrics['max_rel_logit_diff']:.3g} > {thresholds.max_rel_logit_diff}")
+        failures.append(f"max relative logit diff {metrics['max_rel_logit_diff']:.3g} > "
+                        f"{thresholds.max_rel_logit_diff}")
     if metrics["mean_kl"] > thresholds.mean_kl:
         failures.append(f"mean KL {metrics['mean_kl']:.3g} > {thresholds.mean_kl}")
     if metrics["top1_agreement"] < thresholds.min_top1_agreement:

@@ -1,5 +1,6 @@
-"""The run folder's format: what prefopt writes there, the manifest, atomic writes, temp clean-up, and what
-"done" means. pipeline, merging and cli import this module; it imports none of them.
+"""The run folder's format: what prefopt writes there, the manifest, atomic writes, temp clean-up, what "done"
+means, and the content hashes of files and folders. It sits low in the flow (it imports the config, the errors and
+the console only), so every step can use it.
 
 runs/<name>/
   run.json                        manifest (version, recipe name and hash, run id; per stage: status, adapter,
@@ -12,17 +13,22 @@ runs/<name>/
   report.html                     the run report (prefopt report rebuilds it from this folder alone)
   merged/                         the merged checkpoint and merge_report.json (recipe `merge:` or `prefopt merge`)
   dropped/NN-<name>/              stages a later version of the recipe no longer has
+  data/                           `prefopt data`: data.json, NN-<name>/ data reports and review samples
+  cache/                          reference log-probs of this run (the shared store keeps a copy)
   wandb/  logs/                   W&B files; tracebacks of unexpected errors
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from ..config import looks_local
+from ..console import log_dir
 from ..errors import RunFolderError, option
 
 MANIFEST = "run.json"
@@ -68,7 +74,6 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 
 def adapter_hash(adapter_dir: Path) -> str:
-    from ..data import file_hash
 
     return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
 
@@ -76,16 +81,14 @@ def adapter_hash(adapter_dir: Path) -> str:
 def self_contained(recipe):
     """A copy of the recipe that runs from anywhere: local data and model paths made absolute, each local data
     file's content hash recorded (data.sha256 / eval_sha256, checked when the data is loaded)."""
-    from ..config import looks_local, resolve_path
-    from ..data import file_hash
-
     r = recipe.model_copy(deep=True)
-    local = resolve_path(r.model.name_or_path, recipe._base_dir)
+    local = recipe.resolve(r.model.name_or_path)
     if local is not None:
         r.model.name_or_path = str(local)
+
     def pin(section, key, hkey):
         p = getattr(section, key)
-        rp = resolve_path(p, recipe._base_dir) if p and looks_local(p) else None
+        rp = recipe.resolve(p) if p and looks_local(p) else None
         if rp is not None and rp.is_file():
             setattr(section, key, str(rp))
             if hkey and getattr(section, hkey) is None:
@@ -99,12 +102,12 @@ def self_contained(recipe):
                 pin(src, "path", "sha256")
         pin(st.data, "eval_path", "eval_sha256")
         q = st.data.quality
-        q.decontaminate = [str(resolve_path(p, recipe._base_dir) or p) if looks_local(p) else p
+        q.decontaminate = [str(recipe.resolve(p) or p) if looks_local(p) else p
                            for p in q.decontaminate]
     if r.eval is not None:  # the eval's local files too (a hub id stays as written)
-        if r.eval.mmlu is not None and (rp := resolve_path(r.eval.mmlu.path, recipe._base_dir)) is not None:
+        if r.eval.mmlu is not None and (rp := recipe.resolve(r.eval.mmlu.path)) is not None:
             r.eval.mmlu.path = str(rp)
-        if r.eval.completions.prompts and (rp := resolve_path(r.eval.completions.prompts, recipe._base_dir)):
+        if r.eval.completions.prompts and (rp := recipe.resolve(r.eval.completions.prompts)):
             r.eval.completions.prompts = str(rp)
     return r
 
@@ -112,7 +115,6 @@ def self_contained(recipe):
 def stage_identity(stage: dict) -> dict:
     """A stage section for its inputs hash: local paths left out (the data step's fingerprint of the rows the
     stage trains on stands for their contents), so a project moved or cloned elsewhere keeps its finished stages."""
-    from ..config import looks_local
 
     def local(v):
         return isinstance(v, str) and looks_local(v)
@@ -131,7 +133,6 @@ def stage_identity(stage: dict) -> dict:
 
 def content_hash(path: str) -> str | None:
     """What a local file or folder holds (every file's name and bytes); None for what is not local (a hub id)."""
-    import hashlib
 
     p = Path(path)
     if not p.exists():
@@ -146,7 +147,6 @@ def content_hash(path: str) -> str | None:
 def model_identity(model: dict) -> dict:
     """The model section for inputs hashes: a local folder stands for what is in it (small files by content,
     weight files by name and size), not for where it lies; a hub id stands for itself."""
-    import hashlib
 
     folder = Path(model["name_or_path"])
     if not folder.is_dir():
@@ -189,7 +189,8 @@ def _owned(name: str) -> bool:
 
 def is_run_folder(run_dir: Path) -> bool:
     """A folder prefopt wrote: a readable run.json, or nothing but what a run killed before its first manifest
-    leaves (temp entries, an empty stages/), or what `prefopt data` wrote (data/data.json). Names alone (a user's own wandb/ or logs/) do not make one."""
+    leaves (temp entries, an empty stages/), or what `prefopt data` wrote (data/data.json). Names alone (a user's own
+    wandb/ or logs/) do not make one."""
     run_dir = Path(run_dir)
     m = read_manifest(run_dir)
     if m is not None and "run_id" in m:
@@ -266,7 +267,8 @@ def check_output_dir(run_dir: Path, *, recipe_name: str, stages: list[tuple[str,
     if not any(run_dir.iterdir()):
         return
     if not is_run_folder(run_dir):
-        what = f"{option('fresh')} deletes only a prefopt run folder's own files, so nothing was deleted" if fresh else \
+        what = f"{option('fresh')} deletes only a prefopt run folder's own files, so nothing was deleted" \
+            if fresh else \
             "prefopt writes its run into an empty folder or a previous run of the same recipe"
         raise RunFolderError(f"{run_dir}: not a prefopt run folder (no run.json, and it holds other files); {what}; "
                              f"choose another {option('output_dir', 'DIR')}")
@@ -396,8 +398,6 @@ def log_paths(run_dir: Path | None) -> list[Path]:
     first it can write."""
     import time
 
-    from ..console import log_dir
-
     name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     out = []
     try:
@@ -406,3 +406,22 @@ def log_paths(run_dir: Path | None) -> list[Path]:
     except OSError:
         pass
     return out + [log_dir() / name]
+
+
+def file_hash(label: str) -> str:
+    """Content hash of a local data file (hub ids hash their name): the first 16 hex digits of sha256_of."""
+    return sha256_of(label)[:16]
+
+
+def sha256_of(label: str) -> str:
+    """The full sha256 of a local file (hub ids: of their name), for reports."""
+    p = Path(label)
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(label.encode())
+    return h.hexdigest()
+

@@ -19,10 +19,11 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..cachedir import CACHE_ENV, cache_root
 from . import folder as runfolder
-from .folder import adapter_hash
 
 REF_LOGPS = "ref_logps"
 STAGES = "stages"
@@ -32,9 +33,9 @@ COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 def shared_dir(setting: str | None) -> Path | None:
     """The shared cache folder: the recipe's cache_dir, else $PREFOPT_CACHE_DIR, else ~/.cache/prefopt; None when
     the recipe says off."""
-    if setting == "off":
+    if setting == "off" or (not setting and os.environ.get(CACHE_ENV, "").lower() == "off"):
         return None
-    return Path(setting or os.environ.get("PREFOPT_CACHE_DIR") or "~/.cache/prefopt").expanduser()
+    return Path(setting).expanduser() if setting else cache_root()
 
 
 def _publish(tmp: Path, dest: Path) -> None:
@@ -106,21 +107,34 @@ def stored_stage(store: Path | None, inputs_hash: str) -> Path | None:
     dest = Path(store) / STAGES / inputs_hash
     return dest if (dest / "stage.json").is_file() and (dest / "adapter" / "adapter_config.json").is_file() else None
 
-def decide_stage(was: dict | None, inputs: str, stage_dir: Path, store, model_path: str | None = None):
-    """(done, the stage's record, where it was reused from, the checkpoint to resume from, whether there are
-    checkpoints of other inputs) -- read from the run folder and the shared store."""
+@dataclass
+class StageDecision:
+    """What to do with a stage, read from the run folder and the shared store."""
+
+    done: bool  # done with these inputs (maybe just reused from the store): nothing to train
+    record: dict | None  # the stage's run.json entry (the stored stage's, when reused)
+    reused_from: str | None = None  # the run folder the stored stage was trained in
+    resume: tuple[Path, int] | None = None  # the checkpoint to resume from, and its step
+    stale: bool = False  # there are checkpoints, of other inputs
+
+
+def decide_stage(recorded: dict | None, inputs: str, stage_dir: Path, store, model_path: str | None = None
+                 ) -> StageDecision:
+    """Done (here, or reused from the shared store), resumable, or to be trained from the start."""
     tmp = runfolder.stage_tmp(stage_dir)
     resume = runfolder.resumable(tmp, inputs)
-    reused = None
     stored = stored_stage(store, inputs) if resume is None else None
-    if not runfolder.stage_done(was, inputs, stage_dir) and stored is not None:
+    if not runfolder.stage_done(recorded, inputs, stage_dir) and stored is not None:
         reuse_stored(stored, stage_dir, model_path)
         meta = json.loads((stored / "stage.json").read_text())
         reused = meta.get("from")
-        was = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
-    if runfolder.stage_done(was, inputs, stage_dir):
-        return True, was, reused, None, False
-    return False, was, None, resume, resume is None and runfolder.last_checkpoint(tmp) is not None
+        record = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
+        return StageDecision(True, record, reused_from=reused)
+    if runfolder.stage_done(recorded, inputs, stage_dir):
+        return StageDecision(True, recorded)
+    return StageDecision(False, recorded, resume=resume,
+                         stale=resume is None and runfolder.last_checkpoint(tmp) is not None)
+
 
 def reuse_stored(stored: Path, stage_dir: Path, model_path: str | None = None) -> None:
     """A stage finished elsewhere with the same inputs: its files, copied into place atomically. The adapter's
@@ -136,22 +150,3 @@ def reuse_stored(stored: Path, stage_dir: Path, model_path: str | None = None) -
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     os.replace(tmp, stage_dir)
-
-def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
-    """Everything the reference log-probs depend on (not beta or loss_type, which only use them)."""
-    import torch
-
-    from ..data import trained_max_length
-
-    st = recipe.stages[i]
-    ref = "base" if (prev_adapter is None or st.reference == "base") else adapter_hash(prev_adapter)
-    kw = {k: v for k, v in st.trainer_kwargs.items()
-          if k in ("truncation_mode", "ld_alpha", "padding_free", "pad_to_multiple_of", "use_logits_to_keep",
-                   "bf16", "fp16", "tf32")}
-    return recipe.section_hash(
-        "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
-        recipe.adapter.model_dump(mode="json"), data.fingerprint,
-        st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
-        trained_max_length(st), st.trainer_kwargs.get("max_length", st.train.max_length), kw,
-        "cuda" if torch.cuda.is_available() else "cpu",
-        os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))  # accelerate launch's precision, read by the trainer

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import time
 from pathlib import Path
 
+from .. import dist, signals
 from ..errors import PrefoptError
 from ..models import ADAPTER_NAME
+from ..runs.folder import mark_checkpoint
 
 
 def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[str], run_name: str,
@@ -55,7 +59,7 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
 
 def checkpoint_args(every) -> dict:
     """TrainingArguments for train.checkpoint_every: N steps, 'P%' of the stage's steps, or 'Mmin' of wall time
-    (saved by CheckpointCallback). The last two checkpoints are kept: a kill while one is written leaves the other."""
+    (saved by checkpoint_callback). The last two checkpoints are kept: a kill while one is written leaves the other."""
     if every in (0, "0", "off", None):
         return {"save_strategy": "no"}
     base = {"save_total_limit": 2, "save_only_model": False}
@@ -63,71 +67,57 @@ def checkpoint_args(every) -> dict:
         return {**base, "save_strategy": "steps", "save_steps": every}
     if every.endswith("%"):
         return {**base, "save_strategy": "steps", "save_steps": float(every[:-1]) / 100}
-    return {**base, "save_strategy": "no"}  # minutes: CheckpointCallback asks for the saves
+    return {**base, "save_strategy": "no"}  # minutes: checkpoint_callback asks for the saves
 
 
 def minutes_of(every) -> float | None:
     return float(every[:-3]) if isinstance(every, str) and every.endswith("min") else None
 
 
-def _callback_base():
-    from transformers import TrainerCallback
+def checkpoint_callback(minutes: float | None = None):
+    """The callback every stage trains with: it marks each checkpoint complete once written (a kill mid-write leaves
+    an unmarked one, never resumed from), saves by wall time when asked, stops gracefully on SIGTERM, and drops
+    cached DoRA norms when a checkpoint's weights were loaded."""
+    return _checkpoint_callback_class()(minutes)
 
-    return TrainerCallback
 
+@functools.cache
+def _checkpoint_callback_class():
+    from transformers import TrainerCallback  # (a heavy import: the class is made on first use)
 
-class CheckpointCallback(_callback_base()):
-    """Marks each checkpoint complete once written (a kill mid-write leaves an unmarked one, never resumed from),
-    saves by wall time when asked, stops gracefully on SIGTERM, and drops cached DoRA norms when a checkpoint's
-    weights were loaded."""
+    class CheckpointCallback(TrainerCallback):
+        def __init__(self, minutes: float | None = None):
+            self.minutes = minutes
+            self.last = time.monotonic()
 
-    def __init__(self, minutes: float | None = None):
-        import time
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            from ..dora import clear_norm_cache  # (imports torch)
 
-        self.minutes = minutes
-        self.last = time.monotonic()
+            signals.STATE["training"] = True
+            if model is not None:
+                clear_norm_cache(model)  # resume_from_checkpoint loads weights in place
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        from .. import signals
-        from ..dora.forward import clear_norm_cache
+        def on_step_end(self, args, state, control, **kw):
+            due = dist.any_rank(self.minutes is not None and time.monotonic() - self.last >= self.minutes * 60)
+            stop = dist.any_rank(signals.stop_requested())  # every rank stops (and saves) at the same step
+            if due:
+                control.should_save = True
+            if stop:
+                signals.STATE["stop"] = True
+                control.should_save = args.save_strategy != "no" or self.minutes is not None
+                control.should_training_stop = True
+            return control
 
-        signals.STATE["training"] = True
-        if model is not None:
-            clear_norm_cache(model)  # resume_from_checkpoint loads weights in place
+        def on_save(self, args, state, control, **kw):
+            self.last = time.monotonic()
+            dist.barrier()  # every rank has written its part (RNG state) before the checkpoint counts as complete
+            if state.is_world_process_zero:
+                mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
-    def on_step_end(self, args, state, control, **kw):
-        import time
+        def on_train_end(self, args, state, control, **kw):
+            signals.STATE["training"] = False
 
-        from .. import signals
-
-        from .. import dist
-
-        due = dist.any_rank(self.minutes is not None and time.monotonic() - self.last >= self.minutes * 60)
-        stop = dist.any_rank(signals.stop_requested())  # every rank stops (and saves) at the same step
-        if due:
-            control.should_save = True
-        if stop:
-            signals.STATE["stop"] = True
-            control.should_save = args.save_strategy != "no" or self.minutes is not None
-            control.should_training_stop = True
-        return control
-
-    def on_save(self, args, state, control, **kw):
-        import time
-
-        from ..runs.folder import mark_checkpoint
-
-        from .. import dist
-
-        self.last = time.monotonic()
-        dist.barrier()  # every rank has written its part (RNG state) before the checkpoint counts as complete
-        if state.is_world_process_zero:
-            mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    def on_train_end(self, args, state, control, **kw):
-        from .. import signals
-
-        signals.STATE["training"] = False
+    return CheckpointCallback
 
 
 def check_trainer_kwargs(config_cls, kwargs: dict, where: str) -> list[str]:
@@ -178,7 +168,7 @@ def make_trainer(trainer_cls, config_cls, model, tokenizer, stage, data, out_dir
     base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
                          run_name=run_name, has_eval=data.eval is not None)
     args = make_config(config_cls, base, method, stage.trainer_kwargs)
-    callbacks = [*callbacks, CheckpointCallback(minutes_of(stage.train.checkpoint_every))]
+    callbacks = [*callbacks, checkpoint_callback(minutes_of(stage.train.checkpoint_every))]
     with adapter_precision_kept(model):
         trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                               processing_class=tokenizer, callbacks=callbacks)
@@ -204,8 +194,6 @@ def _finite(metrics: dict) -> dict:
 def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     """Train (from a checkpoint when given), evaluate on held-out data if any, save the adapter (only ours, not
     TRL's "ref" copy)."""
-    from .. import signals
-
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if signals.stop_requested():
         raise signals.Terminated()

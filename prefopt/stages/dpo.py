@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import _compat
+from .. import _compat, dist
 from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
@@ -26,7 +26,7 @@ def options(stage) -> dict:
     return {
         "beta": stage.beta,
         "loss_type": [stage.loss_type],
-        "max_length": stage.train.max_length,
+        "max_length": stage.effective_max_length(),
         # the reference log-probs are computed (or read from prefopt's cache) in run, after the reference is fixed
         "precompute_ref_log_probs": False,
     }
@@ -145,7 +145,6 @@ def reference_logps(trainer, cache) -> dict:
         ds = getattr(trainer, f"{split}_dataset")
         if ds is None or isinstance(ds, dict):
             continue
-        from .. import dist
 
         # read on the main process and shared, so every rank takes the same path (TRL's precompute is collective)
         cols = dist.broadcast(cache.load(split, len(ds)) if cache is not None and dist.is_main() else None)

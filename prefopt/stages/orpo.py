@@ -14,7 +14,7 @@ def config_class():
 
 def options(stage) -> dict:
     """ORPOConfig's method options from the stage section."""
-    return {"beta": stage.beta, "max_length": stage.train.max_length}
+    return {"beta": stage.beta, "max_length": stage.effective_max_length()}
 
 
 def check(stage, where: str) -> list[str]:

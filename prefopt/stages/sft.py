@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.tokens import encode_sft
 from .common import check_trainer_kwargs, make_trainer, train_and_save
 
 
@@ -18,7 +19,7 @@ def config_class():
 
 def options(stage) -> dict:
     """SFTConfig's method options from the stage section."""
-    return {"max_length": stage.train.max_length, "packing": False}
+    return {"max_length": stage.effective_max_length(), "packing": False}
 
 
 def check(stage, where: str) -> list[str]:
@@ -43,7 +44,5 @@ def tokenized(ds, tokenizer, loss_on: str):
     if ds is None:
         return None
     from datasets import Dataset
-
-    from ..data.tokens import encode_sft
 
     return Dataset.from_list(encode_sft(ds.to_list(), tokenizer, loss_on))

@@ -15,7 +15,7 @@ def config_class():
 def options(stage) -> dict:
     """CPOConfig's method options from the stage section (SimPO is CPO's loss_type="simpo")."""
     return {"loss_type": "simpo", "beta": stage.beta, "simpo_gamma": stage.gamma, "cpo_alpha": stage.cpo_alpha,
-            "max_length": stage.train.max_length}
+            "max_length": stage.effective_max_length()}
 
 
 def check(stage, where: str) -> list[str]:

@@ -1,6 +1,5 @@
 """The evaluation step of a run (after the last stage, before the merge) and `prefopt eval RUN_DIR`: the eval
-section's figures, the gates (GateFailed, exit 3), the run report. pipeline.run calls it; it computes nothing
-itself (prefopt.eval does)."""
+section's figures and the gates (GateFailed, exit 3). It computes nothing itself (prefopt.eval does)."""
 
 from __future__ import annotations
 
@@ -8,15 +7,29 @@ import json
 import shutil
 from pathlib import Path
 
-from .runs import folder as runfolder
-from .config import Recipe
-from .runs.folder import adapter_hash, read_manifest, write_atomic
+import yaml
+
+from .. import dist
+from ..config import Recipe, load_recipe
+from ..errors import GateFailed, PrefoptError
+from ..eval.run import StageEval, describe, evaluate_run, judge_again
+from ..models import ModelSpec
+from ..preflight import preflight
+from ..report import write_report
+from ..runs import folder as runfolder
+from ..runs.folder import adapter_hash, read_manifest, write_atomic
 
 
-def write_report(run_dir: Path, echo) -> None:
-    from .report import build_report
-
-    echo(f"prefopt: report: {build_report(run_dir)}")
+def evaluate_step(recipe: Recipe, run_dir: Path, records, data: list, echo) -> dict | None:
+    """The recipe's eval section, on the main process (the others wait for it); None when it has none."""
+    if recipe.eval is None:
+        return None
+    if dist.world_size() > 1:
+        # lm-eval and generation issue collectives of their own under a launcher, which the waiting ranks would
+        # answer with the wrong ones: the main process evaluates in a process of its own (`prefopt eval`)
+        records.commit()  # the evaluating process reads this run's recipe.yaml and run.json: they must be current
+        return dist.on_main_then_share(evaluate_in_own_process, run_dir, records.manifest, echo)
+    return dist.on_main_then_share(evaluate_final, recipe, run_dir, records.manifest, data, records.save, echo)
 
 
 def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
@@ -25,7 +38,8 @@ def eval_inputs(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
     ev = recipe.eval
     stages = manifest["stages"] if ev.after == "every_stage" else manifest["stages"][-1:]
     local = [p for p in ((ev.mmlu.path if ev.mmlu else None), ev.completions.prompts) if p]
-    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}), [runfolder.content_hash(p) for p in local],
+    return recipe.section_hash(ev.model_dump(mode="json", exclude={"gates"}),
+                               [runfolder.content_hash(p) for p in local],
                                [s["inputs_hash"] for s in manifest["stages"]],
                                [adapter_hash(run_dir / s["adapter"]) for s in stages])
 
@@ -34,23 +48,18 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
                    force: bool = False, withdraw_merged: bool = True) -> dict:
     """The recipe's eval section after the last stage, before the merge. A failed gate stops the run (GateFailed,
     exit code 3), recorded in eval_log.json and run.json; an unchanged evaluation is not redone."""
-    from .errors import GateFailed
-    from .eval import ModelSpec, StageEval, describe, evaluate_run, regate
-
     key = eval_inputs(recipe, manifest, run_dir)
     log = runfolder.read_eval_log(run_dir)
     if not force and log is not None and log.get("inputs_hash") == key and (manifest.get("eval") or {}).get(
             "inputs_hash") == key:
-        log, changed = regate(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
+        log, changed = judge_again(run_dir, recipe.eval.gates, [(s.name, s.type) for s in recipe.stages])
         manifest["eval"].update(passed=log["passed"], gates_failed=[g["name"] for g in runfolder.failed_gates(log)])
         save_manifest(commit=changed)  # new gates judged the figures: a new verdict to record
         echo(f"prefopt: eval: figures unchanged, not evaluated again; {describe(log)}")
     else:
         manifest["eval"] = {"status": "running", "inputs_hash": key, "path": f"{runfolder.EVAL}/{runfolder.EVAL_LOG}"}
         save_manifest()
-        m, a = recipe.model, recipe.adapter
-        spec = ModelSpec(recipe.model_path(), m.quantization, m.dtype, m.revision, m.trust_remote_code,
-                         m.chat_template, a.dora_impl, a.dora_dropout)
+        spec = ModelSpec.of(recipe)
         stages = [StageEval(name=e["name"], type=e["type"], adapter=run_dir / e["adapter"],
                             eval_rows=d.eval.to_list() if d.eval is not None else [], metrics=e.get("metrics") or {},
                             files=list(d.files), train_rows=len(d.train))
@@ -58,7 +67,8 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
         try:
             seed = recipe.seed if recipe.eval.seed is None else recipe.eval.seed
             log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=seed, run_id=manifest["run_id"],
-                               recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(), inputs_hash=key, adapter_hash=adapter_hash(stages[-1].adapter),
+                               recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(), inputs_hash=key,
+                               adapter_hash=adapter_hash(stages[-1].adapter),
                                wandb=recipe.tracking.wandb, group=f"{recipe.name}-{manifest['run_id']}", echo=echo)
         except BaseException:
             manifest["eval"]["status"] = "failed"
@@ -83,11 +93,9 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
     return log
 
 
-def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
+def evaluate_in_own_process(run_dir: Path, manifest: dict, echo) -> dict:
     """The recipe's evaluation under a launcher: `prefopt eval RUN_DIR --in-run` as a process of its own (the others
     wait), then its outcome read back into this run's manifest; a failed gate is GateFailed here too."""
-    from . import dist
-    from .errors import GateFailed, PrefoptError
 
     echo(f"prefopt: eval: in a process of its own (lm-eval and generation are single-process): prefopt eval {run_dir}")
     code = dist.run_alone(["eval", str(run_dir), "--in-run"])
@@ -112,15 +120,10 @@ def evaluate_apart(run_dir: Path, manifest: dict, echo) -> dict:
 def evaluate_existing(run_dir: str | Path, overrides=None, echo=print, in_run: bool = False) -> dict:
     """`prefopt eval RUN_DIR`: (re)run the evaluation of a finished run, with its recorded recipe (its eval
     section, or the defaults when it has none). Raises GateFailed when a gate fails."""
-    from .errors import PrefoptError
-    from .config import load_recipe
-
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest is None or not (run_dir / runfolder.RECIPE).is_file():
         raise PrefoptError(f"{run_dir}: not a prefopt run folder (no run.json / recipe.yaml)")
-    import yaml
-
     raw_eval = (yaml.safe_load((run_dir / runfolder.RECIPE).read_text()) or {}).get("eval")
     ov = list(overrides or [])
     if raw_eval is None:
@@ -131,8 +134,6 @@ def evaluate_existing(run_dir: str | Path, overrides=None, echo=print, in_run: b
         raise PrefoptError(f"{run_dir}: stages not finished ({', '.join(unfinished) or 'the recipe changed'}); "
                            f"finish the run first (prefopt run {run_dir / runfolder.RECIPE})")
     recipe = runfolder.self_contained(recipe)  # a path given with --set: absolute from here on
-    from .preflight import preflight
-
     data = preflight(recipe, echo=echo).data
 
     def save_manifest(commit: bool = False):  # `prefopt eval` was asked to write: every save writes
