@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from . import console, errors, signals
-from .config import MergeSection, defaults, load_recipe
+from .config import MergeSection, ModelSection, defaults, load_recipe
 from .dist import is_main, rank, world_size
 from .errors import EXIT_BUG, EXIT_USER, PrefoptError, environment_error
 from .eval.card import write_model_card
@@ -32,6 +33,11 @@ from .steps.merge import merge_run
 from .version import __version__
 
 _MERGE = defaults(MergeSection)  # the recipe schema's merge defaults
+
+
+def _choices(section, key: str) -> list[str]:
+    """A Literal field's values, from the schema."""
+    return list(typing.get_args(section.model_fields[key].annotation))
 
 
 def _fail(err: Exception) -> None:
@@ -236,12 +242,13 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 @click.option("--base", "base_model", default=None,
               help="Base model folder or hub id (default: as recorded in training).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN_DIR/merged).")
-@click.option("--merge-base", type=click.Choice(["auto", "dequantized", "original"]), default="auto", show_default=True,
+@click.option("--merge-base", type=click.Choice(_choices(MergeSection, "base")), default=_MERGE["base"],
+              show_default=True,
               help="Merge into the weights as the quantized training base saw them, or into the originals.")
-@click.option("--quantization", type=click.Choice(["nf4", "int8", "none"]), default=None,
+@click.option("--quantization", type=click.Choice(_choices(ModelSection, "quantization")), default=None,
               help="Training base quantization (default: as recorded beside the adapter).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
-              help="Dtype of the merged weights.")
+@click.option("--dtype", type=click.Choice(_choices(MergeSection, "dtype")), default=_MERGE["dtype"],
+              show_default=True, help=MergeSection.model_fields["dtype"].description)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing merged and adapter models.")
 @click.option("--max-rel-logit-diff", type=float, default=_MERGE["max_rel_logit_diff"], show_default=True,
