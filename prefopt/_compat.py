@@ -53,7 +53,8 @@ def disable_cpu_repack(linear4bit) -> None:
 
 def is_cpu_packed(quant_state) -> bool:
     """Whether a 4-bit weight was already repacked for the CPU (bitsandbytes 0.48-0.50: `packing_format_for_cpu`
-    on its quant state); such a weight cannot be dequantized by prefopt's shortcut."""
+    on its quant state); such a weight cannot be dequantized by prefopt's shortcut. Removable with
+    `disable_cpu_repack`."""
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
@@ -70,6 +71,20 @@ def settle_4bit_compute_dtype(linear4bit, x):
     return linear4bit.compute_dtype or x.dtype
 
 
+# --------------------------------------------------------------------------------------------------- lm-eval
+
+
+def lm_eval_mmlu_task_files() -> list:
+    """lm-eval's MMLU task files, one per subject (lm-eval 0.4.x: tasks/mmlu/default/mmlu_<subject>.yaml inside the
+    installed package; its file layout, not an API). Removable if lm-eval lists a group's tasks publicly without
+    building them (TaskManager builds every task, which reads the datasets)."""
+    from pathlib import Path
+
+    import lm_eval
+
+    return sorted((Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default").glob("mmlu_*.yaml"))
+
+
 # --------------------------------------------------------------------------------------------------- PEFT
 # (PEFT's LoRA layer internals, which the DoRA kernel reads on its hot path, are listed in prefopt/dora/forward.py)
 
@@ -77,7 +92,8 @@ def settle_4bit_compute_dtype(linear4bit, x):
 def peft_dequantize(module):
     """A quantized layer's weight as a float tensor, by PEFT's helper for the quantizers it knows (PEFT 0.21:
     peft.utils.integrations.dequantize_module_weight, not exported at PEFT's top level). Used only for bases that
-    are not bitsandbytes 4-bit or 8-bit (prefopt.quant.dequantize handles those itself)."""
+    are not bitsandbytes 4-bit or 8-bit (prefopt.quant.dequantize handles those itself). Removable if PEFT exports
+    it (or a layer method) at its top level."""
     from peft.utils.integrations import dequantize_module_weight
 
     return dequantize_module_weight(module)
@@ -88,7 +104,8 @@ def peft_dequantize(module):
 
 def zero3_enabled() -> bool:
     """Whether transformers holds a process-wide DeepSpeed ZeRO-3 config (transformers 5:
-    transformers.integrations.deepspeed, an integration module, not the top-level API)."""
+    transformers.integrations.deepspeed, an integration module, not the top-level API). Removable with
+    `forget_zero3`."""
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:
@@ -119,5 +136,6 @@ def in_backward() -> bool:
 def has_hooks(module) -> bool:
     """Whether a module has forward (pre-)hooks, torch's own (`_forward_hooks`, `_forward_pre_hooks`, no public
     accessor in torch 2.13) or accelerate's (`_hf_hook`, a plain attribute set by accelerate 1.x's add_hook_to_module).
-    A hooked layer must be called, not read around: the hook may gather or move its weights."""
+    A hooked layer must be called, not read around: the hook may gather or move its weights. Removable if torch
+    offers a public "has hooks" query and accelerate marks its hooked modules publicly."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module.__dict__.get("_hf_hook") is not None)

@@ -37,7 +37,7 @@ def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, **k
 
 
 def train_stage(stage: Stage | dict, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir: str | Path,
-                seed: int = 42, report_to: tuple[str, ...] | list[str] = ()) -> dict:
+                seed: int = defaults(Recipe)["seed"], report_to: tuple[str, ...] | list[str] = ()) -> dict:
     """Train `model` (a PeftModel) with one stage's TRL trainer; writes output_dir/adapter.
 
     `stage` is a stage section (prefopt.config.DPOStage, ...) or a dict such as

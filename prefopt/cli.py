@@ -202,7 +202,7 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
     with _handled():
         rec = load_checked(recipe, list(overrides))
         budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
-        out_dir = output_dir or f"runs/{rec.name}"
+        out_dir = runfolder.run_dir_of(rec.name, output_dir)
         if as_json:
             # stdout holds the JSON alone: what libraries print while importing (transformers prints "[INFO]
             # Running in WANDB offline mode" under WANDB_MODE=offline) goes to stderr

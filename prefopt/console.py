@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import signals
-from .cachedir import cache_root
+from .cachedir import DEFAULT, cache_root
 
 _GONE = (errno.EPIPE, errno.EIO, errno.ECONNRESET, errno.EBADF)
 STATE: dict = {"log": None, "closed": False}
@@ -25,10 +25,11 @@ STATE: dict = {"log": None, "closed": False}
 
 def log_dir() -> Path:
     """Where prefopt writes logs that have no run folder to go to (or whose run folder cannot be written):
-    the user cache's logs/ (prefopt.cachedir), else the temp folder."""
+    the user cache's logs/ (prefopt.cachedir), else the default cache's, else the temp folder."""
     import tempfile
 
-    for d in [cache_root() / "logs", Path(tempfile.gettempdir()) / "prefopt-logs"]:
+    for d in dict.fromkeys([cache_root() / "logs", DEFAULT.expanduser() / "logs",
+                            Path(tempfile.gettempdir()) / "prefopt-logs"]):
         try:
             d.mkdir(parents=True, exist_ok=True)
             probe = d / f".probe-{os.getpid()}"

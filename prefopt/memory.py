@@ -108,8 +108,8 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
     return out + sum(inputs.values())
 
 
-# none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers measured
-# 35-75 MiB above this arithmetic on the test models (ratio 0.72-0.88; scripts/measure_memory.py --launch zero3)
+# none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers sit
+# above this arithmetic (README, "Memory plan")
 SHARDINGS = ("none", "fsdp", "zero2")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import _compat
 from .config import AdapterSection, ModelSection, defaults
 from .errors import PrefoptError
-from .quant import harden_4bit_layers, quantization_config, torch_dtype
+from .quant import harden_4bit_layers, nf4_settings, quantization_config, torch_dtype
 from .runs.folder import model_identity
 
 _MODEL = defaults(ModelSection)  # the schema's defaults, written there once
@@ -182,16 +182,9 @@ def count_trainable(model) -> tuple[int, int]:
 def base_info(model, *, name_or_path: str, quantization: str, dtype: str) -> dict:
     """How the training base was loaded, read off the live model, so a merge can replay the same round trip."""
     info = {"name_or_path": name_or_path, "quantization": quantization, "dtype": dtype}
-    if quantization == "nf4":
-        import bitsandbytes as bnb
-
-        for m in model.modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                # under FSDP the weight is a DTensor shard outside the forward; bitsandbytes keeps the state on
-                # the module
-                qs = getattr(m.weight, "quant_state", None) or getattr(m, "quant_state", None)
-                info["bnb"] = {"quant_type": qs.quant_type, "blocksize": qs.blocksize, "double_quant": bool(qs.nested)}
-                break
+    settings = nf4_settings(model) if quantization == "nf4" else None
+    if settings is not None:
+        info["bnb"] = settings
     return info
 
 

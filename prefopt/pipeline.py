@@ -49,7 +49,7 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     run_records.forget_committed()
     dist.init()  # under torchrun / accelerate launch: the process group; only the main process writes and speaks
     echo = echo if dist.is_main() else _silent
-    run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
+    run_dir = runfolder.run_dir_of(recipe.name, output_dir)
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
                                fresh=fresh)
     recipe = runfolder.self_contained(recipe)  # the recipe the run folder records: absolute paths, data hashes

@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import _compat
+from .config import ModelSection, defaults
 
 if TYPE_CHECKING:
     import torch
+
+_MODEL = defaults(ModelSection)  # the schema's defaults
 
 
 def torch_dtype(name: str):
@@ -17,7 +20,7 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def quantization_config(quantization: str, dtype: str, quant_storage: str = "uint8"):
+def quantization_config(quantization: str, dtype: str, quant_storage: str = _MODEL["quant_storage"]):
     """The bitsandbytes config the base is loaded with (None when unquantized). quant_storage: the container dtype
     of the packed 4-bit weights (a float one lets FSDP flatten them with the bf16 weights; same numbers)."""
     import torch
@@ -102,3 +105,16 @@ def dequantize(base) -> torch.Tensor:
         scb = base.state.SCB if getattr(base, "state", None) is not None and base.state.SCB is not None else w.SCB
         return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
     return _compat.peft_dequantize(base)
+
+
+def nf4_settings(model) -> dict | None:
+    """The 4-bit quantization a loaded model's Linear4bit layers use (quant type, block size, double quant), so a
+    merge can replay the same round trip; None when it has none."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # under FSDP the weight is a DTensor shard outside the forward; bitsandbytes keeps the state on the module
+            qs = getattr(m.weight, "quant_state", None) or getattr(m, "quant_state", None)
+            return {"quant_type": qs.quant_type, "blocksize": qs.blocksize, "double_quant": bool(qs.nested)}
+    return None

@@ -9,6 +9,7 @@ import ast
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ INTERNALS = re.compile(
     r"trl\.experimental|torch\._C\b|_current_graph_task_id|_forward_hooks|_forward_pre_hooks|_hf_hook|"
     r"fix_4bit_weight_quant_state_from_module|set_compute_type|compute_type_is_set|support_avx512bf16_for_cpu|"
     r"packing_format_for_cpu|\.precompute_ref_logps\b|_active_adapter\b|_disable_adapters|_cast_input_dtype|"
-    r"DoraLinearVariant|__class__ = |transformers\.integrations|peft\.tuners|peft\.utils\.integrations")
+    r"DoraLinearVariant|__class__ = |transformers\.integrations|peft\.tuners|peft\.utils\.integrations|"
+    r"\._parameters\b|\._buffers\b|\._modules\b|lm_eval\.__file__")
 
 
 def _modules() -> dict[str, Path]:
@@ -128,16 +130,31 @@ def test_intra_package_imports_sit_at_the_top_unless_heavy():
     assert not inner, "\n".join(inner)
 
 
+def _code_lines(path: Path) -> list[str]:
+    """The module's lines with every string and comment blanked out (code only, line numbers kept)."""
+    lines = path.read_text().splitlines()
+    with path.open() as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    for tok in reversed(tokens):
+        if tok.type in (tokenize.STRING, tokenize.COMMENT):
+            (r0, c0), (r1, c1) = tok.start, tok.end
+            for r in range(r0, r1 + 1):
+                line = lines[r - 1]
+                start = c0 if r == r0 else 0
+                end = c1 if r == r1 else len(line)
+                lines[r - 1] = line[:start] + " " * (end - start) + line[end:]
+    return lines
+
+
 def test_other_libraries_internals_sit_in_two_modules():
     found = []
     for path in PKG.rglob("*.py"):
         rel = str(path.relative_to(ROOT))
         if rel in INTERNALS_HOMES:
             continue
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            if INTERNALS.search(code) and not code.strip().startswith(('"', "'")):
-                found.append(f"{rel}:{i}: {line.strip()}")
+        for i, code in enumerate(_code_lines(path), 1):
+            if INTERNALS.search(code):
+                found.append(f"{rel}:{i}: {code.strip()}")
     assert not found, "move these to prefopt/_compat.py:\n" + "\n".join(found)
 
 
@@ -209,6 +226,9 @@ def test_the_checks_can_fail(tmp_path):
     assert INTERNALS.search("trainer.precompute_ref_logps = True")
     assert INTERNALS.search("from trl.experimental.orpo import ORPOConfig")
     assert not INTERNALS.search("precompute_ref_log_probs=True")
+    code = tmp_path / "c.py"
+    code.write_text('x = "trl.experimental in a string"  # trl.experimental in a comment\nimport trl.experimental\n')
+    assert [bool(INTERNALS.search(line)) for line in _code_lines(code)] == [False, True]
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    from ..pipeline import run\n")
     MODULES["prefopt.data.sample"] = sample
@@ -232,5 +252,5 @@ def test_the_user_cache_is_one_folder(tmp_path, monkeypatch):
     assert eval_cache() == tmp_path / "c" / "eval" and log_dir() == tmp_path / "c" / "logs"
     assert shared_dir(str(tmp_path / "mine")) == tmp_path / "mine" and shared_dir("off") is None
     monkeypatch.setenv("PREFOPT_CACHE_DIR", "off")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert shared_dir(None) is None and cache_root() == tmp_path / "xdg" / "prefopt"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert shared_dir(None) is None and cache_root() == tmp_path / "home" / ".cache" / "prefopt"

@@ -59,18 +59,6 @@ def stage_data(recipe, i: int, tokenizer) -> StageData:
                          max_length=trained_max_length(st), extra_decontaminate=evaluation_sets(recipe))
 
 
-def prepare_stages(recipe, tokenizer) -> tuple[list, list[str]]:
-    """Every stage's data as a run prepares it, and every stage's data problem (its stage's entry is then None)."""
-    datas, problems = [], []
-    for i in range(len(recipe.stages)):
-        try:
-            datas.append(stage_data(recipe, i, tokenizer))
-        except DataError as e:
-            problems.append(data_problem(recipe, i, e))
-            datas.append(None)
-    return datas, problems
-
-
 def data_problem(recipe, i: int, e: DataError) -> str:
     """A stage's data error with its key path and line: stages[i].data (line N) or stages[i].data.<key>."""
     if e.key and e.key.startswith("stage:"):  # a key of the stage, outside its data section
@@ -105,4 +93,4 @@ def check_recipe_data(recipe) -> None:
 
 __all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
            "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows",
-           "evaluation_sets", "prepare_stages", "recipe_stage_data", "stage_data", "sha256_of", "trained_max_length"]
+           "evaluation_sets", "recipe_stage_data", "stage_data", "sha256_of", "trained_max_length"]

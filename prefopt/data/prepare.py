@@ -22,7 +22,7 @@ from ..errors import DataError
 from ..runs.folder import sha256_of
 from . import quality
 from .formats import normalise_rows, to_conversational
-from .sources import _read_text, check_hash, read_rows
+from .sources import check_hash, read_rows, read_text
 from .tokens import token_checks
 
 REASONS = ("empty", "invalid", "identical_pair", "too_long", "too_short", "exact_duplicate", "near_duplicate",
@@ -121,7 +121,7 @@ def decontamination_index(paths, base_dir=None) -> tuple[quality.NgramIndex, lis
                 if f.suffix.lower() == ".csv":
                     import io
 
-                    for rec in csv.reader(io.StringIO(_read_text(f), newline="")):
+                    for rec in csv.reader(io.StringIO(read_text(f), newline="")):
                         index.add(" ".join(rec))
                 else:
                     rows, _ = read_rows(str(f))

@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..runs.folder import file_hash
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file as UTF-8 text; anything else is named by file and line."""
     data = path.read_bytes()
     try:
@@ -27,7 +27,7 @@ def _read_local(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(_read_text(path).splitlines(), 1):
+        for i, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -38,7 +38,7 @@ def _read_local(path: Path) -> list[dict]:
         return rows
     if suffix == ".json":
         try:
-            obj = json.loads(_read_text(path))
+            obj = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -50,7 +50,7 @@ def _read_local(path: Path) -> list[dict]:
         import csv
         import io
 
-        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

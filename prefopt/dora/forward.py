@@ -6,9 +6,9 @@ layer (written against PEFT 0.21; removable only if PEFT's own DoRA forward gets
 PEFT's `lora.Linear` / bnb `Linear4bit` / `Linear8bitLt` layers for a subclass with this forward (`_fast_class`),
 recognises DoRA by `DoraLinearVariant`, reads the layer's `_active_adapter`, `_disable_adapters`,
 `merged_adapters`, `scaling`, its `_modules` (`base_layer`, `lora_A`, `lora_B`, `lora_magnitude_vector`,
-`lora_dropout`) and their `_parameters` directly (the hot path: nn.Module.__getattr__ is slow), casts with
-and casts with `_cast_input_dtype`. Every other private API it needs (torch's backward-pass query
-and hook dicts, accelerate's hook, bitsandbytes' internals) goes through prefopt._compat. tests/test_dora.py checks
+`lora_dropout`) and their `_parameters` directly (the hot path: nn.Module.__getattr__ is slow), and casts with
+`_cast_input_dtype`. Every other private API it needs (torch's backward-pass query and hook dicts, accelerate's
+hook, bitsandbytes' internals) goes through prefopt._compat. tests/test_dora.py checks
 every path against PEFT's own forward.
 """
 
@@ -264,7 +264,7 @@ def _sharded(w) -> bool:
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # Dynamo traces PEFT's forward (see "Freshness" in the module's docstring)
+    if torch.compiler.is_compiling():  # Dynamo traces PEFT's forward (docs/dora.md, "Freshness")
         return self._prefopt_peft_class.forward(self, x, *args, **kwargs)
     p = self.__dict__.get("_prefopt_cur")
     if args or kwargs or p is None or p.active is not self._active_adapter or self._disable_adapters or \
@@ -285,7 +285,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     scaling = self.scaling[p.name]
     drop = self.training and _dropout_active(self, dropout)
     full = drop and self._prefopt_dora_dropout == "full"
-    # The norm is reused only where provably fresh (module docstring, "Freshness"): once per optimizer step under
+    # The norm is reused only where provably fresh (docs/dora.md, "Freshness"): once per optimizer step under
     # gradient accumulation, once for DPO's frozen "ref" copy, not again in gradient checkpointing's
     # recomputation, once in eval.
     a_stamp, b_stamp = a_w.__dict__.get(_STAMP), b_w.__dict__.get(_STAMP)

@@ -18,6 +18,8 @@ import json
 import math
 from pathlib import Path
 
+from .. import _compat
+
 COLUMNS = ("question", "A", "B", "C", "D", "answer")
 TASK_PREFIX = "prefopt_mmlu_"
 PROMPT = "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
@@ -139,10 +141,7 @@ def hub_cached(repo: str) -> bool:
 
 def hub_subjects() -> list[str]:
     """lm-eval's MMLU subjects (its own task files name them)."""
-    import lm_eval
-
-    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
-    return sorted(p.stem.removeprefix("mmlu_") for p in folder.glob("mmlu_*.yaml"))
+    return sorted(p.stem.removeprefix("mmlu_") for p in _compat.lm_eval_mmlu_task_files())
 
 
 # ---------------------------------------------------------------------------------------------- tasks and runs

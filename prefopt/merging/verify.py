@@ -114,7 +114,7 @@ def _units(root, decoder):
     skip = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
     seen = []
     for m in decoder.modules():
-        if m is skip or not any(p.device.type == "meta" for p in m._parameters.values() if p is not None):
+        if m is skip or not any(p.device.type == "meta" for p in m.parameters(recurse=False)):
             continue
         name = names[m]
         parent_name = name.rsplit(".", 1)[0] if "." in name else ""
@@ -175,9 +175,9 @@ def _to_device(model, dev) -> None:
         if p.device.type != "meta" and p.device != dev:
             p.data = p.data.to(dev)
     for mod in model.modules():
-        for name, b in mod._buffers.items():
-            if b is not None and b.device.type != "meta" and b.device != dev:
-                mod._buffers[name] = b.to(dev)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b.device.type != "meta" and b.device != dev:
+                setattr(mod, name, b.to(dev))  # (a registered buffer: nn.Module keeps it one)
 
 
 class Matrix:

@@ -45,6 +45,11 @@ DATA_MANIFEST = "data.json"
 OWNED = (MANIFEST, RECIPE, "stages", MERGED, "dropped", "wandb", "logs", DATA, "cache", EVAL, REPORT)
 
 
+def run_dir_of(recipe_name: str, output_dir: str | Path | None = None) -> Path:
+    """The run folder: output_dir when given, else runs/<recipe name>/ (relative to the current folder)."""
+    return Path(output_dir) if output_dir else Path("runs") / recipe_name
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)

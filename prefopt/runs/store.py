@@ -128,8 +128,9 @@ def decide_stage(recorded: dict | None, inputs: str, stage_dir: Path, store, mod
         reuse_stored(stored, stage_dir, model_path)
         meta = json.loads((stored / "stage.json").read_text())
         reused = meta.get("from")
-        record = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
-        return StageDecision(True, record, reused_from=reused)
+        recorded = {**meta, "status": "done", "inputs_hash": inputs, "reused_from": reused}
+        if runfolder.stage_done(recorded, inputs, stage_dir):  # (a stored stage that lost a file is trained again)
+            return StageDecision(True, recorded, reused_from=reused)
     if runfolder.stage_done(recorded, inputs, stage_dir):
         return StageDecision(True, recorded)
     return StageDecision(False, recorded, resume=resume,

@@ -1,5 +1,5 @@
 """The stages. Each module reads top to bottom: build its TRL config, its trainer, train, save.
-These are the only modules that import trl."""
+These are the only modules that import trl (besides prefopt._compat, for trl.experimental)."""
 
 from . import dpo, orpo, sft, simpo
 

@@ -94,10 +94,9 @@ def precision_mismatch(trainer) -> str | None:
     """Why precomputed reference log-probs would not be the policy's numbers at step 0, or None.
 
     They are computed before the trainer wraps the model: on its float weights, under accelerate's autocast. That is
-    the training forward's precision on one process and under DDP (autocast both; measured: margin 0.0 at step 0 in
-    bf16), but not under FSDP's mixed-precision policy (every weight cast to bf16, no autocast) or DeepSpeed's bf16
-    engine (the weights themselves bf16): measured under FSDP2 bf16, the step-0 margin was -0.0069 precomputed and
-    0.0 with the reference computed live, through the wrapped model, as the policy is."""
+    the training forward's precision on one process and under DDP (autocast both), but not under FSDP's
+    mixed-precision policy (every weight cast to bf16, no autocast) or DeepSpeed's bf16 engine (the weights
+    themselves bf16), where step 0 would not have policy == reference (the figures: README, "Scaling out")."""
     kind = "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else \
         "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None
     precision = getattr(trainer.args, "mixed_precision", "no") or "no"

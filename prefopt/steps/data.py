@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 from .. import dist
-from ..data import prepare_stages, trained_max_length
+from ..data import data_problem, stage_data, trained_max_length
 from ..data.reference import apply_reference_filter, write_scores
 from ..data.report import summary_lines, write_reports
-from ..errors import RecipeError
+from ..errors import DataError, RecipeError
 from ..models import ModelSpec, adapter_config_from_section, load_model
 from ..preflight import build_trl_config, check_model, check_train_names
 from ..runs import folder as runfolder
@@ -39,17 +39,21 @@ def reference_filter(model, tokenizer, stage, data, folder: Path, *, first_stage
 
 def run_data_step(recipe, *, output_dir=None, echo=print) -> Path:
     """`prefopt data`: each stage's data report and review sample in runs/<name>/data/NN-<stage>/."""
-    run_dir = Path(output_dir) if output_dir else Path("runs") / recipe.name
+    run_dir = runfolder.run_dir_of(recipe.name, output_dir)
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
                                fresh=False)
     recipe = runfolder.self_contained(recipe)
     problems, tokenizer = check_model(recipe)
+    datas = []
     for i in range(len(recipe.stages)):
         if not check_train_names(recipe, i):
             problems += build_trl_config(recipe, i)[1]
-    datas, data_problems = prepare_stages(recipe, tokenizer)
-    if problems + data_problems:
-        raise RecipeError(problems + data_problems, recipe.source)
+        try:
+            datas.append(stage_data(recipe, i, tokenizer))
+        except DataError as e:
+            problems.append(data_problem(recipe, i, e))
+    if problems:
+        raise RecipeError(problems, recipe.source)
 
     out = run_dir / runfolder.DATA
     out.mkdir(parents=True, exist_ok=True)

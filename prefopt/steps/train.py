@@ -76,7 +76,7 @@ def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
         "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
         recipe.adapter.model_dump(mode="json"), data.fingerprint,
         st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
-        trained_max_length(st), st.trainer_kwargs.get("max_length", st.train.max_length), kw,
+        trained_max_length(st), st.effective_max_length(), kw,
         "cuda" if torch.cuda.is_available() else "cpu",
         os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))  # accelerate launch's precision, read by the trainer
 
