@@ -254,3 +254,10 @@ def test_the_user_cache_is_one_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE_DIR", "off")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert shared_dir(None) is None and cache_root() == tmp_path / "home" / ".cache" / "prefopt"
+
+
+def test_every_folder_is_a_package():
+    """A folder without __init__.py is a namespace package: an editable install finds it, a wheel does not."""
+    missing = [str(d.relative_to(ROOT)) for d in [PKG, *PKG.rglob("*")] if d.is_dir() and d.name != "__pycache__"
+               and any(d.glob("*.py")) and not (d / "__init__.py").is_file()]
+    assert not missing, missing
