@@ -1,17 +1,19 @@
 """prefopt: one YAML recipe chains SFT into DPO, ORPO or SimPO on a 4-bit DoRA base.
 
     import prefopt
-    recipe = prefopt.load_recipe("recipes/demo.yaml", overrides={"stages.1.beta": 0.2})
-    result = prefopt.run(recipe)
-    result.adapters, result.metrics
+    result = prefopt.run("recipes/demo.yaml", overrides=["stages.dpo.beta=0.2"])
+    result.adapters, result.metrics, result.passed, result.merged
 
 Heavy libraries (torch, transformers, trl) load only when a function needs them.
 """
 
-from .api import disable_fast_dora, enable_fast_dora, merge, run, train_stage
+from .api import Plan, disable_fast_dora, enable_fast_dora, evaluate, memory_plan, merge, plan, run, status, train_stage
 from .config import Recipe, load_recipe, recipe_from_dict
-from .errors import DataError, PrefoptError, RecipeError
+from .errors import DataError, GateFailed, PrefoptError, RecipeError
+from .pipeline import RunResult
+from .runs.status import RunStatus
 from .version import __version__
 
-__all__ = ["DataError", "PrefoptError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "run",
-           "merge", "train_stage", "enable_fast_dora", "disable_fast_dora", "__version__"]
+__all__ = ["DataError", "GateFailed", "PrefoptError", "Recipe", "RecipeError", "RunResult", "RunStatus", "Plan",
+           "load_recipe", "recipe_from_dict", "run", "plan", "memory_plan", "evaluate", "status", "merge",
+           "train_stage", "enable_fast_dora", "disable_fast_dora", "__version__"]

@@ -9,6 +9,28 @@ tests/test_architecture.py fails when such a use appears anywhere else.
 from __future__ import annotations
 
 import os
+import warnings
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+# PEFT 0.21 reads model.is_gradient_checkpointing, which transformers 5.25 deprecates (a FutureWarning per model
+# load that the user can do nothing about); removable when PEFT reads is_activation_checkpointing
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def checkpointing_args(on: bool) -> dict:
+    """TrainingArguments for activation checkpointing under the installed transformers' names: 5.x renamed
+    `gradient_checkpointing*` to `activation_checkpointing*` and warns (FutureWarning) on the old names; removable
+    when prefopt requires transformers>=5.25 (then always the new names)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
 
 # --------------------------------------------------------------------------------------------------- TRL
 # trl.experimental may change in any release, patch releases included (TRL's own words): pyproject pins trl<1.17.

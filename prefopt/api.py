@@ -2,38 +2,182 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults
+from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults, load_recipe
 from .data import StageData, normalise_preference, normalise_sft
+from .memory import parse_size, recipe_memory_plan
 from .merging.stream import merge_adapter
 from .pipeline import RunResult
 from .pipeline import run as _run
+from .plan import make_plan
 from .runs import folder as runfolder
+from .runs.status import RunStatus, run_status
 from .stages import STAGES
+from .steps.evaluate import evaluate_existing
 from .steps.merge import merge_run
 
 _ADAPTER = defaults(AdapterSection)
+Echo = Callable[[str], Any]
 
 
-def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False,
-        echo: Callable[[str], Any] = print) -> RunResult:
-    """Run a recipe's stages in order, then its evaluation and merge, in runs/<name>/ (or output_dir); a rerun
-    resumes. Returns each stage's adapter and metrics (RunResult)."""
-    return _run(recipe, output_dir=output_dir, fresh=fresh, echo=echo)
+def _recipe(recipe: str | Path | Recipe, overrides: Sequence[str] | dict[str, Any]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from .config import recipe_from_dict
+
+            return recipe_from_dict(recipe.to_dict(), overrides if isinstance(overrides, dict) else list(overrides),
+                                    base_dir=recipe.base_dir)
+        return recipe
+    return load_recipe(recipe, overrides if isinstance(overrides, dict) else list(overrides))
 
 
-def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, **kwargs: Any) -> dict:
-    """Merge a run folder's final adapter (into RUN_DIR/merged unless out_dir), or an adapter folder (out_dir
-    needed), into its base, DoRA magnitude included, and verify it; returns the merge report. kwargs: those of
-    prefopt.merging.stream.merge_adapter (base, base_mode, out_dtype, overwrite, verify_merge, thresholds, ...)."""
+def _echo(quiet: bool, echo: Echo | None) -> Echo:
+    if echo is not None:
+        return echo
+    return (lambda _line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+
+
+def run(recipe: str | Path | Recipe, *, output_dir: str | Path | None = None,
+        overrides: Sequence[str] | dict[str, Any] = (), fresh: bool = False, quiet: bool = False,
+        echo: Echo | None = None) -> RunResult:
+    """Run a recipe: its stages in order (the same adapter carried along), then its evaluation and merge.
+
+    Args:
+        recipe (`str`, `Path` or `Recipe`):
+            A recipe file, or a recipe loaded with `prefopt.load_recipe` / built with `prefopt.recipe_from_dict`.
+        output_dir (`str` or `Path`, *optional*):
+            The run folder; defaults to `runs/<name>/`. A rerun resumes: finished stages whose inputs are unchanged
+            are kept, an interrupted one continues from its last checkpoint.
+        overrides (sequence of `"key=value"` or a `dict`, *optional*):
+            Recipe values to override, as `prefopt run --set` takes them, e.g. `["stages.dpo.beta=0.2", "seed=1"]`.
+        fresh (`bool`, defaults to `False`):
+            Start over: remove what prefopt wrote in the run folder first.
+        quiet (`bool`, defaults to `False`):
+            Say nothing (errors are raised).
+        echo (`Callable[[str], Any]`, *optional*):
+            Where prefopt's lines go (default: standard error; the training progress is said there too).
+
+    Returns:
+        `RunResult`: the run folder, each stage's adapter and metrics, the evaluation's verdict (`passed`,
+        `gates`, `mmlu_delta`) and the merged model's folder.
+
+    Raises:
+        `prefopt.RecipeError` / `prefopt.DataError` (bad input, before any model loads), `prefopt.GateFailed`
+        (an evaluation gate failed: the merge is refused).
+    """
+    return _run(_recipe(recipe, overrides), output_dir=output_dir, fresh=fresh, echo=_echo(quiet, echo))
+
+
+@dataclass
+class Plan:
+    """What `prefopt.plan` returns: the plan as `prefopt plan` prints it, and the memory plan per stage."""
+
+    text: str
+    memory: dict | None
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether every stage fits the memory given (None when no memory was given or no plan could be made)."""
+        if not self.memory or not self.memory.get("stages"):
+            return None
+        verdicts = [st["fits"] for st in self.memory["stages"]]
+        return None if any(v is None for v in verdicts) else all(verdicts)
+
+
+def plan(recipe: str | Path | Recipe, *, overrides: Sequence[str] | dict[str, Any] = (),
+         gpu_memory: str | int | None = None, gpus: int = 1, device: Literal["cuda", "cpu"] = "cuda",
+         sharding: Literal["none", "fsdp", "zero2"] = "none", output_dir: str | Path | None = None) -> Plan:
+    """Check a recipe and plan its run without training: every problem, the data sizes after the data step's
+    filters, trainable parameters and each stage's peak memory per device.
+
+    Args:
+        recipe (`str`, `Path` or `Recipe`): the recipe.
+        overrides: as for `prefopt.run`.
+        gpu_memory (`str` or `int`, *optional*): one device's memory ("24GB", "80GiB" or bytes) to check the plan
+            against.
+        gpus (`int`, defaults to 1): data-parallel devices.
+        device (`"cuda"` or `"cpu"`): plan for a GPU (bf16 autocast) or for CPU training.
+        sharding (`"none"`, `"fsdp"` or `"zero2"`): what the devices divide.
+        output_dir: the run folder `prefopt.run` would write (checked for writing and space).
+
+    Raises:
+        `prefopt.RecipeError` / `prefopt.DataError`: the problems, every one named.
+    """
+    rec = _recipe(recipe, overrides)
+    budget = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    text, memory = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding,
+                             output_dir=runfolder.run_dir_of(rec.name, output_dir))
+    return Plan(text, memory)
+
+
+def memory_plan(recipe: str | Path | Recipe, *, gpu_memory: str | int | None = None, gpus: int = 1,
+                device: Literal["cuda", "cpu"] = "cuda", sharding: Literal["none", "fsdp", "zero2"] = "none") -> dict:
+    """Only the memory plan of `prefopt.plan` (no data step): each stage's peak per device, by component."""
+    budget = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    return recipe_memory_plan(_recipe(recipe, ()), gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
+
+
+def evaluate(run_dir: str | Path, *, overrides: Sequence[str] | dict[str, Any] = (), quiet: bool = False,
+             echo: Echo | None = None) -> dict:
+    """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions and gates, with the run's
+    recorded recipe (`overrides` change it, e.g. `["eval.mmlu.limit=50"]`).
+
+    Returns:
+        `dict`: the eval log (also in RUN_DIR/eval/eval_log.json): `passed`, `gates`, `mmlu`, `heldout`, ...
+
+    Raises:
+        `prefopt.GateFailed` when a gate fails (the log is written first).
+    """
+    ov = overrides if isinstance(overrides, dict) else list(overrides)
+    return evaluate_existing(run_dir, ov, echo=_echo(quiet, echo))
+
+
+def status(run_dir: str | Path) -> RunStatus:
+    """What a run folder says about itself (as `prefopt status RUN_DIR`): each stage done / running / interrupted
+    (resumable from step N) / failed / reused / not started, the evaluation's verdict and the merge's state.
+
+    Raises:
+        `prefopt.PrefoptError` when RUN_DIR is not a prefopt run folder.
+    """
+    return run_status(run_dir)
+
+
+def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, *, base: str | None = None,
+          base_mode: Literal["auto", "dequantized", "original"] | None = None, out_dtype: str | None = None,
+          overwrite: bool = False, verify_merge: bool = True, quiet: bool = False, echo: Echo | None = None,
+          **kwargs: Any) -> dict:
+    """Merge an adapter into its base, DoRA magnitude included, streaming shard by shard, and verify that the
+    merged model behaves like the adapter model.
+
+    Args:
+        adapter_or_run_dir (`str` or `Path`): a run folder (its final adapter; into RUN_DIR/merged unless
+            `out_dir`) or a PEFT adapter folder (`out_dir` needed).
+        out_dir: where the merged model goes.
+        base: the base model (an adapter folder only; default: as recorded beside the adapter).
+        base_mode: merge into the weights as the quantized training base saw them ("dequantized"), the originals
+            ("original"), or as the recipe says ("auto").
+        out_dtype: the merged weights' dtype ("bfloat16", "float16", "float32").
+        overwrite: replace an existing output folder.
+        verify_merge: compare the merged model's logits with the adapter model's (on by default).
+        kwargs: the rest of `prefopt.merging.stream.merge_adapter`'s options (thresholds, quantization, ...).
+
+    Returns:
+        `dict`: the merge report (also merged/merge_report.json), with the verification's figures.
+    """
+    kw = {k: v for k, v in dict(base_mode=base_mode, out_dtype=out_dtype).items() if v is not None}
+    kw.update(kwargs, overwrite=overwrite, verify_merge=verify_merge, echo=_echo(quiet, echo))
     if (Path(adapter_or_run_dir) / runfolder.MANIFEST).is_file():
-        return merge_run(adapter_or_run_dir, out_dir, **kwargs)
-    return merge_adapter(adapter_or_run_dir, out_dir, **kwargs)
+        if base is not None:
+            raise ValueError("base= goes with an adapter folder; a run folder records its base")
+        return merge_run(adapter_or_run_dir, out_dir, **kw)
+    return merge_adapter(adapter_or_run_dir, out_dir, base=base, **kw)
 
 
 def train_stage(stage: Stage | dict, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir: str | Path,

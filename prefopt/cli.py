@@ -27,6 +27,8 @@ from .report import build_report
 from .runs import folder as runfolder
 from .runs.folder import log_paths, run_folder_of
 from .runs.records import COMMITTED
+from .runs.status import list_runs, render_list, run_status
+from .runs.status import render as render_status
 from .steps.data import run_data_step
 from .steps.evaluate import evaluate_existing
 from .steps.merge import merge_run
@@ -44,8 +46,18 @@ def _fail(err: Exception) -> None:
     """A user error: exit code 2; a failed evaluation gate: exit code 3 (GateFailed.exit_code). Under torchrun only
     the main process says it (every rank exits with the same code)."""
     if is_main() and not getattr(err, "said", False):  # (said: by a process of its own, `prefopt eval`)
-        click.echo(f"prefopt: error: {err}", err=True)
+        line = f"prefopt: error: {err}"
+        _append_to_log(line)
+        click.echo(line + (_log_hint() if COMMITTED["run_dir"] is not None else ""), err=True)
     sys.exit(getattr(err, "exit_code", EXIT_USER))
+
+
+def _append_to_log(line: str) -> None:
+    log = console.last_log()
+    if log is not None:
+        with contextlib.suppress(OSError):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
 
 
 def _bug(err: BaseException, run_dir=None) -> None:
@@ -70,26 +82,35 @@ def _bug(err: BaseException, run_dir=None) -> None:
         except OSError:
             continue
     first = (str(err).strip().splitlines() or [""])[0]
-    click.echo(f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}", err=True)
+    line = f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}"
+    _append_to_log(line)
+    click.echo(line + _log_hint(), err=True)
     sys.exit(EXIT_BUG)
 
 
 def _stopped(err: BaseException, what: str) -> None:
     """Ctrl-C, SIGTERM or a closed console pipe: say so (to the log file when the console is gone), exit 130 /
     143 / 141."""
-    click.echo(f"prefopt: {signals.words(err)}; {what}", err=True)
+    line = f"prefopt: {signals.words(err)}; {what}"
+    _append_to_log(line)
+    click.echo(line + _log_hint(), err=True)
     if console.closed():
         click.echo(f"prefopt: (the console closed: this run's output is in {console.console_log()})", err=True)
     sys.exit(signals.exit_code(err))
 
 
 @contextlib.contextmanager
-def _handled(run_dir=None, interrupted: str = "nothing more was written"):
+def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_log: bool = False):
     """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
     permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
-    is a bug -> one line and a traceback log, exit 1."""
+    is a bug -> one line and a traceback log, exit 1. keep_log: the command's log (console.captured) moves into the
+    run folder's logs/ once the run has committed work there (a folder it has not touched stays as it was)."""
     try:
-        yield
+        try:
+            yield
+        finally:
+            if keep_log:
+                _keep_log(run_dir)
     except PrefoptError as e:
         _fail(e)
     except KeyboardInterrupt as e:
@@ -103,6 +124,23 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written"):
         _bug(e, run_dir)
 
 
+def _keep_log(run_dir) -> None:
+    target = run_dir() if callable(run_dir) else run_dir
+    log = console.last_log()
+    if log is None:
+        return
+    if is_main():
+        console.SESSION["log"] = console.keep_log(log, target)
+    elif target is not None:
+        console.SESSION["log"] = console.keep_log(log, target, name=f"run-rank{rank()}")
+
+
+def _log_hint() -> str:
+    """'; full log: PATH' when a captured command wrote one (third-party output included)."""
+    log = console.last_log()
+    return f" (full log: {log})" if log is not None and Path(log).is_file() else ""
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prefopt")
 @click.pass_context
@@ -111,6 +149,18 @@ def main(ctx) -> None:
     errors.SURFACE["cli"] = True  # messages name this command line's flags (not the API's keyword arguments)
     console.guard()  # a console pipe that closes (| tee, | head) stops a run gracefully, not with a traceback
     ctx.call_on_close(lambda: (errors.SURFACE.update(cli=False), signals.uninstall()))  # (in-process callers)
+
+
+def _verbosity(quiet: bool, verbose: bool) -> int:
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose go one at a time")
+    return console.QUIET if quiet else console.VERBOSE if verbose else console.NORMAL
+
+
+_QUIET = click.option("--quiet", "-q", is_flag=True, help="Only the closing summary and errors on the console.")
+_VERBOSE = click.option("--verbose", "-v", is_flag=True,
+                        help="Everything on the console, third-party logs and warnings included (they always go to "
+                        "the run's logs/run.log).")
 
 
 @main.command()
@@ -125,23 +175,33 @@ def main(ctx) -> None:
 @click.option("--gpu-memory", default=None, metavar="SIZE",
               help="Refuse (exit 2, before any model loads) a stage whose planned peak exceeds SIZE (default: the "
               "visible GPU's memory; 'off' skips the check).")
-def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool, gpu_memory: str | None) -> None:
-    """Run every stage of RECIPE in order, resuming a previous run of it."""
+@_QUIET
+@_VERBOSE
+def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: bool, gpu_memory: str | None,
+        quiet: bool, verbose: bool) -> None:
+    """Run every stage of RECIPE in order, resuming a previous run of it.
+
+    The console shows prefopt's own lines, each stage's progress and a closing summary; everything else (every
+    library's logs and warnings) goes to RUN_FOLDER/logs/run.log, the previous attempts' to run.1.log ... run.5.log."""
     signals.install()
+    level = _verbosity(quiet, verbose)
     # a bug's traceback goes to the run folder's logs/ only once this run has committed work there: a finished
     # folder stays byte-identical after a failure before that (else: the user's log folder)
     with _handled(_committed_run_dir, "finished stages and the last checkpoint are kept, re-run the same command "
-                  "to resume"):
-        rec = load_checked(recipe, list(overrides))
-        # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
-        output_dir = output_dir or run_folder_of(recipe, rec.name)
-        _check_memory(rec, gpu_memory)
-        result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=lambda s: click.echo(s, err=True))
+                  "to resume", keep_log=True):
+        with console.captured("run", level):
+            rec = load_checked(recipe, list(overrides))
+            # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
+            output_dir = output_dir or run_folder_of(recipe, rec.name)
+            _check_memory(rec, gpu_memory)
+            result = run_pipeline(rec, output_dir=output_dir, fresh=fresh, echo=console.say)
     if not is_main():  # one console under torchrun: the main process's
         return
-    click.echo(f"run folder: {result.run_dir}")
-    for s in result.stages:
-        click.echo(f"  {s.name}: {s.adapter}{' (skipped, unchanged)' if s.skipped else ''}")
+    click.echo(render_status(run_status(result.run_dir), title=f"prefopt run {rec.name}: done", paths=False))
+    for label, p in (("report", result.run_dir / runfolder.REPORT), ("merged", result.merged),
+                     ("eval log", result.eval_log_path), ("run log", console.last_log())):
+        if p is not None and Path(p).exists():
+            click.echo(f"{label + ':':<10}{p}")
 
 
 def _committed_run_dir():
@@ -194,29 +254,30 @@ def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON only (other messages on stderr).")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="The run folder `prefopt run` will write (default runs/<name>/): checked for writing and space.")
+@click.option("--show-recipe", is_flag=True, help="Also print the resolved recipe (every default filled in).")
+@_VERBOSE
 def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: int, sharding: str, device: str,
-         as_json: bool, output_dir: str | None) -> None:
-    """Validate RECIPE and show what `prefopt run` would do: resolved recipe, stages, data sizes, trainable params,
-    and each stage's peak memory per device, by component, with settings that fit when it does not. Exit code 2
-    when anything would stop the run (a stage that does not fit --gpu-memory included), 0 otherwise."""
+         as_json: bool, output_dir: str | None, show_recipe: bool, verbose: bool) -> None:
+    """Validate RECIPE and show what `prefopt run` would do: stages, data sizes, trainable params, each stage's peak
+    memory per device, by component, with settings that fit when it does not, and notes. Exit code 2 when anything
+    would stop the run (a stage that does not fit --gpu-memory included), 0 otherwise."""
     with _handled():
-        rec = load_checked(recipe, list(overrides))
-        budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
-        out_dir = runfolder.run_dir_of(rec.name, output_dir)
-        if as_json:
-            # stdout holds the JSON alone: what libraries print while importing (transformers prints "[INFO]
-            # Running in WANDB offline mode" under WANDB_MODE=offline) goes to stderr
-            with contextlib.redirect_stdout(sys.stderr):
+        # third-party output (import-time notices included) goes to a log: stdout holds the plan (or JSON) alone
+        with console.captured("plan", _verbosity(False, verbose)):
+            rec = load_checked(recipe, list(overrides))
+            budget = parse_size(gpu_memory) if gpu_memory is not None else default_gpu_memory()
+            out_dir = runfolder.run_dir_of(rec.name, output_dir)
+            if as_json:
                 checked = preflight(rec, output_dir=out_dir)
                 try:
                     plan_ = recipe_memory_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding)
                 except (PrefoptError, ValueError, ImportError) as e:  # as the text plan: the rest still stands
                     plan_ = {"stages": [], "error": f"memory plan unknown: {str(e).splitlines()[0]}"}
-            out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
-            text = json.dumps(out, indent=1)
-        else:
-            text, plan_ = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding,
-                                    output_dir=out_dir)
+                out = {"recipe": rec.name, **plan_, "warnings": list(checked.warnings)}
+                text = json.dumps(out, indent=1)
+            else:
+                text, plan_ = make_plan(rec, gpu_memory=budget, gpus=gpus, device=device, sharding=sharding,
+                                        output_dir=out_dir, show_recipe=show_recipe)
         click.echo(text)
         if budget is not None and plan_:
             _refuse_unfit(plan_, budget, "the plan above shows any settings that would fit")
@@ -230,9 +291,9 @@ def plan(recipe: str, overrides: tuple[str, ...], gpu_memory: str | None, gpus: 
 def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> None:
     """Run the data step of every stage of RECIPE without training: filters, counts, data_report.json and a review
     sample per stage in runs/<name>/data/ (loads no model unless a stage asks for the reference filter)."""
-    with _handled(output_dir):
+    with _handled(output_dir), console.captured("data"):
         rec = load_recipe(recipe, list(overrides))
-        out = run_data_step(rec, output_dir=output_dir, echo=lambda s: click.echo(s, err=True))
+        out = run_data_step(rec, output_dir=output_dir, echo=console.say)
     click.echo(f"data reports: {out}")
 
 
@@ -261,10 +322,9 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
-    with _handled(run_dir, "nothing was written to the output folder"):
+    with _handled(run_dir, "nothing was written to the output folder"), console.captured("merge"):
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
-                  thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement),
-                  echo=lambda s: click.echo(s, err=True))
+                  thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement), echo=console.say)
         if adapter and run_dir:
             raise PrefoptError("give RUN_DIR or --adapter, not both")
         if adapter:
@@ -289,8 +349,8 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
 def eval_(run_dir: str, overrides: tuple[str, ...], in_run: bool) -> None:
     """(Re)run the evaluation of a finished run: held-out metrics, MMLU delta, completions, gates (exit code 3
     when a gate fails)."""
-    with _handled(run_dir):
-        log = evaluate_existing(run_dir, list(overrides), echo=lambda s: click.echo(s, err=True), in_run=in_run)
+    with _handled(run_dir), console.captured("eval"):
+        log = evaluate_existing(run_dir, list(overrides), echo=console.say, in_run=in_run)
     click.echo(describe(log))
 
 
@@ -329,6 +389,24 @@ def _review_text(run_dir, log: dict) -> str:
             + (" [stale: it read an earlier model]" if r.get("stale") else "")
             for r in log.get("reviews", [])] or ["reviews: none yet"]
     return "\n".join(out)
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--root", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where to look for run folders when RUN_DIR is not given.")
+@click.option("--json", "as_json", is_flag=True, help="The status as JSON.")
+def status(run_dir: str | None, root: str, as_json: bool) -> None:
+    """Show RUN_DIR's state: each stage done / running / interrupted (resumable from step N) / failed (its error) /
+    reused / not started, the evaluation's verdict, the merge, the last change. Without RUN_DIR: every run folder
+    under runs/ in one line each. Exit code 2 for a path that is not a run folder."""
+    with _handled():
+        if run_dir is None:
+            runs = list_runs(root)
+            click.echo(json.dumps([r.to_dict() for r in runs], indent=1) if as_json else render_list(runs))
+            return
+        st = run_status(run_dir)
+        click.echo(json.dumps(st.to_dict(), indent=1) if as_json else render_status(st, title=f"run {st.name}"))
 
 
 @main.command()

@@ -12,8 +12,12 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import signals
@@ -130,3 +134,241 @@ def guard() -> None:
 
 def closed() -> bool:
     return STATE["closed"]
+
+
+# ---- a command's console: prefopt's lines on the console, everything else in a log file -------------------------
+#
+# `captured()` points file descriptors 1 and 2 (Python's and C's writes, every library's warnings, progress bars and
+# log records) at a log file, and keeps a copy of the original stderr for prefopt's own lines (`say`). The log is
+# moved into the run folder at the end (`keep_log`: logs/run.log, the previous attempts as run.1.log ... run.5.log).
+
+# progress bars and chatter that would only fill the log (set, unless already set, while a command is captured)
+NOISE_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# third-party warnings a person should see anyway: one `prefopt: note:` line each (the full text is in the log)
+NOTES = (
+    ("Token indices sequence length is longer than", "a tokenized row is longer than the model's maximum length"),
+    ("does not have a chat template", "the tokenizer has no chat template"),
+    ("You are using a model of type", "the checkpoint's model type differs from the class loading it"),
+    ("Some weights of", "some weights of the checkpoint were not used or newly initialized"),
+)
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+SESSION: dict = {"console": None, "log": None, "level": NORMAL, "noted": set()}
+
+
+def level() -> int:
+    return SESSION["level"]
+
+
+def stream():
+    """Where prefopt's own lines go: the console a person reads (sys.stderr when nothing is captured)."""
+    return SESSION["console"] or sys.stderr
+
+
+def is_terminal() -> bool:
+    """Whether a person watches a terminal (progress refreshed in place) or output goes to a file or pipe (one line
+    per step)."""
+    try:
+        return stream().isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def say(line: str, *, important: bool = False) -> None:
+    """One of prefopt's lines: on the console (not under --quiet unless important) and in the log."""
+    if SESSION["console"] is not None:
+        _to_log_file(line + "\n")
+    if important or level() > QUIET:
+        out = stream()
+        out.write(line + "\n")
+        out.flush()
+
+
+def _to_log_file(text: str) -> None:
+    log = SESSION["log"]
+    if log is None:
+        return
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        pass
+
+
+def run_log() -> Path | None:
+    """The log of the command being captured (None when nothing is captured)."""
+    return SESSION["log"] if SESSION["console"] is not None else None
+
+
+def last_log() -> Path | None:
+    """The log of the last captured command (where its error messages point)."""
+    return SESSION["log"]
+
+
+@contextmanager
+def captured(name: str = "run", verbosity: int = NORMAL):
+    """Run a command with third-party output in a log file: `with captured("run"): ...`. Under --verbose the
+    output goes to the console as well. Nested use is a no-op."""
+    if SESSION["console"] is not None:
+        yield SESSION["log"]
+        return
+    log = log_dir() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.touch()
+    env_before = {k: os.environ.get(k) for k in NOISE_ENV}
+    if verbosity < VERBOSE:
+        for k, v in NOISE_ENV.items():
+            os.environ.setdefault(k, v)
+    saved = _redirect(log, verbosity)
+    SESSION.update(log=log, level=verbosity, noted=set())
+    STATE["log"] = log  # a console pipe that closes: the rest goes to the same log
+    old_showwarning = warnings.showwarning
+    warnings.showwarning = _showwarning
+    try:
+        yield log
+    finally:
+        warnings.showwarning = old_showwarning
+        _restore(saved)
+        SESSION.update(console=None, level=NORMAL)
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    """A Python warning: into the log; as one `prefopt: note:` when it is one a person should see."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    try:
+        sys.stderr.write(text)
+    except (OSError, ValueError):
+        pass
+    _maybe_note(str(message))
+
+
+def _maybe_note(text: str) -> None:
+    for pattern, note in NOTES:
+        if pattern in text and note not in SESSION["noted"]:
+            SESSION["noted"].add(note)
+            say(f"prefopt: note: {note} (details in the log)")
+
+
+def _fd_of(s) -> int | None:
+    try:
+        return s.fileno()
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _redirect(log: Path, verbosity: int) -> dict:
+    """Point stdout and stderr at the log. With real descriptors 1 and 2 (a command line), the descriptors
+    themselves move (C-level writes too); otherwise (a test runner's streams) sys.stdout and sys.stderr do."""
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    if _fd_of(sys.stderr) == 2 and _fd_of(sys.stdout) == 1:
+        console_fd = os.dup(2)
+        saved = {"fds": (os.dup(1), os.dup(2)), "tee": None}
+        target = os.open(log, os.O_WRONLY | os.O_APPEND)
+        if verbosity >= VERBOSE:  # everything to the console as well: a pipe that a thread copies to both
+            r, w = os.pipe()
+            saved["tee"] = threading.Thread(target=_tee, args=(r, target, console_fd), daemon=True)
+            saved["tee"].start()
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            os.close(w)
+        else:
+            os.dup2(target, 1)
+            os.dup2(target, 2)
+            os.close(target)
+        raw = os.fdopen(console_fd, "w", buffering=1, encoding=getattr(sys.__stderr__, "encoding", None) or "utf-8",
+                        errors="replace")
+        SESSION["console"] = _Guarded(raw, "stderr")
+        return saved
+    console = sys.stderr
+    f = open(log, "a", buffering=1, encoding="utf-8")
+    saved = {"streams": (sys.stdout, sys.stderr), "file": f}
+    sys.stdout = sys.stderr = f if verbosity < VERBOSE else _Both(f, console)
+    SESSION["console"] = console
+    return saved
+
+
+class _Both(io.TextIOBase):
+    def __init__(self, *streams):
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self._streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self._streams:
+            s.flush()
+
+
+def _tee(r: int, log_fd: int, console_fd: int) -> None:
+    with os.fdopen(r, "rb", buffering=0) as src:
+        while chunk := src.read(65536):
+            for fd in (log_fd, console_fd):
+                try:
+                    os.write(fd, chunk)
+                except OSError:
+                    pass
+    os.close(log_fd)
+
+
+def _restore(saved: dict) -> None:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    if "fds" in saved:
+        out, err = saved["fds"]
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.close(out)
+        os.close(err)
+        if saved["tee"] is not None:  # the pipe's last writer is gone: the thread sees its end
+            saved["tee"].join(timeout=5)
+        console = SESSION["console"]
+        try:
+            console.flush()
+            console._stream.close()
+        except (AttributeError, OSError, ValueError):
+            pass
+    else:
+        sys.stdout, sys.stderr = saved["streams"]
+        saved["file"].close()
+
+
+def keep_log(log: Path | None, run_dir: Path | None, *, name: str = "run", keep: int = 5) -> Path | None:
+    """Move a command's log into RUN_DIR/logs/NAME.log; the attempts before it become NAME.1.log (the last) to
+    NAME.KEEP.log. Returns where the log is (where it was when the run folder cannot take it)."""
+    if log is None or not log.is_file():
+        return log
+    if run_dir is None:
+        return log
+    logs = Path(run_dir) / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        for i in range(keep, 0, -1):
+            older = logs / (f"{name}.{i - 1}.log" if i > 1 else f"{name}.log")
+            if older.exists():
+                os.replace(older, logs / f"{name}.{i}.log")
+        dest = logs / f"{name}.log"
+        shutil.move(str(log), dest)
+    except OSError:
+        return log
+    if STATE["log"] == log:
+        STATE["log"] = dest
+    if SESSION["log"] == log:
+        SESSION["log"] = dest
+    return dest

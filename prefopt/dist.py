@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from . import errors
+from . import console, errors
 from .errors import PrefoptError
 
 
@@ -181,4 +181,6 @@ def run_alone(args: list[str]) -> int:
     devices = visible.split(",") if visible else None
     env["CUDA_VISIBLE_DEVICES"] = devices[local_rank()] if devices and local_rank() < len(devices) else \
         str(local_rank()) if visible is None else visible
-    return subprocess.run([sys.executable, "-m", "prefopt", *args], env=env).returncode
+    # under a captured console (console.captured) the child speaks to the console, and captures its own log
+    fd = console.stream().fileno() if console.run_log() is not None else None
+    return subprocess.run([sys.executable, "-m", "prefopt", *args], env=env, stdout=fd, stderr=fd).returncode

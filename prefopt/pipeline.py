@@ -14,7 +14,7 @@ from . import dist
 from .config import Recipe
 from .data.report import summary_lines
 from .errors import GateFailed
-from .plan import adapter_note, stage_notes
+from .plan import header_lines
 from .preflight import preflight
 from .report import write_report
 from .runs import folder as runfolder
@@ -26,6 +26,9 @@ from .steps.train import StageResult, run_stages
 
 @dataclass
 class RunResult:
+    """What `prefopt.run` returns: the run folder, each stage's adapter and metrics (in recipe order), the
+    evaluation's log and verdict, and the merge's report and folder."""
+
     run_dir: Path
     stages: list[StageResult] = field(default_factory=list)
     merge_report: dict | None = None
@@ -43,6 +46,31 @@ class RunResult:
     def metrics(self) -> dict[str, dict]:
         return {s.name: s.metrics for s in self.stages}
 
+    @property
+    def merged(self) -> Path | None:
+        """The merged model's folder (None when the recipe merges nothing)."""
+        return self.run_dir / runfolder.MERGED if self.merge_report is not None else None
+
+    @property
+    def passed(self) -> bool | None:
+        """The evaluation's verdict: True when every gate passed, False when one failed, None without evaluation."""
+        return None if self.eval_log is None else bool(self.eval_log.get("passed"))
+
+    @property
+    def gates(self) -> list[dict]:
+        """Each gate: name, what, value, limit, verdict ("pass" / "fail")."""
+        return list((self.eval_log or {}).get("gates", []))
+
+    @property
+    def mmlu_delta(self) -> tuple[float, float] | None:
+        """(tuned - base MMLU accuracy in points, its paired standard error), when MMLU was evaluated."""
+        m = (self.eval_log or {}).get("mmlu")
+        return (m["delta_points"], m["paired_stderr"]) if m else None
+
+    @property
+    def eval_log_path(self) -> Path | None:
+        return self.run_dir / runfolder.EVAL / runfolder.EVAL_LOG if self.eval_log is not None else None
+
 
 def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
     """Run the recipe's stages in order, then its evaluation and merge; returns each stage's adapter and metrics."""
@@ -53,9 +81,11 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
     runfolder.check_output_dir(run_dir, recipe_name=recipe.name, stages=[(s.name, s.type) for s in recipe.stages],
                                fresh=fresh)
     recipe = runfolder.self_contained(recipe)  # the recipe the run folder records: absolute paths, data hashes
+    for line in header_lines(recipe, run_dir):
+        echo(line)
     checked = preflight(recipe, echo=echo, output_dir=run_dir)
     records = run_records.Records.open(recipe, run_dir, fresh, echo)
-    for line in [adapter_note(recipe), *stage_notes(recipe), *_data_lines(checked.data)]:
+    for line in _data_lines(checked.data):
         echo(f"prefopt: {line}")
 
     result = RunResult(run_dir, run_stages(recipe, run_dir, checked.data, records, fresh=fresh, echo=echo))

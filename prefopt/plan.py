@@ -10,6 +10,7 @@ from .eval import mmlu
 from .memory import format_plan, recipe_memory_plan
 from .models import adapter_config_from_section, count_trainable, empty_model, load_config
 from .preflight import preflight
+from .version import __version__
 
 
 def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
@@ -58,6 +59,26 @@ def stage_notes(recipe: Recipe) -> list[str]:
     return notes
 
 
+def header_lines(recipe: Recipe, run_dir) -> list[str]:
+    """What `prefopt run` says first: recipe, base and quantization, adapter, stages, run folder, device."""
+    import torch
+
+    m = recipe.model
+    src = f" ({recipe.source})" if getattr(recipe, "source", None) else ""
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)}" + (f" (x{torch.cuda.device_count()})"
+                                                              if torch.cuda.device_count() > 1 else "")
+    else:
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    stages = stage_notes(recipe)
+    return [f"prefopt {__version__}: recipe {recipe.name}{src}",
+            f"  base     {m.name_or_path} ({m.quantization}, {m.dtype})",
+            f"  {adapter_note(recipe).replace('adapter: ', 'adapter  ', 1)}",
+            *[f"  {'stages' if i == 0 else '':<8} {i + 1}. {line}" for i, line in enumerate(stages)],
+            f"  run      {run_dir}",
+            f"  device   {device}"]
+
+
 def default_gpu_memory() -> int | None:
     """The first visible GPU's memory, when there is one (the budget `prefopt plan` checks without --gpu-memory)."""
     import torch
@@ -66,21 +87,23 @@ def default_gpu_memory() -> int | None:
 
 
 def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, device: str = "cuda",
-              sharding: str = "none", output_dir=None) -> tuple[str, dict | None]:
-    """The plan as text, and the memory plan (None when it cannot be made)."""
+              sharding: str = "none", output_dir=None, show_recipe: bool = False) -> tuple[str, dict | None]:
+    """The plan as text -- stages and data sizes, memory plan, notes, then (show_recipe) the resolved recipe --
+    and the memory plan (None when it cannot be made)."""
     checked = preflight(recipe, output_dir=output_dir)
     try:
         trainable, total = trainable_parameters(recipe)
         params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     except Exception as e:  # e.g. a hub id that cannot be reached: still show the rest
         params = f"unknown ({str(e).splitlines()[0]})"
-    lines = ["# resolved recipe", recipe.to_yaml().rstrip(), "", f"# {adapter_note(recipe)}", "",
-             *[f"# warning: {w}" for w in checked.warnings], "# stages"]
+    m = recipe.model
+    lines = [f"plan for recipe {recipe.name}: {len(recipe.stages)} stage(s) on {m.name_or_path} "
+             f"({m.quantization}, {m.dtype})", f"# {adapter_note(recipe)}; trainable params: {params}", "# stages"]
     for i, note in enumerate(stage_notes(recipe)):
         data = checked.data[i]
         n_eval = len(data.eval) if data.eval is not None else 0
         lines.append(f"{i:02d}-{note}")
-        lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt}); trainable params: {params}")
+        lines.append(f"    data: {len(data.train)} train / {n_eval} eval rows ({data.fmt})")
         lines += [f"    {line}" for line in summary_lines(data.report)]
     if recipe.eval is not None:
         mmlu_path = recipe.eval.mmlu and str(recipe.resolve(recipe.eval.mmlu.path) or recipe.eval.mmlu.path)
@@ -91,6 +114,12 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
         lines += ["", *format_plan(plan)]
     except (PrefoptError, ValueError, ImportError) as e:  # a model class that will not build on meta tensors: the
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # rest still stands
+    notes = [f"# note: {w}" for w in checked.warnings]
+    lines += ["", *notes] if notes else []
+    if show_recipe:
+        lines += ["", "# resolved recipe", recipe.to_yaml().rstrip()]
+    else:
+        lines += ["", "(the resolved recipe, every default filled in: --show-recipe)"]
     return "\n".join(lines), plan
 
 

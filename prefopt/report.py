@@ -1,9 +1,11 @@
 """runs/<name>/report.html from the run folder alone (rebuild it any time: `prefopt report RUN_DIR`).
 
-One self-contained file: plots are PNGs (matplotlib, Agg) embedded as data: URIs; no script, no external link.
-Sections: stages, training loss per stage, reward accuracy and margins over steps, held-out metrics, MMLU base vs
-tuned per subject, completions side by side, each stage's data report (when the data step wrote one), gates and
-merge verdict, reviews.
+One self-contained file: plots are PNGs (matplotlib, Agg) embedded as data: URIs; no script, no external link (the
+completions' filter is CSS). It leads with the verdict card (gates with their figures, MMLU delta ± stderr, reward
+accuracy, merge verified with its figures, diagnostics), then the stages table, the plots (each stage's loss on its
+own axes, rewards, learning rate; a stage that logged once shows its numbers), the data reports as one table across
+stages (only the drop reasons that dropped something), held-out metrics, MMLU per subject, completions side by side,
+gates, merge, reviews.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 from .runs import folder as runfolder
+from .runs.status import run_status
 
 
 def _read_json(path: Path):
@@ -24,26 +27,29 @@ def _read_json(path: Path):
         return None
 
 
-def _png(fig) -> str:
+def _png(fig, alt: str = "plot") -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure():
+def _figure(ncols: int = 1):
+    """A figure about 1,150 px wide (the page's width), one panel per column."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6.4, 3.2))
+    fig, axes = plt.subplots(1, ncols, figsize=(11.5, 3.6), squeeze=False)
+    return fig, list(axes[0])
 
 
 def _series(history: list[dict], key: str) -> tuple[list, list]:
-    pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and "step" in h]
+    pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and "step" in h
+           and "train_runtime" not in h]  # (the trainer's closing record averages the whole stage: not a step)
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -59,9 +65,17 @@ def _fmt(v) -> str:
     return _e(v)
 
 
+def _cell(c) -> str:
+    if isinstance(c, _Raw):
+        return f"<td>{c}</td>"
+    if isinstance(c, _Num):
+        return f"<td class='num'>{_e(c)}</td>"
+    return f"<td>{_fmt(c)}</td>"
+
+
 def _table(rows: list[list], head: list[str]) -> str:
     out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _fmt(c)}</td>" for c in r) + "</tr>" for r in rows]
+    out += ["<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows]
     return "\n".join(out) + "</table>"
 
 
@@ -69,38 +83,60 @@ class _Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
-def _plots(run_dir: Path, stages: list[dict]) -> list[str]:
-    histories = {s["name"]: _read_json(run_dir / s["adapter"].rsplit("/", 1)[0] / "log_history.json") or []
-                 for s in stages if s.get("adapter")}
-    out = []
-    fig, ax = _figure()
-    drew = False
-    for name, hist in histories.items():
-        x, y = _series(hist, "loss")
-        if x:
-            ax.plot(x, y, marker=".", label=name)
-            drew = True
-    if drew:
-        ax.set(title="Training loss per stage", xlabel="step", ylabel="loss")
-        ax.legend()
-        out.append("<h3>Training loss</h3>" + _png(fig))
-    else:
-        import matplotlib.pyplot as plt
+class _Num(str):
+    """A right-aligned cell."""
 
-        plt.close(fig)
-    for name, hist in histories.items():
-        x, acc = _series(hist, "rewards/accuracies")
-        if not x:
+    def __new__(cls, v):
+        return super().__new__(cls, "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+
+
+def _histories(run_dir: Path, stages: list[dict]) -> dict[str, list[dict]]:
+    return {s["name"]: [h for h in _read_json(run_dir / s["adapter"].rsplit("/", 1)[0] / "log_history.json") or []
+                        if isinstance(h, dict)] for s in stages if s.get("adapter")}
+
+
+# (title, [(log key, label)], y-axis label, y limits): one figure each, one panel per stage that logged the keys
+PLOTS = (
+    ("Training loss", [("loss", "loss")], "loss", None),
+    ("Reward accuracy (chance 0.5)", [("rewards/accuracies", "reward accuracy")], "accuracy", (0, 1.05)),
+    ("Rewards", [("rewards/margins", "margin"), ("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")],
+     "reward", None),
+    ("Learning rate", [("learning_rate", "learning rate")], "lr", None),
+)
+
+
+def _plots(run_dir: Path, stages: list[dict]) -> list[str]:
+    """Each plot with one panel per stage (SFT's and DPO's losses differ by ten times: never one axis); a stage
+    that logged a value once shows it as a number."""
+    histories = _histories(run_dir, stages)
+    out = []
+    for title, keys, ylabel, ylim in PLOTS:
+        panels, single = [], []
+        for name, hist in histories.items():
+            series = [(label, *_series(hist, key)) for key, label in keys]
+            series = [t for t in series if t[1]]
+            if any(len(xs) > 1 for _, xs, _ in series):
+                panels.append((name, series))
+            elif series:
+                single.append(f"{_e(name)}: " + ", ".join(f"{_e(label)} {_fmt(ys[0])} (step {xs[0]})"
+                                                         for label, xs, ys in series))
+        if not panels and not single:
             continue
-        fig, ax = _figure()
-        ax.plot(x, acc, marker=".", label="reward accuracy")
-        for key in ("rewards/margins", "rewards/chosen", "rewards/rejected"):
-            xs, ys = _series(hist, key)
-            if xs:
-                ax.plot(xs, ys, marker=".", label=key.split("/")[1])
-        ax.set(title=f"{name}: reward accuracy and margins over steps", xlabel="step")
-        ax.legend()
-        out.append(f"<h3>{_e(name)}: rewards</h3>" + _png(fig))
+        out.append(f"<h3>{_e(title)}</h3>")
+        if panels:
+            fig, axes = _figure(len(panels))
+            for ax, (name, series) in zip(axes, panels):
+                for label, xs, ys in series:
+                    ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
+                ax.set(title=name, xlabel="step", ylabel=ylabel)
+                if ylim:
+                    ax.set_ylim(*ylim)
+                if len(series) > 1:
+                    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(series), frameon=False)
+                ax.grid(alpha=0.3)
+            fig.tight_layout()
+            out.append(_png(fig, title))
+        out += [f"<p>{line} (logged once)</p>" for line in single]
     return out
 
 
@@ -108,7 +144,7 @@ def _mmlu_plot(m: dict) -> str:
     subjects = sorted(m.get("per_subject") or {})
     if not subjects:
         return ""
-    fig, ax = _figure()
+    fig, (ax,) = _figure()
     xs = range(len(subjects))
     ax.bar([x - 0.2 for x in xs], [m["per_subject"][s]["base"] for s in subjects], width=0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [m["per_subject"][s]["tuned"] for s in subjects], width=0.4, label="tuned")
@@ -116,8 +152,8 @@ def _mmlu_plot(m: dict) -> str:
     ax.set_xticks(list(xs), subjects, rotation=45 if many else 0, ha="right" if many else "center",
                   fontsize=7 if len(subjects) > 12 else 9)
     ax.set(title="MMLU accuracy per subject", ylabel="accuracy", ylim=(0, 1))
-    ax.legend()
-    return _png(fig)
+    ax.legend(loc="upper right")
+    return _png(fig, "MMLU accuracy per subject")
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -128,50 +164,98 @@ def build_report(run_dir: str | Path) -> Path:
     stages = manifest.get("stages", [])
     title = f"prefopt run report: {manifest.get('recipe_name', run_dir.name)}"
     body = [f"<h1>{_e(title)}</h1>",
-            f"<p>run id {_e(manifest.get('run_id'))}, recipe hash {_e(manifest.get('recipe_hash'))}, prefopt "
-            f"{_e(manifest.get('prefopt_version'))}</p>"]
+            f"<p class='meta'>run id {_e(manifest.get('run_id'))}, recipe hash {_e(manifest.get('recipe_hash'))}, "
+            f"prefopt {_e(manifest.get('prefopt_version'))}</p>"]
+    body += _verdict_card(run_dir, manifest, log)
     body += _stages_section(run_dir, stages)
     body += _data_section(run_dir, stages)
     if log:
         body += _eval_section(run_dir, log)
     body += _merge_section(run_dir, manifest, log)
     body += _reviews_section(log)
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-             "margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;font-size:90%}"
-             "pre{white-space:pre-wrap;margin:0}.fail{color:#b00}.pass{color:#070}")
     doc = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
-           f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+           f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path = run_dir / runfolder.REPORT
     runfolder.write_atomic(path, doc)
     return path
 
 
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}"
+    "h1{font-size:1.5em;margin-bottom:.2em}.meta{color:#666;margin-top:0}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;"
+    "vertical-align:top;font-size:90%}th{background:#f4f4f4}td.num{text-align:right}"
+    "pre{white-space:pre-wrap;margin:0}.fail{color:#b00}.pass{color:#070}img.plot{width:100%;height:auto}"
+    ".card{border:2px solid #070;border-radius:8px;padding:.6em 1.2em;margin:1em 0;background:#f6fbf6}"
+    ".card.bad{border-color:#b00;background:#fdf5f5}.card.open{border-color:#a80;background:#fdfbf3}"
+    ".card h2{margin:.2em 0 .4em}.card ul{margin:.2em 0;padding-left:1.2em}.card li{margin:.15em 0}"
+    "#c-changed:checked~table tr.same,#c-same:checked~table tr.changed{display:none}"
+)
+
+
+def _verdict_card(run_dir: Path, manifest: dict, log: dict) -> list[str]:
+    """The first thing on the page: did the run pass, by how much, and is the merged model verified."""
+    try:
+        st = run_status(run_dir)
+    except Exception:  # a folder too broken for a status: the sections below still show what there is
+        return []
+    items = []
+    done = sum(s.state in ("done", "reused") for s in st.stages)
+    items.append(f"stages: {done} of {len(st.stages)} done" + "".join(
+        f"; {_e(s.name)} {_e(s.state)}" + (f" ({_e(s.detail)})" if s.detail else "")
+        for s in st.stages if s.state not in ("done", "reused")))
+    if st.eval.state == "not run":
+        items.append("evaluation: not run")
+    else:
+        cls = "pass" if st.eval.state == "passed" else "fail"
+        items.append(f"evaluation gates: <b class='{cls}'>{st.eval.state.upper()}</b>"
+                     + "".join(f"<br>&nbsp;&nbsp;{_e(g)}" for g in st.eval.gates))
+        if st.eval.mmlu:
+            items.append(f"MMLU base -&gt; tuned: <b>{_e(st.eval.mmlu)}</b>")
+        if st.eval.reward_accuracy is not None:
+            items.append(f"held-out reward accuracy: <b>{st.eval.reward_accuracy:.2f}</b> (chance 0.50)")
+    mg = st.merge
+    cls = "pass" if mg.state == "verified" else "fail" if mg.state == "failed" else ""
+    items.append(f"merge: <b class='{cls}'>{_e(mg.state)}</b>" + (f": {_e(mg.figures)}" if mg.figures else ""))
+    diags = [d for s in manifest.get("stages", []) for d in s.get("diagnostics", []) or []]
+    items.append("diagnostics: " + ("; ".join(_e(d.get("message", d)) if isinstance(d, dict) else _e(d)
+                                              for d in diags) if diags else "none"))
+    bad = st.eval.state == "failed" or mg.state == "failed" or any(s.state == "failed" for s in st.stages)
+    whole = "bad" if bad else "" if (st.done and st.eval.state != "failed") else "open"
+    verdict = "FAILED" if bad else "PASSED" if st.done and st.eval.state == "passed" else \
+        "done" if st.done else "not finished"
+    return [f"<div class='card {whole}' id='verdict'><h2>Verdict: {verdict}</h2><ul>"
+            + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"]
+
+
 def _stages_section(run_dir: Path, stages: list[dict]) -> list[str]:
     body = ["<h2>Stages</h2>"]
-    rows = []
-    for s in stages:
-        ev, tr = (s.get("metrics") or {}).get("eval") or {}, (s.get("metrics") or {}).get("train") or {}
-        rows.append([s["name"], s["type"], s.get("status"), s.get("data", {}).get("train_rows"),
-                     s.get("data", {}).get("eval_rows"), tr.get("train_loss"), ev.get("eval_loss"),
-                     ev.get("eval_rewards/accuracies")])
-    body.append(_table(rows, ["stage", "type", "status", "train rows", "eval rows", "train loss", "eval loss",
-                              "reward accuracy"]))
+    try:
+        st = run_status(run_dir)
+        rows = [[f"{s.name} ({s.type})", s.state + (f" ({s.detail})" if s.detail else ""), _Num(s.rows),
+                 _Num("" if s.steps is None else s.steps), _Num("" if s.seconds is None else f"{s.seconds:.1f} s"),
+                 s.key_metric] for s in st.stages]
+    except Exception:
+        rows = [[s["name"], s.get("status"), "", "", "", ""] for s in stages]
+    body.append(_table(rows, ["stage", "state", "rows kept", "steps", "time", "key metric"]))
     return body + _plots(run_dir, stages)
 
 
 def _data_section(run_dir: Path, stages: list[dict]) -> list[str]:
+    """One table across stages: rows read, kept for training and held out, then each drop reason that dropped a row
+    in some stage."""
     reports = [(s["name"], _read_json(run_dir / "stages" / f"{i:02d}-{s['name']}" / "data_report.json"))
                for i, s in enumerate(stages)]
     reports = [(n, r) for n, r in reports if isinstance(r, dict)]
     if not reports:
         return []
-    body = ["<h2>Data reports</h2>"]
-    for name, r in reports:
-        dropped = r.get("dropped") or {}
-        body.append(f"<h3>{_e(name)}</h3>" + _table(
-            [[k, v] for k, v in r.items() if k != "dropped" and not isinstance(v, (dict, list))]
-            + [[f"dropped: {k}", v] for k, v in dropped.items()], ["", "value"]))
-    return body
+    reasons = sorted({k for _, r in reports for k, v in (r.get("dropped") or {}).items() if v})
+    rows = [[label] + [_Num(r.get(key, "")) for _, r in reports]
+            for label, key in (("rows read", "input_rows"), ("train rows", "train_rows"),
+                               ("eval rows", "eval_rows"))]
+    rows += [[f"dropped: {k}"] + [_Num((r.get("dropped") or {}).get(k) or "") for _, r in reports] for k in reasons]
+    note = "" if reasons else "<p>nothing dropped by the data step's filters</p>"
+    return ["<h2>Data</h2>", _table(rows, ["", *[n for n, _ in reports]]), note]
 
 
 def _eval_section(run_dir: Path, log: dict) -> list[str]:
@@ -194,10 +278,7 @@ def _eval_section(run_dir: Path, log: dict) -> list[str]:
     if cpath.is_file():
         comps = [json.loads(x) for x in cpath.read_text().splitlines() if x.strip()]
     if comps:
-        body.append(f"<h2>Completions ({len(comps)}, greedy)</h2>")
-        body.append(_table([[c["index"] + 1, _Raw(f"<pre>{_e(c['prompt'])}</pre>"),
-                             _Raw(f"<pre>{_e(c['base'])}</pre>"), _Raw(f"<pre>{_e(c['tuned'])}</pre>")]
-                            for c in comps], ["#", "prompt", "base", "tuned"]))
+        body += _completions(comps)
     body.append("<h2>Gates</h2>")
     body.append(_table([[g["name"], g["what"], runfolder.gate_limit(g), g["value"], _Raw(
         f"<b class='{_e(g['verdict'])}'>{_e(g['verdict'])}</b>")] for g in log.get("gates", [])],
@@ -209,13 +290,37 @@ def _eval_section(run_dir: Path, log: dict) -> list[str]:
     return body
 
 
+def _completions(comps: list[dict]) -> list[str]:
+    """Prompt, base and tuned side by side; a CSS-only filter shows all, only those the tuning changed, or the rest."""
+    changed = sum(c["base"].strip() != c["tuned"].strip() for c in comps)
+    rows = ["<table><tr><th>#</th><th>prompt</th><th>base</th><th>tuned</th></tr>"]
+    for c in comps:
+        cls = "changed" if c["base"].strip() != c["tuned"].strip() else "same"
+        rows.append(f"<tr class='{cls}'><td class='num'>{c['index'] + 1}</td><td><pre>{_e(c['prompt'])}</pre></td>"
+                    f"<td><pre>{_e(c['base'])}</pre></td><td><pre>{_e(c['tuned'])}</pre></td></tr>")
+    filt = ("<input type='radio' name='cf' id='c-all' checked><label for='c-all'> all </label>"
+            f"<input type='radio' name='cf' id='c-changed'><label for='c-changed'> changed by tuning ({changed}) "
+            f"</label><input type='radio' name='cf' id='c-same'><label for='c-same'> unchanged "
+            f"({len(comps) - changed}) </label>")
+    return [f"<h2>Completions ({len(comps)}, greedy)</h2>", f"<div class='comps'>{filt}" + "\n".join(rows)
+            + "</table></div>"]
+
+
 def _merge_section(run_dir: Path, manifest: dict, log: dict) -> list[str]:
     merge = manifest.get("merge")
     report = _read_json(run_dir / runfolder.MERGED / runfolder.MERGE_REPORT)
     if report and (report.get("verification") or {}).get("passed") is not None:
         v = report["verification"]
+        th = v.get("thresholds") or {}
         said = (f"<p>merged/ ({_e(report.get('base_mode'))}): verification "
-                f"<b>{'PASSED' if v.get('passed') else 'FAILED'}</b></p>")
+                f"<b>{'PASSED' if v.get('passed') else 'FAILED'}</b> over {_e(v.get('tokens'))} tokens of "
+                f"{_e(v.get('probes'))} {_e(v.get('probe_source', 'probe rows'))}</p>" + _table(
+                    [["max relative logit difference", _Num(v.get("max_rel_logit_diff")),
+                      _Num(f"<= {th.get('max_rel_logit_diff', '')}")],
+                     ["mean KL", _Num(v.get("mean_kl")), _Num(f"<= {th.get('mean_kl', '')}")],
+                     ["top-1 agreement", _Num(v.get("top1_agreement")),
+                      _Num(f">= {th.get('min_top1_agreement', '')}")]],
+                    ["figure", "merged vs adapter model", "limit"]))
     elif merge:
         said = f"<p>merge status: {_e(merge.get('status'))}</p>"
     elif log and not log.get("passed"):

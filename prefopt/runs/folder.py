@@ -384,16 +384,16 @@ def gate_limit(g: dict) -> str:
     """A gate's limit as the recipe wrote it: 'drop <= 25 points', '>= 0.6'."""
     if "limit" in g:
         return g["limit"]
-    return f">= {_fmt(g['threshold'])}"  # eval logs written before the limit was recorded
+    return f">= {fmt(g['threshold'])}"  # eval logs written before the limit was recorded
 
 
 def gate_line(gates: list[dict]) -> str:
     """One line naming each failed gate and its figures."""
-    return "; ".join(f"gate {g['name']} failed: {g['what']} {_fmt(g['value'])}, needs {gate_limit(g)}"
+    return "; ".join(f"gate {g['name']} failed: {g['what']} {fmt(g['value'])}, needs {gate_limit(g)}"
                      + (" (not measured)" if g.get("value") is None else "") for g in gates)
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

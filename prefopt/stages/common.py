@@ -12,7 +12,8 @@ import math
 import time
 from pathlib import Path
 
-from .. import dist, signals
+from .. import console, dist, signals
+from .._compat import checkpointing_args
 from ..errors import PrefoptError
 from ..models import ADAPTER_NAME
 from ..runs.folder import mark_checkpoint
@@ -39,8 +40,7 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        **checkpointing_args(train.gradient_checkpointing),
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
@@ -167,11 +167,20 @@ def make_trainer(trainer_cls, config_cls, model, tokenizer, stage, data, out_dir
     then the stage's trainer_kwargs (last wins)."""
     base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
                          run_name=run_name, has_eval=data.eval is not None)
+    progress = any(getattr(c, "replaces_tqdm", False) for c in callbacks)
+    if progress:  # prefopt's own progress (stages/progress.py) instead of transformers' tqdm bar
+        base["disable_tqdm"] = True
+    for key in [k for k in stage.trainer_kwargs if k.startswith("gradient_checkpointing")]:
+        base.pop(key.replace("gradient_", "activation_"), None)  # the old name in trainer_kwargs: it decides
     args = make_config(config_cls, base, method, stage.trainer_kwargs)
     callbacks = [*callbacks, checkpoint_callback(minutes_of(stage.train.checkpoint_every))]
     with adapter_precision_kept(model):
         trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                               processing_class=tokenizer, callbacks=callbacks)
+    if progress and console.run_log() is None:  # the raw log dicts: in the run's log file, not on a console
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     _checkpoints_hold_our_adapter_only(trainer)
     return trainer
 
@@ -197,7 +206,7 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if signals.stop_requested():
         raise signals.Terminated()
-    metrics = {"train": _finite(result.metrics)}
+    metrics = {"train": {**_finite(result.metrics), "steps": trainer.state.global_step}}
     if resume_from:  # the trainer's train_loss averages this session's steps only: the whole stage's, from its log
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if logged:

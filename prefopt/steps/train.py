@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..runs import store
 from ..runs.folder import adapter_hash, stage_tmp, write_atomic
 from ..runs.records import data_entry, now
 from ..stages import STAGES
+from ..stages.progress import progress_callback
 from .data import reference_filter
 
 
@@ -129,7 +131,10 @@ def run_stage(recipe, i: int, data, prev_adapter: Path | None, run_dir: Path, re
             echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
         return StageResult(st.name, st.type, stage_dir / "adapter", entry["metrics"], skipped=True)
     metrics = _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, entry, decision, echo)
-    echo(f"prefopt: stage {st.name} done: {summarise(metrics)}")
+    took = metrics.get("train", {}).get("train_runtime")
+    steps = metrics.get("train", {}).get("steps")
+    echo(f"prefopt: stage {st.name} done" + (f" in {took:.1f} s" if isinstance(took, (int, float)) else "")
+         + (f", {steps} steps" if steps else "") + f": {summarise(metrics)}")
     return StageResult(st.name, st.type, stage_dir / "adapter", metrics)
 
 
@@ -137,7 +142,8 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
     """Train stage i, its run.json entry kept current: running, then done, failed or interrupted."""
     st = recipe.stages[i]
     stage_dir = run_dir / "stages" / recipe.stage_dirname(i)
-    entry.update(status="running", started_at=now(), attempts=(decision.record or {}).get("attempts", 0) + 1)
+    entry.update(status="running", started_at=now(), attempts=(decision.record or {}).get("attempts", 0) + 1,
+                 pid=os.getpid(), host=socket.gethostname())  # `prefopt status` tells running from killed
     tmp = stage_tmp(stage_dir)
     resume = decision.resume
     if resume is not None:
@@ -159,7 +165,11 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
                                   resume_from=resume[0] if resume else None, ref_cache=ref_cache,
                                   begin=records.commit, echo=echo)
     except BaseException as e:
+        entry.pop("pid", None)
+        entry.pop("host", None)
         entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", ended_at=now())
+        if entry["status"] == "failed":
+            entry["error"] = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
         last = runfolder.last_checkpoint(tmp) if dist.is_main() else None
         if last is not None:
             entry["last_checkpoint_step"] = last[1]
@@ -167,6 +177,8 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
         raise
     if "ref_logps" in metrics:
         entry["ref_logps"] = metrics.pop("ref_logps")
+    entry.pop("pid", None)
+    entry.pop("host", None)
     entry.update(status="done", ended_at=now(), metrics=metrics, data=data_entry(data.report))
     records.save()
     if dist.is_main():
@@ -233,6 +245,7 @@ def _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, atte
         metrics = STAGES[st.type](
             model, tokenizer, st, data, tmp, seed=recipe.seed, report_to=report_to, run_name=f"{recipe.name}/{st.name}",
             resume_from=resume_from, ref_cache=ref_cache, echo=echo,
+            callbacks=[progress_callback(st.name, st.type, i, len(recipe.stages))],
         )
         log_summary(metrics)
     return metrics
