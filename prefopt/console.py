@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import shutil
 import sys
@@ -156,6 +157,7 @@ NOTES = (
     ("You are using a model of type", "the checkpoint's model type differs from the class loading it"),
     ("Some weights of", "some weights of the checkpoint were not used or newly initialized"),
 )
+NOTE_LOGGERS = ("", "transformers")
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 SESSION: dict = {"console": None, "log": None, "level": NORMAL, "noted": set()}
 
@@ -216,7 +218,8 @@ def captured(name: str = "run", verbosity: int = NORMAL):
     if SESSION["console"] is not None:
         yield SESSION["log"]
         return
-    log = log_dir() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    SESSION["count"] = SESSION.get("count", 0) + 1
+    log = log_dir() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{SESSION['count']}.log"
     log.touch()
     env_before = {k: os.environ.get(k) for k in NOISE_ENV}
     if verbosity < VERBOSE:
@@ -227,17 +230,36 @@ def captured(name: str = "run", verbosity: int = NORMAL):
     STATE["log"] = log  # a console pipe that closes: the rest goes to the same log
     old_showwarning = warnings.showwarning
     warnings.showwarning = _showwarning
+    noter = _NoteHandler(logging.WARNING)
+    for name in NOTE_LOGGERS:  # (transformers' logger does not propagate to the root)
+        logging.getLogger(name).addHandler(noter)
     try:
         yield log
     finally:
+        for name in NOTE_LOGGERS:
+            logging.getLogger(name).removeHandler(noter)
         warnings.showwarning = old_showwarning
         _restore(saved)
         SESSION.update(console=None, level=NORMAL)
+        _tidy(log)
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _tidy(log: Path, keep: int = 100) -> None:
+    """An empty log goes; the user's log folder keeps the newest KEEP command logs."""
+    try:
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink()
+            SESSION["log"] = None
+        old = sorted((p for p in log.parent.glob("*-*-*.log") if p.is_file()), key=lambda p: p.stat().st_mtime)
+        for p in old[:-keep]:
+            p.unlink()
+    except OSError:
+        pass
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None):
@@ -248,6 +270,16 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
     except (OSError, ValueError):
         pass
     _maybe_note(str(message))
+
+
+class _NoteHandler(logging.Handler):
+    """A library's logged warning (transformers logs most of its warnings): a note when it is one that matters."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _maybe_note(record.getMessage())
+        except Exception:  # a note must never break a run
+            pass
 
 
 def _maybe_note(text: str) -> None:

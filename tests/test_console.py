@@ -35,17 +35,30 @@ def test_captured_console_sends_c_level_and_python_output_to_the_log_only(tmp_pa
             os.write(2, b"C-level write\\n")
             warnings.warn("something deprecated", FutureWarning)
             warnings.warn("Token indices sequence length is longer than the specified maximum", UserWarning)
+            from transformers.utils import logging as hf_logging
+            hf_logging.get_logger("transformers.tokenization_utils_base").warning(
+                "Token indices sequence length is longer than the specified maximum (again)")
+            hf_logging.get_logger("transformers.x").warning("You are using a model of type x to instantiate y")
             console.say("prefopt: my line")
         print("after", log)
+        with console.captured("t", console.VERBOSE) as log2:
+            print("verbose print")
+            os.write(2, b"verbose C-level\\n")
+        print("after", log2)
     """)
     out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout
     shown = out.stdout.splitlines()
     assert shown[0] == "prefopt: note: a tokenized row is longer than the model's maximum length (details in the log)"
-    assert shown[1] == "prefopt: my line" and shown[2].startswith("after ") and len(shown) == 3, shown
-    log = Path(shown[2].split(" ", 1)[1]).read_text()
-    for text in ("library print", "C-level write", "FutureWarning: something deprecated", "prefopt: my line"):
+    assert shown[1] == ("prefopt: note: the checkpoint's model type differs from the class loading it (details in "
+                        "the log)")
+    assert shown[2] == "prefopt: my line" and shown[3].startswith("after ") and len(shown) == 7, shown
+    assert shown[4:6] == ["verbose print", "verbose C-level"]  # --verbose: on the console, and in the log
+    assert Path(shown[6].split(" ", 1)[1]).read_text() == "verbose print\nverbose C-level\n"
+    log = Path(shown[3].split(" ", 1)[1]).read_text()
+    for text in ("library print", "C-level write", "FutureWarning: something deprecated", "prefopt: my line",
+                 "(again)", "You are using a model of type x"):
         assert text in log
 
 
