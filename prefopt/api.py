@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults, load_recipe
+from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults, load_recipe, recipe_from_dict
 from .data import StageData, normalise_preference, normalise_sft
 from .memory import parse_size, recipe_memory_plan
 from .merging.stream import merge_adapter
@@ -30,8 +30,6 @@ Echo = Callable[[str], Any]
 def _recipe(recipe: str | Path | Recipe, overrides: Sequence[str] | dict[str, Any]) -> Recipe:
     if isinstance(recipe, Recipe):
         if overrides:
-            from .config import recipe_from_dict
-
             return recipe_from_dict(recipe.to_dict(), overrides if isinstance(overrides, dict) else list(overrides),
                                     base_dir=recipe.base_dir)
         return recipe

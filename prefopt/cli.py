@@ -26,7 +26,7 @@ from .preflight import load_checked, preflight
 from .report import build_report
 from .runs import folder as runfolder
 from .runs.folder import log_paths, run_folder_of
-from .runs.records import COMMITTED
+from .runs.records import COMMITTED, forget_committed
 from .runs.status import list_runs, render_list, run_status
 from .runs.status import render as render_status
 from .steps.data import run_data_step
@@ -82,9 +82,10 @@ def _bug(err: BaseException, run_dir=None) -> None:
         except OSError:
             continue
     first = (str(err).strip().splitlines() or [""])[0]
-    line = f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}{where}"
-    _append_to_log(line)
-    click.echo(line + _log_hint(), err=True)
+    line = f"prefopt: unexpected error (a bug, please report it): {type(err).__name__}: {first}"
+    log = console.last_log()
+    _append_to_log(line + where)
+    click.echo(line + (f"; full log: {log}" if log is not None and Path(log).is_file() else "") + where, err=True)
     sys.exit(EXIT_BUG)
 
 
@@ -100,17 +101,18 @@ def _stopped(err: BaseException, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_log: bool = False):
+def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_log=None):
     """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
     permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
-    is a bug -> one line and a traceback log, exit 1. keep_log: the command's log (console.captured) moves into the
-    run folder's logs/ once the run has committed work there (a folder it has not touched stays as it was)."""
+    is a bug -> one line and a traceback log, exit 1. keep_log (a function giving a run folder or None): the
+    command's log (console.captured) moves into that run folder's logs/ (a folder the run has not changed stays as
+    it was: the log stays in the user cache)."""
     try:
         try:
             yield
         finally:
-            if keep_log:
-                _keep_log(run_dir)
+            if keep_log is not None:
+                _keep_log(keep_log)
     except PrefoptError as e:
         _fail(e)
     except KeyboardInterrupt as e:
@@ -184,11 +186,12 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
     The console shows prefopt's own lines, each stage's progress and a closing summary; everything else (every
     library's logs and warnings) goes to RUN_FOLDER/logs/run.log, the previous attempts' to run.1.log ... run.5.log."""
     signals.install()
+    forget_committed()  # (an earlier run in this process, e.g. a test runner's, committed nothing of this one)
     level = _verbosity(quiet, verbose)
     # a bug's traceback goes to the run folder's logs/ only once this run has committed work there: a finished
     # folder stays byte-identical after a failure before that (else: the user's log folder)
     with _handled(_committed_run_dir, "finished stages and the last checkpoint are kept, re-run the same command "
-                  "to resume", keep_log=True):
+                  "to resume", keep_log=_changed_run_dir):
         with console.captured("run", level):
             rec = load_checked(recipe, list(overrides))
             # a run folder's own recipe.yaml resumes that run folder (unless told otherwise)
@@ -206,6 +209,11 @@ def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, fresh: 
 
 def _committed_run_dir():
     return COMMITTED["run_dir"]
+
+
+def _changed_run_dir():
+    """The run folder this run wrote to (its log joins it there), else None (the log stays in the user cache)."""
+    return COMMITTED["run_dir"] if COMMITTED["changed"] else None
 
 
 def _check_memory(rec, gpu_memory: str | None) -> None:

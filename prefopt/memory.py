@@ -2,7 +2,7 @@
 
 Pure arithmetic on the shapes `AutoConfig` gives (parameters are counted on a weightless meta-device copy), the
 recipe's model, adapter and train sections and the stage type. Every term says where its bytes come from; the
-measured accuracy (scripts/measure_memory.py, tests/test_memory.py) is in the README's "Memory plan".
+measured accuracy (scripts/measure_memory.py, tests/test_memory.py) is in docs/benchmarks.md (memory plan).
 
 The peak of a training step is the larger of two moments, on top of what lives the whole stage (base weights,
 adapter, its gradients, optimizer state from the second step on): the LM head's backward, with everything autograd
@@ -109,7 +109,7 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
 
 
 # none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers sit
-# above this arithmetic (README, "Memory plan")
+# above this arithmetic (docs/scaling.md, docs/benchmarks.md)
 SHARDINGS = ("none", "fsdp", "zero2")
 
 

@@ -98,7 +98,7 @@ def test_reference_base_is_not_the_sft_model(tmp_path, tiny_model, small_data, c
     result = prefopt.run(recipe, output_dir=tmp_path / "run")
     step0 = first_logged_step(result.run_dir, "01-dpo")
     assert abs(step0["rewards/chosen"]) > 1e-4
-    assert "reference: the BASE model" in capsys.readouterr().out
+    assert "reference: the BASE model" in capsys.readouterr().err  # (the API speaks on stderr, as the CLI)
 
 
 @pytest.mark.parametrize("reference", ["previous_stage", "base"])

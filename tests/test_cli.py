@@ -55,9 +55,9 @@ def test_plan_shows_stages_sizes_and_trainable_params(tmp_path, tiny_model):
     raw = chain_recipe(tiny_model, {"sft": DEMO_DATA / "sft.jsonl", "prefs": DEMO_DATA / "prefs.jsonl"})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    out = prefopt("plan", str(path), "--set", "stages.1.beta=0.25")
+    out = prefopt("plan", str(path), "--set", "stages.1.beta=0.25", "--show-recipe")
     assert out.returncode == 0, out.stderr
-    assert "beta: 0.25" in out.stdout  # the resolved recipe, override applied
+    assert "beta: 0.25" in out.stdout  # the resolved recipe (issue 23: shown on request), override applied
     assert "288 train / 32 eval rows" in out.stdout
     assert "reference: a frozen copy of the adapter from 'sft'" in out.stdout
     assert "trainable params: " in out.stdout and "unknown" not in out.stdout

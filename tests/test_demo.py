@@ -93,7 +93,7 @@ def test_the_full_log_holds_what_the_console_does_not(demo):
     assert "\r" not in log  # no progress bar fills it
 
 
-def test_status_shows_every_stage_done_and_a_rerun_rotates_the_log(demo, tmp_path):
+def test_status_shows_every_stage_done_and_a_rerun_that_changes_nothing_leaves_the_folder(demo, tmp_path):
     out, _, env = demo
     st = _cli("status", str(out), env=env)
     assert st.returncode == 0, st.stdout
@@ -108,4 +108,6 @@ def test_status_shows_every_stage_done_and_a_rerun_rotates_the_log(demo, tmp_pat
     assert again.returncode == 0, again.stdout
     assert "prefopt:" not in again.stdout and not re.search(r"^  \w+ +step ", again.stdout, re.M)
     assert re.search(r"sft \(sft\) +done", again.stdout)
-    assert (out / "logs" / "run.1.log").read_text() == first
+    # it changed nothing in the run folder: its log stays in the user cache (rotation: tests/test_console.py)
+    assert (out / "logs" / "run.log").read_text() == first and not (out / "logs" / "run.1.log").exists()
+    assert f"run log:  {Path(env['PREFOPT_CACHE_DIR']) / 'logs'}" in again.stdout

@@ -108,7 +108,7 @@ def test_run_folder_recipe_runs_from_anywhere(tmp_path, tiny_model, small_data, 
 
     result = CliRunner().invoke(main, ["run", str(out / "recipe.yaml")])
     assert result.exit_code == 0, result.output
-    assert f"run folder: {out}" in result.output and "(skipped, unchanged)" in result.output
+    assert f"  run      {out}" in result.output and "sft: done and unchanged, skipped" in result.output
     assert not (tmp_path / "runs").exists()
     (data_dir / "sft.jsonl").write_text((data_dir / "sft.jsonl").read_text().replace("kind", "gentle"))
     with pytest.raises(prefopt.RecipeError, match=r"stages\[0\].data.sha256.*changed since the run"):

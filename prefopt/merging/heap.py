@@ -10,7 +10,7 @@ import contextlib
 def large_blocks_from_the_os():
     """While merging, serve every allocation over 1 MiB by mmap, so it goes back to the OS when freed (glibc
     otherwise raises that threshold as large blocks are freed, and later ones stay in the heap: the merge's peak
-    RSS then varies from run to run; the figures are in README's "Benchmarks"). Afterwards the threshold is set to
+    RSS then varies from run to run; the figures are in docs/benchmarks.md). Afterwards the threshold is set to
     glibc's own ceiling (32 MiB), where it adapts to anyway."""
     try:
         import ctypes

@@ -34,7 +34,7 @@ _ADAPTER = defaults(AdapterSection)
 @dataclass
 class Thresholds:
     """When a merge fails its verification. bf16 output rounding stays far below the defaults; a dropped DoRA
-    magnitude or a wrong base lands far above (the figures: README, "Merge"; tests/test_merge.py)."""
+    magnitude or a wrong base lands far above (tests/test_merge.py; docs/merge.md)."""
 
     max_rel_logit_diff: float = _MERGE["max_rel_logit_diff"]  # max |logit_merged - logit_adapter| / max |logit_adapter|
     mean_kl: float = _MERGE["mean_kl"]  # mean KL(adapter || merged) per token

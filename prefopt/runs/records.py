@@ -17,12 +17,14 @@ from .. import dist
 from ..version import __version__
 from . import folder as runfolder
 
-COMMITTED: dict = {"run_dir": None}  # the run folder this process has committed work to (bug logs may go there)
+# the run folder this process has committed work to (bug logs may go there), and whether it wrote anything there (the
+# command's log then goes there too: a rerun that changes nothing leaves the folder as it was)
+COMMITTED: dict = {"run_dir": None, "changed": False}
 
 
 def forget_committed() -> None:
     """A new run in this process: nothing committed yet."""
-    COMMITTED["run_dir"] = None
+    COMMITTED.update(run_dir=None, changed=False)
 
 
 def now() -> str:
@@ -77,6 +79,7 @@ class Records:
             COMMITTED["run_dir"] = self.run_dir
             self._prepare_folder()
         self.save()
+        COMMITTED["changed"] = COMMITTED["changed"] or self.changed
 
     def _prepare_folder(self) -> None:
         run_dir = self.run_dir
@@ -99,6 +102,7 @@ class Records:
             self.commit()
         elif dist.is_main() and self.committed:
             self.changed |= runfolder.write_if_changed(self.run_dir / runfolder.MANIFEST, self._manifest_text())
+            COMMITTED["changed"] = COMMITTED["changed"] or self.changed
 
     def _manifest_text(self) -> str:
         old = runfolder.read_manifest(self.run_dir)

@@ -96,7 +96,7 @@ def precision_mismatch(trainer) -> str | None:
     They are computed before the trainer wraps the model: on its float weights, under accelerate's autocast. That is
     the training forward's precision on one process and under DDP (autocast both), but not under FSDP's
     mixed-precision policy (every weight cast to bf16, no autocast) or DeepSpeed's bf16 engine (the weights
-    themselves bf16), where step 0 would not have policy == reference (the figures: README, "Scaling out")."""
+    themselves bf16), where step 0 would not have policy == reference (docs/scaling.md)."""
     kind = "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else \
         "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None
     precision = getattr(trainer.args, "mixed_precision", "no") or "no"
