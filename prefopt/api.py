@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
+from . import console
 from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults, load_recipe, recipe_from_dict
 from .data import StageData, normalise_preference, normalise_sft
 from .memory import parse_size, recipe_memory_plan
@@ -70,7 +71,9 @@ def run(recipe: str | Path | Recipe, *, output_dir: str | Path | None = None,
         `prefopt.RecipeError` / `prefopt.DataError` (bad input, before any model loads), `prefopt.GateFailed`
         (an evaluation gate failed: the merge is refused).
     """
-    return _run(_recipe(recipe, overrides), output_dir=output_dir, fresh=fresh, echo=_echo(quiet, echo))
+    say = _echo(quiet, echo)
+    with console.speaking(say, quiet):
+        return _run(_recipe(recipe, overrides), output_dir=output_dir, fresh=fresh, echo=say)
 
 
 @dataclass

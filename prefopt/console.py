@@ -182,12 +182,28 @@ def is_terminal() -> bool:
 
 def say(line: str, *, important: bool = False) -> None:
     """One of prefopt's lines: on the console (not under --quiet unless important) and in the log."""
-    if SESSION["console"] is not None:
-        _to_log_file(line + "\n")
+    important = important or line.startswith(("prefopt: warning", "prefopt: note", "prefopt: error"))
+    if SESSION["console"] is None and SESSION.get("echo") is not None:  # the Python API's echo (see speaking)
+        if important or level() > QUIET:
+            SESSION["echo"](line)
+        return
+    out = stream()
+    if SESSION["console"] is not None and not getattr(out, "_dead", False):
+        _to_log_file(line + "\n")  # (a closed console writes what it is given to the log itself)
     if important or level() > QUIET:
-        out = stream()
         out.write(line + "\n")
         out.flush()
+
+
+@contextmanager
+def speaking(echo, quiet: bool = False):
+    """The Python API's run: prefopt's lines (progress included) go to `echo`, or nowhere when quiet."""
+    before = (SESSION.get("echo"), SESSION["level"])
+    SESSION.update(echo=echo, level=QUIET if quiet else NORMAL)
+    try:
+        yield
+    finally:
+        SESSION["echo"], SESSION["level"] = before
 
 
 def _to_log_file(text: str) -> None:
@@ -310,7 +326,9 @@ def _redirect(log: Path, verbosity: int) -> dict:
         target = os.open(log, os.O_WRONLY | os.O_APPEND)
         if verbosity >= VERBOSE:  # everything to the console as well: a pipe that a thread copies to both
             r, w = os.pipe()
-            saved["tee"] = threading.Thread(target=_tee, args=(r, target, console_fd), daemon=True)
+            # the thread owns its own copies: a child process that keeps the pipe open (wandb's service) keeps the
+            # thread alive, writing where it should, never to a descriptor number reused after the command
+            saved["tee"] = threading.Thread(target=_tee, args=(r, target, os.dup(console_fd)), daemon=True)
             saved["tee"].start()
             os.dup2(w, 1)
             os.dup2(w, 2)
@@ -354,6 +372,7 @@ def _tee(r: int, log_fd: int, console_fd: int) -> None:
                 except OSError:
                     pass
     os.close(log_fd)
+    os.close(console_fd)
 
 
 def _restore(saved: dict) -> None:
@@ -369,7 +388,7 @@ def _restore(saved: dict) -> None:
         os.close(out)
         os.close(err)
         if saved["tee"] is not None:  # the pipe's last writer is gone: the thread sees its end
-            saved["tee"].join(timeout=5)
+            saved["tee"].join(timeout=0.5)
         console = SESSION["console"]
         try:
             console.flush()

@@ -215,7 +215,7 @@ def _verdict_card(run_dir: Path, manifest: dict, log: dict) -> list[str]:
         if st.eval.reward_accuracy is not None:
             items.append(f"held-out reward accuracy: <b>{st.eval.reward_accuracy:.2f}</b> (chance 0.50)")
     mg = st.merge
-    cls = "pass" if mg.state == "verified" else "fail" if mg.state == "failed" else ""
+    cls = "pass" if mg.state == "verified" else "fail" if mg.state.startswith("failed") else ""
     items.append(f"merge: <b class='{cls}'>{_e(mg.state)}</b>" + (f": {_e(mg.figures)}" if mg.figures else ""))
     diags = [d for s in manifest.get("stages", []) for d in s.get("diagnostics", []) or []]
     items.append("diagnostics: " + ("; ".join(_e(d.get("message", d)) if isinstance(d, dict) else _e(d)
@@ -237,7 +237,7 @@ def _stages_section(run_dir: Path, stages: list[dict]) -> list[str]:
                  s.key_metric] for s in st.stages]
     except Exception:
         rows = [[s["name"], s.get("status"), "", "", "", ""] for s in stages]
-    body.append(_table(rows, ["stage", "state", "rows kept", "steps", "time", "key metric"]))
+    body.append(_table(rows, ["stage", "state", "rows (train + eval of read)", "steps", "time", "key metric"]))
     return body + _plots(run_dir, stages)
 
 

@@ -188,3 +188,41 @@ def test_the_api_is_typed_and_documented():
     assert (Path(prefopt.__file__).parent / "py.typed").is_file()
     with pytest.raises(prefopt.RecipeError, match="recipe file not found"):
         prefopt.run("no-such-recipe.yaml", quiet=True)
+
+
+def test_api_quiet_says_nothing_and_echo_gets_the_progress(tmp_path, tiny_model, small_data, capsys):
+    from conftest import chain_recipe
+
+    raw = chain_recipe(tiny_model, small_data, None)
+    raw["stages"][0]["train"].update(max_steps=2, logging_steps=1)
+    prefopt.run(prefopt.recipe_from_dict(raw), output_dir=tmp_path / "q", quiet=True)
+    captured = capsys.readouterr()
+    assert "step" not in captured.err and "prefopt" not in captured.err and "prefopt" not in captured.out
+    heard = []
+    raw["seed"] = 7  # (other inputs: trained, not reused from the shared store)
+    prefopt.run(prefopt.recipe_from_dict(raw), output_dir=tmp_path / "e", echo=heard.append)
+    assert any(line.startswith("  sft      step 2/2  loss ") for line in heard), [x for x in heard if "sft" in x]
+    assert "step" not in capsys.readouterr().err
+
+
+def test_verbose_tee_survives_a_child_that_keeps_the_pipe(tmp_path):
+    """A child process (wandb's service) that inherits the captured descriptors and outlives the command: the
+    console comes back at once and nothing the child writes later lands in a file opened after the command."""
+    script = textwrap.dedent(f"""
+        import os, subprocess, time
+        os.environ["PREFOPT_CACHE_DIR"] = {str(tmp_path / 'cache')!r}
+        from prefopt import console
+        t0 = time.monotonic()
+        with console.captured("t", console.VERBOSE):
+            subprocess.Popen(["sh", "-c", "sleep 2; echo late"])
+        took = time.monotonic() - t0
+        with open({str(tmp_path / 'user.txt')!r}, "w") as f:
+            f.write("mine\\n")
+            time.sleep(3)
+        print("took", took)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout
+    assert (tmp_path / "user.txt").read_text() == "mine\n"
+    assert float(out.stdout.split("took ")[1].split()[0]) < 2, out.stdout

@@ -78,8 +78,8 @@ def test_demo_console_is_prefopts_alone_and_ends_with_the_summary(demo):
     assert len(sft_steps) == 15 and len(dpo_steps) == 7, (len(sft_steps), len(dpo_steps))
     # the closing summary: both stages, the eval verdict, the merge verdict, the paths
     tail = "\n".join(lines[-20:])
-    assert re.search(r"sft \(sft\) +done +288 of 320 +72", tail), tail
-    assert re.search(r"dpo \(dpo\) +done +272 of 320 +34 .*held-out acc", tail), tail
+    assert re.search(r"sft \(sft\) +done +288 \+ 32 of 320 +72", tail), tail
+    assert re.search(r"dpo \(dpo\) +done +272 \+ 48 of 320 +34 .*held-out acc", tail), tail
     assert "eval:   gates PASSED; MMLU 0.250 -> " in tail and "merge:  verified: max |Δlogit|" in tail
     assert f"report:   {out / 'report.html'}" in tail and f"run log:  {out / 'logs' / 'run.log'}" in tail
     assert len(lines) < 80, f"{len(lines)} console lines"

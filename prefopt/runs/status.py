@@ -78,9 +78,12 @@ def run_status(run_dir: str | Path) -> RunStatus:
                if e["name"] not in known]
     log = runfolder.read_eval_log(run_dir)
     report = run_dir / runfolder.REPORT
-    return RunStatus(run_dir=run_dir, name=manifest.get("recipe_name", run_dir.name), stages=stages,
-                     eval=_eval(run_dir, manifest.get("eval"), log), merge=_merge(run_dir, manifest.get("merge")),
-                     last_attempt=_last_change(run_dir), report=report if report.is_file() else None)
+    ev, mg = _eval(run_dir, manifest.get("eval"), log), _merge(run_dir, manifest.get("merge"))
+    if not all(s.state in ("done", "reused") for s in stages):  # they judged an earlier attempt's adapter
+        ev.state = f"{ev.state}, stale (an earlier attempt's)" if ev.state != "not run" else ev.state
+        mg.state = f"{mg.state}, stale (an earlier attempt's)" if mg.state != "not run" else mg.state
+    return RunStatus(run_dir=run_dir, name=manifest.get("recipe_name", run_dir.name), stages=stages, eval=ev,
+                     merge=mg, last_attempt=_last_change(run_dir), report=report if report.is_file() else None)
 
 
 def list_runs(root: str | Path = "runs") -> list[RunStatus]:
@@ -137,9 +140,12 @@ def _stage(run_dir: Path, i: int | None, name: str, e: dict | None, typ: str) ->
     if status == "done" and e.get("reused_from"):
         status, detail = "reused", f"from {e['reused_from']}"
     d = e.get("data") or {}
-    rows = f"{d['train_rows']} of {d['input_rows']}" if "train_rows" in d and "input_rows" in d else ""
+    rows = (f"{d['train_rows']} + {d.get('eval_rows', 0)} of {d['input_rows']}" if "train_rows" in d
+            and "input_rows" in d else "")
     train = (e.get("metrics") or {}).get("train") or {}
-    return StageStatus(name, e.get("type", typ), status, detail, rows, train.get("steps") or _logged_steps(stage_dir),
+    done = status in ("done", "reused")  # (an unfinished attempt's folder still holds the previous attempt's log)
+    return StageStatus(name, e.get("type", typ), status, detail, rows,
+                       train.get("steps") or (_logged_steps(stage_dir) if done else None),
                        train.get("train_runtime") or _seconds(e), key_metric(e.get("type", typ), e.get("metrics")),
                        stage_dir / "adapter" if status in ("done", "reused") else None)
 
@@ -225,7 +231,7 @@ def render(st: RunStatus, *, width: int = 110, title: str | None = None, paths: 
     from rich.table import Table
 
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col, just in (("stage", "left"), ("state", "left"), ("rows kept", "right"), ("steps", "right"),
+    for col, just in (("stage", "left"), ("state", "left"), ("rows", "right"), ("steps", "right"),
                       ("time", "right"), ("key metric", "left")):
         table.add_column(col, justify=just, overflow="fold")
     for s in st.stages:
@@ -240,7 +246,8 @@ def render(st: RunStatus, *, width: int = 110, title: str | None = None, paths: 
     if ev.state == "not run":
         lines.append("eval:   not run")
     else:
-        parts = [f"gates {ev.state.upper()}"]
+        head, _, rest = ev.state.partition(",")
+        parts = [f"gates {head.upper()}" + (f" ({rest.strip()})" if rest else "")]
         if ev.mmlu:
             parts.append(f"MMLU {ev.mmlu}")
         if ev.reward_accuracy is not None:
@@ -252,7 +259,7 @@ def render(st: RunStatus, *, width: int = 110, title: str | None = None, paths: 
     if paths:
         for label, p in (("report", st.report), ("merged", mg.path), ("eval log", ev.log)):
             if p is not None:
-                lines.append(f"{label + ':':<8}{p}")
+                lines.append(f"{label + ':':<10}{p}")
     if paths and st.last_attempt:
         lines.append(f"last change: {st.last_attempt}")
     return "\n".join(lines)

@@ -203,7 +203,12 @@ def _finite(metrics: dict) -> dict:
 def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     """Train (from a checkpoint when given), evaluate on held-out data if any, save the adapter (only ours, not
     TRL's "ref" copy)."""
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:  # a progress bar left up by an exception would hide the cursor and swallow the error's line
+        for cb in trainer.callback_handler.callbacks:
+            if getattr(cb, "replaces_tqdm", False):
+                cb.close()
     if signals.stop_requested():
         raise signals.Terminated()
     metrics = {"train": {**_finite(result.metrics), "steps": trainer.state.global_step}}

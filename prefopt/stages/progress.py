@@ -137,6 +137,11 @@ def _progress_class():
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.update(self.task, completed=state.global_step)
+            self.close()
+
+        def close(self) -> None:
+            """Stop the bar (also when training raised: the cursor shown again, the next line on a line of its own)."""
+            if self.bar is not None:
                 self.bar.stop()
                 self.bar = None
 
