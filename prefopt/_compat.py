@@ -62,6 +62,46 @@ def use_precomputed_ref_logps(trainer) -> None:
     trainer.precompute_ref_logps = True
 
 
+class _LoggedWeight:
+    """One entry of DPOTrainer.loss_weights that records the loss part it multiplies (see log_loss_parts). Not a
+    float subclass: torch would take that as a plain number and never call __rmul__."""
+
+    def __init__(self, value: float, name: str, sink):
+        self.value, self.name, self.sink = float(value), name, sink
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def _record(self, other):
+        import torch
+
+        if isinstance(other, torch.Tensor) and other.numel() == 1:
+            self.sink(self.name, other.detach())
+            return other * self.value
+        return other * self.value
+
+    __rmul__ = __mul__ = _record
+
+
+def log_loss_parts(trainer) -> None:
+    """Log each part of a multi-loss DPO (loss_type [sigmoid, sft] ...) as `loss/<name>` (the part before its
+    weight, averaged over the logging window) beside TRL's own metrics. TRL 1.16 sums
+    `per_sequence_loss.mean() * loss_weight` over zip(self.loss_types, self.loss_weights) inside `_compute_loss` and
+    logs only the total; each weight is replaced by an object that records the tensor it multiplies into the
+    trainer's `_metrics[mode]` (TRL's per-window lists, averaged at each log). Removable when TRL logs the parts
+    itself; tests/test_chain.py fails if the parts stop appearing."""
+    names = list(trainer.loss_types)
+
+    def sink(name, value):
+        mode = "train" if trainer.model.training else "eval"
+        trainer._metrics[mode][f"loss/{name}"].append(float(value))
+
+    trainer.loss_weights = [_LoggedWeight(w, n, sink) for n, w in zip(names, trainer.loss_weights, strict=True)]
+
+
 # --------------------------------------------------------------------------------------------------- bitsandbytes
 
 

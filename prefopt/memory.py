@@ -143,8 +143,9 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     # activations' element size: the model's dtype on CPU; bf16 under the GPU's autocast (TRL's bf16=True)
     e = wbytes if device == "cpu" else 2
     u = 4  # DoRA's unscaled sum: in the fp32 adapter's dtype, and summed in fp32 under autocast
-    preference = stage_type in ("dpo", "orpo", "simpo")
-    dropout = adapter.dropout > 0 and not (preference and disable_dropout)
+    preference = stage_type in ("dpo", "orpo", "simpo")  # chosen + rejected: two sequences per row
+    # TRL's preference trainers (KTO too) turn dropout off unless disable_dropout: false; KTO's KL forward is no-grad
+    dropout = adapter.dropout > 0 and not (stage_type != "sft" and disable_dropout)
     adapted = [(n, i, o) for n, i, o in shape.linears if _targeted(n, adapter.target_modules)]
     r, per_layer = adapter.r, adapted[: len(adapted) // max(shape.layers, 1)]
     trainable = sum(r * (i + o) + (o if adapter.method == "dora" else 0) for _, i, o in adapted)
@@ -158,7 +159,7 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     kept = tokens * h * e * shape.layers if train.gradient_checkpointing else layer * shape.layers
     kept += final_norm
     head_tokens = seqs * (train.max_length - 1)
-    if stage_type in ("sft", "dpo"):
+    if stage_type in ("sft", "dpo", "kto"):
         # TRL's fused LM head: the final hidden states it saves and their fp32 gradient, and its logit tile buffer,
         # (tokens x 32768 columns whatever the vocabulary); without Triton (CPU) the tile math runs as torch ops
         # with a few fp32 temporaries of the tile's used columns
@@ -188,7 +189,8 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
         "gradients": trainable * 4 * (2 if gpus > 1 and sharding == "none" else 1) // state,  # + DDP's buckets
         "optimizer": trainable * _optimizer_bytes(train.optim) // state,
         # TRL's frozen "ref" copy of the adapter (with precompute too: it computes the log-probs)
-        "reference": trainable * 4 // params + norms if stage_type == "dpo" and reference == "previous_stage" else 0,
+        "reference": trainable * 4 // params + norms if stage_type in ("dpo", "kto") and reference == "previous_stage"
+        else 0,
         "activations": kept + recompute if recompute > head else kept,
         "logits": 0 if recompute > head else head,
     }

@@ -3,7 +3,7 @@ trainable parameters, the evaluation, and each stage's memory -- before any weig
 
 from __future__ import annotations
 
-from .config import PREFERENCE_TYPES, Recipe
+from .config import PREFERENCE_TYPES, REFERENCE_TYPES, Recipe
 from .data.report import summary_lines
 from .errors import PrefoptError
 from .eval import mmlu
@@ -41,7 +41,7 @@ def stage_notes(recipe: Recipe) -> list[str]:
     for i, st in enumerate(recipe.stages):
         prev = recipe.stages[i - 1].name if i else None
         start = f"continues the adapter from '{prev}'" if prev else "starts a fresh adapter"
-        if st.type == "dpo":
+        if st.type in REFERENCE_TYPES:
             if prev is None:
                 ref = "reference: the base model (no stage before it)"
             elif st.reference == "base":

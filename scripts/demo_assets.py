@@ -59,6 +59,22 @@ def make_data(out: Path, seed: int = 0, n_sft: int = 320, n_pref: int = 320) -> 
             f.write(json.dumps(row) + "\n")
 
 
+def make_feedback(out: Path, seed: int = 1, n: int = 320, desirable: float = 0.35) -> None:
+    """KTO's unpaired feedback, generated like the pairs: one answer per prompt, desirable (label true) when it uses
+    only kind words, undesirable when only unkind ones; about a third desirable, as thumbs-up data often is (the KTO
+    stage balances the weights). A separate seed: sft.jsonl and prefs.jsonl stay as they were."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "feedback.jsonl", "w") as f:
+        for _ in range(n):
+            t = rng.choice(TOPICS)
+            good = rng.random() < desirable
+            row = {"prompt": [{"role": "user", "content": rng.choice(PROMPTS).format(t=t)}],
+                   "completion": [{"role": "assistant", "content": _answer(rng, t, GOOD if good else BAD)}],
+                   "label": good}
+            f.write(json.dumps(row) + "\n")
+
+
 MMLU_SUBJECTS = ("synthetic_word_mood", "synthetic_counting", "synthetic_topics")
 
 
@@ -117,6 +133,8 @@ def _corpus(data_dir: Path | None) -> list[str]:
     texts = []
     if data_dir is not None:
         for p in sorted(Path(data_dir).glob("*.jsonl")):
+            if p.name == "feedback.jsonl":  # added later, and its words are the pairs': the tokenizer stays the same
+                continue
             texts += p.read_text().splitlines()
     texts += [_answer(random.Random(i), t, GOOD + BAD) for i, t in enumerate(TOPICS)]
     texts += [p.format(t=t) for p in PROMPTS for t in TOPICS]
@@ -195,6 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "data":
         make_data(Path(args.out))
+        make_feedback(Path(args.out))
     elif args.what == "mmlu":
         make_mmlu(Path(args.out))
     else:

@@ -9,13 +9,17 @@ from .load import apply_overrides, check_paths, load_recipe, recipe_from_dict, v
 from .locate import DATA_SUFFIXES, fmt_path, looks_local, resolve_path
 from .schema import (
                      PREFERENCE_TYPES,
+                     REFERENCE_TYPES,
+                     REWRITING_INITS,
                      STAGE_TYPES,
+                     UNPAIRED_TYPES,
                      AdapterSection,
                      CompletionsSection,
                      DataSection,
                      DPOStage,
                      EvalSection,
                      GatesSection,
+                     KTOStage,
                      MergeSection,
                      MMLUSection,
                      ModelSection,
@@ -31,9 +35,11 @@ from .schema import (
                      TrainSection,
                      WandbSection,
                      defaults,
+                     identity,
 )
 
-__all__ = ["DATA_SUFFIXES", "PREFERENCE_TYPES", "STAGE_TYPES", "AdapterSection", "CompletionsSection", "DPOStage",
+__all__ = ["DATA_SUFFIXES", "PREFERENCE_TYPES", "REFERENCE_TYPES", "REWRITING_INITS", "STAGE_TYPES", "UNPAIRED_TYPES",
+           "KTOStage", "identity", "AdapterSection", "CompletionsSection", "DPOStage",
            "DataSection", "EvalSection", "GatesSection", "MMLUSection", "MergeSection", "ModelSection", "ORPOStage",
            "QualitySection", "Recipe", "ReferenceFilterSection", "SFTStage", "SimPOStage", "SourceSection", "Stage",
            "TrackingSection", "TrainSection", "WandbSection", "apply_overrides", "check_paths", "defaults", "fmt_path",

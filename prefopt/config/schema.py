@@ -17,7 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from .locate import fmt_path, resolve_path, where
 
-PREFERENCE_TYPES = ("dpo", "orpo", "simpo")
+PREFERENCE_TYPES = ("dpo", "orpo", "simpo")  # stages that train on pairs (prompt, chosen, rejected)
+UNPAIRED_TYPES = ("kto",)  # stages that train on single answers labelled desirable or not (pairs are split)
+REFERENCE_TYPES = ("dpo", "kto")  # stages with a reference model (previous_stage or base)
+STAGE_TYPE_HELP = "Stage type: sft | dpo | kto | orpo | simpo."
+REWRITING_INITS = ("pissa", "olora")  # adapter inits that move part of the base weights into the adapter
+
+# Fields added after stage hashes were first recorded, with the value they had implicitly before: left out of a
+# stage's or adapter's identity at that value, so a recipe that does not use them keeps its finished stages.
+ADDED_DEFAULTS = {
+    "adapter": {"init": "kaiming"},
+    "dpo": {"loss_weights": None, "f_divergence_type": "reverse_kl", "ld_alpha": None, "use_weighting": False},
+}
+
+
+def identity(section: str, values: dict) -> dict:
+    """`values` without the fields of ADDED_DEFAULTS[section] that hold their old implicit value."""
+    added = ADDED_DEFAULTS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
 
 
 def defaults(section: type[BaseModel]) -> dict:
@@ -64,6 +81,16 @@ class AdapterSection(_Section):
         "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    init: Literal["kaiming", "gaussian", "eva", "pissa", "olora"] = Field(
+        "kaiming",
+        description="How the adapter starts (PEFT's init_lora_weights). kaiming (PEFT's default, and prefopt's before "
+        "this option: A Kaiming-uniform, B zero) and gaussian (A normal with std 1/r, B zero) start at the base "
+        "exactly; eva too (B zero, A from an SVD of each layer's inputs on the first stage's training rows). pissa "
+        "(the top-r singular directions of W) and olora (a QR of W) move part of W into the adapter and train the "
+        "rest of the base frozen (W - s*B0*A0): the model starts at the base, but the adapter disabled is not the "
+        "base, so they are refused with a stage whose reference is the base; they need a full-precision base "
+        "(quantization: none). prefopt rebuilds that residual base at every load, and the merge folds it in.",
+    )
     dora_impl: Literal["fast", "peft"] = Field(
         "fast",
         description="DoRA forward: fast (prefopt's exact low-rank weight norm, no full W + sBA and no second base "
@@ -229,6 +256,10 @@ class _StageBase(_Section):
     def _reference_score_fits_the_stage(self) -> _StageBase:
         rf = self.data.quality.reference_filter
         pref = self.type in PREFERENCE_TYPES
+        if rf is not None and self.type in UNPAIRED_TYPES:
+            raise ValueError(f"@data.quality.reference_filter: not for a {self.type} stage: its rows are single "
+                             "answers, some undesirable on purpose, so a low reference score marks no bad row; remove "
+                             "it (the other filters apply)")
         if rf is not None and rf.score == ("logprob" if pref else "margin"):
             # "@<sub.path>: " names the key below the stage (see _problems_from)
             raise ValueError(f"@data.quality.reference_filter.score: {rf.score} scores "
@@ -245,38 +276,80 @@ class _StageBase(_Section):
 
 
 class SFTStage(_StageBase):
-    type: Literal["sft"] = Field("sft", description="Stage type: sft | dpo | orpo | simpo.")
+    type: Literal["sft"] = Field("sft", description=STAGE_TYPE_HELP)
+
+
+_REFERENCE_HELP = ("previous_stage: a frozen copy of the adapter as the stage begins (the SFT model); base: the base "
+                   "model with the adapter disabled.")
+_PRECOMPUTE_HELP = ("Compute the reference's log-probs once, before training (read from prefopt's cache when nothing "
+                    "they depend on changed), instead of a reference forward every step of every epoch.")
 
 
 class DPOStage(_StageBase):
-    type: Literal["dpo"] = Field("dpo", description="Stage type: sft | dpo | orpo | simpo.")
+    type: Literal["dpo"] = Field("dpo", description=STAGE_TYPE_HELP)
     beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference.")
-    loss_type: str = Field("sigmoid", description="Any DPOTrainer loss_type (sigmoid, ipo, hinge, ...).")
-    reference: Literal["previous_stage", "base"] = Field(
-        "previous_stage",
-        description="previous_stage: a frozen copy of the adapter as the stage begins (the SFT model); "
-        "base: the base model with the adapter disabled.",
-    )
-    precompute_ref_log_probs: bool = Field(
-        True, description="Compute the reference's log-probs once, before training (read from prefopt's cache when "
-        "nothing they depend on changed), instead of a reference forward every step of every epoch.")
+    loss_type: str | Annotated[list[str], Field(min_length=1)] = Field(
+        "sigmoid", description="A DPOTrainer loss (sigmoid, ipo, hinge, bco_pair, sft, ...), or a list of them "
+        "combined with loss_weights: [sigmoid, sft] is RPO (an SFT term on the chosen answers), [sigmoid, bco_pair, "
+        "sft] with loss_weights [0.8, 0.2, 1.0] is MPO. Each part is logged as loss/<name>.")
+    loss_weights: Annotated[list[float], Field(min_length=1)] | None = Field(
+        None, description="One weight per loss in loss_type (null: 1.0 each).")
+    f_divergence_type: str = Field(
+        "reverse_kl", description="The divergence from the reference (f-DPO): reverse_kl (standard DPO), forward_kl, "
+        "js_divergence or alpha_divergence; other than reverse_kl only with the losses built on the reward "
+        "difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft).")
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO: weight of the answer tokens past the shorter answer's length (1.0: "
+        "standard DPO, 0.0: they are masked); counters DPO's drift towards longer answers. null: off.")
+    use_weighting: bool = Field(
+        False, description="WPO: weight each pair by the policy's length-normalised probability of both answers "
+        "(not with aot / aot_unpaired).")
+    reference: Literal["previous_stage", "base"] = Field("previous_stage", description=_REFERENCE_HELP)
+    precompute_ref_log_probs: bool = Field(True, description=_PRECOMPUTE_HELP)
+
+    def losses(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self) -> DPOStage:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.losses()):
+            raise ValueError(f"@loss_weights: {len(self.loss_weights)} weight(s) for {len(self.losses())} loss(es) "
+                             f"in loss_type {self.losses()}; give one weight per loss, or none (1.0 each)")
+        return self
+
+
+class KTOStage(_StageBase):
+    type: Literal["kto"] = Field("kto", description=STAGE_TYPE_HELP)
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto (the KTO paper's loss, with its batch KL estimate) or apo_zero_unpaired (APO-zero: "
+        "raise desirable answers, lower undesirable ones, no KL term).")
+    desirable_weight: float | None = Field(
+        None, gt=0, description="Weight of the desirable rows' loss. null (both weights null): balanced from the "
+        "training rows' label counts -- the minority label's weight raised so weight x rows is equal, inside TRL's "
+        "recommended range (KTO paper eq. 8), and said at start-up.")
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="Weight of the undesirable rows' loss (null: see desirable_weight).")
+    reference: Literal["previous_stage", "base"] = Field("previous_stage", description=_REFERENCE_HELP)
+    precompute_ref_log_probs: bool = Field(True, description=_PRECOMPUTE_HELP)
 
 
 class ORPOStage(_StageBase):
-    type: Literal["orpo"] = Field("orpo", description="Stage type: sft | dpo | orpo | simpo.")
+    type: Literal["orpo"] = Field("orpo", description=STAGE_TYPE_HELP)
     beta: float = Field(0.1, gt=0, description="ORPO's lambda: weight of the odds-ratio term.")
 
 
 class SimPOStage(_StageBase):
-    type: Literal["simpo"] = Field("simpo", description="Stage type: sft | dpo | orpo | simpo.")
+    type: Literal["simpo"] = Field("simpo", description=STAGE_TYPE_HELP)
     beta: float = Field(2.0, gt=0, description="SimPO reward scale.")
     gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL's simpo_gamma).")
     cpo_alpha: float = Field(0.0, ge=0, description="Weight of the NLL term (0 is pure SimPO).")
 
 
-STAGE_TYPES: dict[str, type[_StageBase]] = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage, "simpo": SimPOStage}
+STAGE_TYPES: dict[str, type[_StageBase]] = {"sft": SFTStage, "dpo": DPOStage, "kto": KTOStage, "orpo": ORPOStage,
+                                            "simpo": SimPOStage}
 
-Stage = Annotated[SFTStage | DPOStage | ORPOStage | SimPOStage, Field(discriminator="type")]
+Stage = Annotated[SFTStage | DPOStage | KTOStage | ORPOStage | SimPOStage, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------------------------------------- tracking / merge
@@ -411,6 +484,27 @@ class Recipe(_Section):
                 raise ValueError(f"stages[{i}].name: '{st.name}' is already used by stages[{seen[st.name]}]; names "
                                  "must be unique")
             seen[st.name] = i
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_the_chain(self) -> Recipe:
+        init = self.adapter.init
+        if init not in REWRITING_INITS:
+            return self
+        for i, st in enumerate(self.stages):
+            if st.type in REFERENCE_TYPES and st.reference == "base":
+                raise ValueError(f"@adapter.init: {init} rewrites the base weights (W becomes W - s*B0*A0), so the "
+                                 f"adapter disabled is no longer the base, and stages[{i}] ({st.name}, {st.type}) has "
+                                 "reference: base; use reference: previous_stage, or another init (kaiming, "
+                                 "gaussian, eva)")
+        if self.model.quantization != "none":
+            raise ValueError(f"@adapter.init: {init} needs the base's full-precision weights "
+                             + ("(PEFT refuses it on a quantized base: "
+                                "'Please initialize PiSSA under float32, float16, or bfloat16')" if init == "pissa"
+                                else "(prefopt rebuilds the rewritten base at every load, exactly only in full "
+                                "precision)")
+                             + f", and model.quantization is {self.model.quantization}; set model.quantization: "
+                             "none, or another init (kaiming, gaussian, eva)")
         return self
 
     @property

@@ -3,10 +3,14 @@
 Canonical rows (what TRL trains on):
 - SFT: {"messages": [{role, content}, ...]} (chat; every assistant turn trained) or {"text": str} (plain text).
 - preference: {"prompt", "chosen", "rejected"}, all strings (standard) or all message lists (conversational).
+- unpaired (KTO): {"prompt", "completion", "label"}, label a boolean (true: desirable), prompt and completion strings
+  or message lists; a preference pair read by a KTO stage stays a pair through the filters and the split and is then
+  split into two such rows (split_pair).
 
 Formats read (detected per source from its first row):
 - SFT: OpenAI `messages`; ShareGPT `conversations` ({from, value}); Alpaca `instruction`/`input`/`output`;
   `prompt`/`completion`; plain `text`.
+- unpaired: `prompt`/`completion`/`label`, and every preference format below (pairs to split).
 - preference: `prompt`/`chosen`/`rejected` as strings or message lists (UltraFeedback-binarized: a string prompt and
   answers that repeat it as a message list); HH-RLHF (`chosen`/`rejected` transcripts "\\n\\nHuman: ... \\n\\nAssistant:
   ..." sharing every turn but the last); ShareGPT preference (`conversations` + `chosen`/`rejected` {from, value}).
@@ -41,6 +45,9 @@ PREF_FORMATS = {
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
     "hh_rlhf": ("chosen", "rejected"),
 }
+# unpaired rows (KTO): one answer and whether it is desirable; a KTO stage also reads every PREF_FORMATS file, each
+# pair kept whole through the filters and the split, then split into a desirable and an undesirable row
+UNPAIRED_FORMATS = {"prompt_completion_label": ("prompt", "completion", "label")}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -193,16 +200,38 @@ def _pref_row(row: dict, fmt: str) -> dict:
     return _check_answers(conv)
 
 
+def _unpaired_row(row: dict, fmt: str) -> dict:
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise _Bad(f"label must be true (desirable) or false (undesirable), a JSON boolean; got {label!r}")
+    p, c = row["prompt"], row["completion"]
+    if (isinstance(p, str) or p is None) and (isinstance(c, str) or c is None):
+        return {"prompt": _text(p, "prompt"), "completion": _text(c, "completion"), "label": label}
+    conv = {"prompt": _as_messages(p, "prompt", "user"), "completion": _as_messages(c, "completion", "assistant"),
+            "label": label}
+    if not any(m["role"] == "assistant" for m in conv["completion"]):
+        raise _Drop("invalid", "completion has no assistant turn")
+    return conv
+
+
+def _formats(kind: str) -> dict:
+    """The formats a kind of stage reads, in detection order."""
+    return {"preference": PREF_FORMATS, "unpaired": {**UNPAIRED_FORMATS, **PREF_FORMATS}}.get(kind, SFT_FORMATS)
+
+
 def detect(row, kind: str) -> str | None:
     if not isinstance(row, dict):
         return None
-    for fmt, keys in (PREF_FORMATS if kind == "preference" else SFT_FORMATS).items():
+    for fmt, keys in _formats(kind).items():
         if all(k in row for k in keys):
             return fmt
     return None
 
 
 def _expected(kind: str) -> str:
+    if kind == "unpaired":
+        return ("prompt/completion/label (label true or false; strings or message lists), or a preference pair "
+                "format (" + _expected("preference") + "), whose pairs are split")
     if kind == "preference":
         return ("prompt/chosen/rejected (strings or message lists), HH-RLHF chosen/rejected transcripts, or ShareGPT "
                 "conversations + chosen/rejected")
@@ -218,10 +247,15 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
     fmt = detect(first, kind)
     if fmt is None:
         got = f"keys {sorted(first)}" if isinstance(first, dict) else f"a {type(first).__name__}"
-        raise DataError(f"{label} row 1: not a {'preference' if kind == 'preference' else 'SFT'} row in a format "
-                        f"prefopt reads; expected {_expected(kind)}, got {got}")
-    convert = _pref_row if kind == "preference" else _sft_row
-    keys = (PREF_FORMATS if kind == "preference" else SFT_FORMATS)[fmt]
+        what = {"preference": "preference", "unpaired": "KTO (unpaired)"}.get(kind, "SFT")
+        raise DataError(f"{label} row 1: not a {what} row in a format prefopt reads; expected {_expected(kind)}, "
+                        f"got {got}")
+    if kind == "sft" and fmt == "prompt_completion" and isinstance(first.get("label"), bool):
+        raise DataError(f"{label} row 1: the rows carry a true/false `label` (KTO feedback): an SFT stage would train "
+                        "on the undesirable answers too; use the file in a kto stage, or keep only the desirable rows")
+    convert = _unpaired_row if fmt in UNPAIRED_FORMATS else _pref_row if fmt in PREF_FORMATS and kind != "sft" \
+        else _sft_row
+    keys = _formats(kind)[fmt]
     out = Normalised(rows=[], fmt=fmt, form="", origins=[])
     problems = []
     for i, row in enumerate(rows, 1):
@@ -248,7 +282,7 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
         shown = problems[:limit]
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
         raise DataError("\n  ".join(shown) + more)
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         out.form = "conversational" if any(isinstance(r["prompt"], list) for r in out.rows) else "standard"
         if out.form == "conversational":
             out.rows = [to_conversational(r) for r in out.rows]
@@ -258,23 +292,40 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
 
 
 def to_conversational(row: dict) -> dict:
-    """A standard preference row as messages (so sources of both forms can be mixed)."""
+    """A standard preference (or unpaired) row as messages (so sources of both forms can be mixed)."""
     if isinstance(row["prompt"], list):
         return row
+    if "completion" in row:
+        return {"prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"]}], "label": row["label"]}
     return {"prompt": [{"role": "user", "content": row["prompt"]}],
             "chosen": [{"role": "assistant", "content": row["chosen"]}],
             "rejected": [{"role": "assistant", "content": row["rejected"]}]}
 
 
+def split_pair(row: dict) -> list[dict]:
+    """A preference pair as two unpaired rows: the chosen answer desirable, the rejected one not."""
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
+
+
 def _strict(rows, label: str, kind: str) -> tuple[list[dict], str]:
     """For rows handed in code: nothing is dropped silently, so a row that would be dropped is an error."""
     n = normalise_rows(rows, label, kind, strict=True)
-    return n.rows, (n.form if kind == "preference" else n.fmt)
+    if kind == "unpaired":
+        n.rows = [x for r in n.rows for x in (split_pair(r) if "chosen" in r else [r])]
+    return n.rows, (n.form if kind in ("preference", "unpaired") else n.fmt)
 
 
 def normalise_sft(rows, label: str) -> tuple[list[dict], str]:
     """Rows to TRL's chat `messages` (or `text`); a row that cannot train is a DataError."""
     return _strict(rows, label, "sft")
+
+
+def normalise_unpaired(rows, label: str) -> tuple[list[dict], str]:
+    """Rows to TRL's unpaired format ({prompt, completion, label}; pairs split); a row that cannot train is a
+    DataError."""
+    return _strict(rows, label, "unpaired")
 
 
 def normalise_preference(rows, label: str) -> tuple[list[dict], str]:

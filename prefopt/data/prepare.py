@@ -17,11 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PREFERENCE_TYPES, SourceSection, looks_local, resolve_path
+from ..config import PREFERENCE_TYPES, UNPAIRED_TYPES, SourceSection, looks_local, resolve_path
 from ..errors import DataError
 from ..runs.folder import sha256_of
 from . import quality
-from .formats import normalise_rows, to_conversational
+from .formats import normalise_rows, split_pair, to_conversational
 from .sources import check_hash, read_rows, read_text
 from .tokens import token_checks
 
@@ -180,7 +180,7 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
     from datasets import Dataset
 
     d, q = stage.data, stage.data.quality
-    kind = "preference" if stage.type in PREFERENCE_TYPES else "sft"
+    kind = stage_kind(stage)
     part = _Rows()
     sources, eval_source = _read_sources(d, kind, seed, base_dir, part)
     form = _row_form(part, kind)
@@ -194,12 +194,18 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
     rows = [dict(part.rows[i]) for i in alive]
     origin = [part.origin[i] for i in alive]
     train_idx, eval_idx, over_max = _split(d, alive, part, seed)
-    train = Dataset.from_list([rows[k] for k in train_idx])
-    eval_ds = Dataset.from_list([rows[k] for k in eval_idx]) if eval_idx else None
-    n_review = min(len(train_idx), max(MIN_REVIEW, round(len(train_idx) * q.review_fraction))) \
+    train_rows, train_origin = [rows[k] for k in train_idx], [origin[k] for k in train_idx]
+    eval_rows = [rows[k] for k in eval_idx]
+    unpaired = None
+    if kind == "unpaired":
+        (train_rows, train_origin), (eval_rows, _), unpaired = _unpair(train_rows, train_origin, eval_rows, seed)
+        _check_labels(unpaired, stage)
+    train = Dataset.from_list(train_rows)
+    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
+    n_review = min(len(train_rows), max(MIN_REVIEW, round(len(train_rows) * q.review_fraction))) \
         if q.review_fraction > 0 else 0
-    pick = sorted(random.Random(f"{seed}:review").sample(range(len(train_idx)), n_review))
-    review = [{"source": origin[train_idx[k]][0], "row": origin[train_idx[k]][1], **rows[train_idx[k]]} for k in pick]
+    pick = sorted(random.Random(f"{seed}:review").sample(range(len(train_rows)), n_review))
+    review = [{"source": train_origin[k][0], "row": train_origin[k][1], **train_rows[k]} for k in pick]
 
     files = [s["path"] for s in sources] + ([eval_source["path"]] if eval_source else [])
     input_rows = sum(s["rows_read"] for s in sources) + (eval_source["rows_read"] if eval_source else 0)
@@ -210,8 +216,9 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         "sources": sources,
         "eval_source": eval_source,
         "input_rows": input_rows,
-        "train_rows": len(train_idx),
-        "eval_rows": len(eval_idx),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        **({"labels": unpaired} if unpaired is not None else {}),
         "dropped": {r: part.counts.get(r, 0) for r in REASONS},
         # rows left out on purpose, not for a defect: a mixture's sampling, and training rows past max_samples
         "not_sampled": sum(s["rows_usable"] - s["rows_taken"] for s in sources),
@@ -226,9 +233,47 @@ def prepare_stage(stage, *, seed: int, base_dir: Path | None = None, tokenizer=N
         "reference_filter": None,
     }
     data = StageData(train=train, eval=eval_ds, fmt=form, files=files, report=report, review=review, dropped=part.log,
-                     train_origin=[origin[k] for k in train_idx])
-    data.fingerprint = fingerprint([rows[k] for k in train_idx], [rows[k] for k in eval_idx])
+                     train_origin=train_origin)
+    data.fingerprint = fingerprint(train_rows, eval_rows)
     return data
+
+
+def stage_kind(stage) -> str:
+    """The rows a stage trains on: preference (pairs), unpaired (KTO: single labelled answers), or sft."""
+    return "preference" if stage.type in PREFERENCE_TYPES else "unpaired" if stage.type in UNPAIRED_TYPES else "sft"
+
+
+def _unpair(train_rows: list, train_origin: list, eval_rows: list, seed: int):
+    """A KTO stage's rows: every pair split into a desirable and an undesirable row (after the filters and the split,
+    so both halves of a pair land on the same side, and a pair's two answers never count as near twins), then
+    shuffled (seeded): KTOTrainer reads its rows in order (its KL term pairs each answer with another row's prompt in
+    the same batch), and a split pair's halves must not sit side by side. Returns the rows, their origins, and the
+    label counts for the report."""
+    out, counts = [], {}
+    for name, rows, origin in (("train", train_rows, train_origin), ("eval", eval_rows, [None] * len(eval_rows))):
+        flat, where, pairs = [], [], 0
+        for r, o in zip(rows, origin):
+            halves = split_pair(r) if "chosen" in r else [r]
+            pairs += len(halves) == 2
+            flat += halves
+            where += [o] * len(halves)
+        order = list(range(len(flat)))
+        random.Random(f"{seed}:kto:{name}").shuffle(order)
+        flat, where = [flat[k] for k in order], [where[k] for k in order]
+        good = sum(r["label"] for r in flat)
+        counts[name] = {"desirable": good, "undesirable": len(flat) - good, "pairs_split": pairs}
+        out.append((flat, where))
+    return out[0], out[1], counts
+
+
+def _check_labels(counts: dict, stage) -> None:
+    """A KTO stage learns from the contrast: training rows of both labels, or nothing to learn."""
+    c = counts["train"]
+    if not c["desirable"] or not c["undesirable"]:
+        missing = "desirable (label: true)" if not c["desirable"] else "undesirable (label: false)"
+        raise DataError(f"a {stage.type} stage needs training rows of both labels; after the data step there are "
+                        f"{c['desirable']} desirable and {c['undesirable']} undesirable, so no {missing} row: add "
+                        "some (or a paired file, whose pairs give one of each)")
 
 
 def _read_sources(d, kind: str, seed: int, base_dir: Path | None, part: _Rows) -> tuple[list[dict], dict | None]:
@@ -249,11 +294,12 @@ def _read_sources(d, kind: str, seed: int, base_dir: Path | None, part: _Rows) -
 
 
 def _row_form(part: _Rows, kind: str) -> str:
-    """The rows' one form (TRL's): conversational or standard preference pairs; text or messages for SFT."""
-    if kind == "preference" and any(isinstance(r["prompt"], list) for r in part.rows):
+    """The rows' one form (TRL's): conversational or standard preference pairs (or unpaired rows); text or messages
+    for SFT."""
+    if kind in ("preference", "unpaired") and any(isinstance(r["prompt"], list) for r in part.rows):
         part.rows = [to_conversational(r) for r in part.rows]
         return "conversational"
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         return "standard"
     forms = {"text" if "text" in r else "messages" for r in part.rows}
     if len(forms) > 1:
@@ -266,7 +312,7 @@ def _quality_filters(part: _Rows, q, kind: str, seed: int, base_dir: Path | None
     what the rows were decontaminated against."""
     wds = [quality.row_words(r) for r in part.rows] if q.dedup == "near" or q.decontaminate or extra_decontaminate \
         else None
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         for i in quality.identical_pairs(part.rows):
             part.drop(i, "identical_pair", "chosen and rejected are the same text")
     if q.dedup in ("exact", "near"):

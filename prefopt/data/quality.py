@@ -22,7 +22,7 @@ _SPACE = re.compile(r"\s+")
 def fields(row: dict, skip_system: bool = False) -> list[str]:
     """The texts of a canonical row, in order: prompt and answers, or every message, or the text."""
     out = []
-    for k in ("prompt", "chosen", "rejected", "messages", "text"):
+    for k in ("prompt", "chosen", "rejected", "completion", "messages", "text"):
         v = row.get(k)
         if isinstance(v, str):
             out.append(v)
@@ -46,7 +46,8 @@ def answer_text(ans) -> str:
 
 def identical_pairs(rows: list[dict]) -> list[int]:
     """Preference rows whose answers are the same text once whitespace and case are normalised."""
-    return [i for i, r in enumerate(rows) if norm(answer_text(r["chosen"])) == norm(answer_text(r["rejected"]))]
+    return [i for i, r in enumerate(rows)
+            if "chosen" in r and norm(answer_text(r["chosen"])) == norm(answer_text(r["rejected"]))]
 
 
 def exact_duplicates(rows: list[dict], skip: set[int]) -> list[int]:

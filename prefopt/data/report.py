@@ -35,9 +35,10 @@ def review_markdown(report: dict, review: list[dict]) -> str:
            "evaluation items show here first.", ""]
     for k, r in enumerate(review, 1):
         out.append(f"## {k}. {r['source']} row {r['row']}")
-        for key in ("prompt", "chosen", "rejected", "messages", "text"):
+        for key in ("prompt", "chosen", "rejected", "completion", "messages", "text"):
             if key in r:
-                out += [f"### {key}", "", _md_text(r[key]), ""]
+                out += [f"### {key}" + (f" ({'desirable' if r['label'] else 'undesirable'})" if key == "completion"
+                                        and "label" in r else ""), "", _md_text(r[key]), ""]
     return "\n".join(out) + "\n"
 
 
@@ -46,6 +47,15 @@ def summary_lines(report: dict) -> list[str]:
     dropped = {k: v for k, v in report["dropped"].items() if v}
     lines = [f"data {report['stage']}: {report['input_rows']} rows read -> {report['train_rows']} train, "
              f"{report['eval_rows']} eval" + ("" if dropped else "; nothing dropped")]
+    labels = report.get("labels")
+    if labels:
+        tr, ev = labels["train"], labels["eval"]
+        split = tr["pairs_split"] + ev["pairs_split"]
+        lines.append(f"  labels: train {tr['desirable']} desirable / {tr['undesirable']} undesirable"
+                     + (f", eval {ev['desirable']} / {ev['undesirable']}" if ev["desirable"] + ev["undesirable"]
+                        else "")
+                     + (f"; {split} preference pairs split into a desirable and an undesirable row each" if split
+                        else ""))
     for key, what in (("not_sampled", "not sampled by the mixture"), ("over_max_samples", "past max_samples")):
         if report.get(key):
             lines.append(f"  left out {report[key]:>5} {what}")

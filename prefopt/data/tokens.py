@@ -171,6 +171,12 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
     tokenized exactly when they might reach max_length, or might be too short, or are in the statistics sample."""
     import random
 
+    unpaired = set()
+    if kind == "unpaired":  # a single answer checks as a pair of two identical answers (but is no identical pair)
+        unpaired = {k for k, r in enumerate(rows) if "completion" in r}
+        rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} if k in unpaired
+                else r for k, r in enumerate(rows)]
+        kind = "preference"
     bound = _Bound(tokenizer)
     sample = set(random.Random(f"{seed}:tokens").sample(range(len(rows)), min(STATS_SAMPLE, len(rows))))
     exact, short = [], []
@@ -197,7 +203,7 @@ def token_checks(rows: list[dict], kind: str, tokenizer, L: int | None, min_toke
             p, c, r = enc
             if L is not None and len(p) >= L:
                 drops[k] = ("too_long", f"the prompt is {len(p)} tokens, max_length {L}: truncation leaves no answer")
-            elif L is not None and c[:L] == r[:L]:
+            elif L is not None and k not in unpaired and c[:L] == r[:L]:
                 drops[k] = ("identical_pair", f"chosen and rejected are the same {L} tokens once truncated")
             else:
                 truncated += bool(L is not None and max(len(c), len(r)) > L)

@@ -5,6 +5,10 @@
 - Preference stages: reward accuracy and margin against the stage's reference (the stage's own evaluation),
   plus the tuned-vs-base win rate: the share of pairs where the tuned model prefers the chosen answer over the
   rejected one by a wider log-prob margin than the base does.
+- KTO stages (single labelled answers): the reward margin (mean desirable - mean undesirable reward, the stage's own
+  evaluation), plus the tuned-vs-base win rate: over every (desirable, undesirable) pair of held-out rows, the share
+  where the tuned model raised the desirable answer's log-prob more than the undesirable one's, against the base
+  (what an earlier stage did to every answer alike cancels). No reward accuracy: there are no pairs to score.
 """
 
 from __future__ import annotations
@@ -108,4 +112,28 @@ def preference_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict) 
         "logp_margin_tuned": sum(tuned) / n,
     })
     out["task_delta"] = out["win_rate_vs_base"] - 0.5
+    return out
+
+
+def unpaired_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict) -> dict:
+    ev = stage_metrics.get("eval") or {}
+    out = {"reward_margin": ev["eval_rewards/margins"]} if "eval_rewards/margins" in ev else {}
+    rows = rows[:MAX_ROWS * 4]
+    if not rows:
+        return out
+    model.eval()
+    with model.disable_adapter():
+        base = answer_logps(model, tokenizer, rows, "completion")
+    tuned = answer_logps(model, tokenizer, rows, "completion")
+    moved = [t - b for t, b in zip(tuned, base)]
+    up = [m for r, m in zip(rows, moved) if r["label"]]
+    down = [m for r, m in zip(rows, moved) if not r["label"]]
+    out.update({"rows": len(rows), "desirable": len(up)})
+    if up and down:
+        # the share of (desirable, undesirable) row pairs whose desirable answer the tuned model raised more (or
+        # lowered less) than the undesirable one, against the base: an earlier stage's shift of every answer cancels
+        wins = sum((u > d) + 0.5 * (u == d) for u in up for d in down)
+        out.update({"win_rate_vs_base": wins / (len(up) * len(down)),
+                    "logp_change_desirable": sum(up) / len(up), "logp_change_undesirable": sum(down) / len(down)})
+        out["task_delta"] = out["win_rate_vs_base"] - 0.5
     return out

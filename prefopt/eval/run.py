@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cachedir import cache_root
+from ..config import UNPAIRED_TYPES
 from ..models import ModelSpec, load_model
 from ..runs import folder as runfolder
 from ..tracking import log_eval
 from . import completions as comp
 from . import log as elog
 from . import mmlu as mmlu_mod
-from .heldout import preference_metrics, sft_metrics
+from .heldout import preference_metrics, sft_metrics, unpaired_metrics
 
 
 @dataclass
@@ -97,6 +98,8 @@ def _mmlu(model, tok, cfg, spec: ModelSpec, run_dir: Path, seed: int, echo) -> d
 def _heldout(model, tok, st: StageEval, seed: int) -> dict:
     if st.type == "sft":
         return sft_metrics(model, tok, st.eval_rows, st.metrics, seed=seed)
+    if st.type in UNPAIRED_TYPES:
+        return unpaired_metrics(model, tok, st.eval_rows, st.metrics)
     return preference_metrics(model, tok, st.eval_rows, st.metrics)
 
 

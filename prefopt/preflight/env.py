@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .. import hub
-from ..config import PREFERENCE_TYPES, Recipe
+from ..config import PREFERENCE_TYPES, UNPAIRED_TYPES, Recipe
 from ..errors import option
 from ..eval import mmlu
 from ..memory import model_shape, recipe_memory_plan
@@ -72,10 +72,15 @@ def check_eval(recipe: Recipe) -> list[str]:
         elif rp.suffix not in (".jsonl", ".txt"):
             problems.append(f"{where}: {prompts} is not a .jsonl or .txt file")
     g = ev.gates
+    scored = [s for s in recipe.stages if s.type in PREFERENCE_TYPES + UNPAIRED_TYPES]
     for key, what in (("min_reward_accuracy", "a reward accuracy"), ("min_reward_margin", "a reward margin")):
-        if getattr(g, key) is not None and not any(s.type in PREFERENCE_TYPES for s in recipe.stages):
+        if getattr(g, key) is not None and not scored:
             problems.append(f"{recipe.locate('eval', 'gates', key)}: the recipe has no preference stage to measure "
                             f"{what} on")
+    if g.min_reward_accuracy is not None and scored and scored[-1].type in UNPAIRED_TYPES:
+        problems.append(f"{recipe.locate('eval', 'gates', 'min_reward_accuracy')}: the last preference stage "
+                        f"'{scored[-1].name}' is a {scored[-1].type} stage: single answers, no pairs to score an "
+                        "accuracy on; gate it with min_reward_margin or min_task_delta instead")
     return problems
 
 

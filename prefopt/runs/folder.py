@@ -27,7 +27,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..config import looks_local
+from ..config import identity, looks_local
 from ..console import log_dir
 from ..errors import RunFolderError, option
 
@@ -133,7 +133,7 @@ def stage_identity(stage: dict) -> dict:
     if "quality" in data:  # the filters' effect is in the rows' fingerprint, except the reference filter's (applied
         # when the stage starts, after the hash)
         data["quality"] = {"reference_filter": data["quality"].get("reference_filter")}
-    return {**stage, "data": data}
+    return identity(stage.get("type", ""), {**stage, "data": data})
 
 
 def content_hash(path: str) -> str | None:

@@ -175,6 +175,8 @@ def key_metric(stage_type: str, metrics: dict | None) -> str:
     acc, margin = ev.get("eval_rewards/accuracies"), ev.get("eval_rewards/margins")
     if stage_type != "sft" and isinstance(acc, (int, float)):
         return f"held-out acc {acc:.2f}" + (f", margin {margin:+.3f}" if isinstance(margin, (int, float)) else "")
+    if stage_type != "sft" and isinstance(margin, (int, float)):  # KTO: no pairs, no accuracy
+        return f"held-out margin {margin:+.3f}"
     if isinstance(ev.get("eval_loss"), (int, float)):
         return f"eval loss {ev['eval_loss']:.4f}"
     if isinstance(tr.get("train_loss"), (int, float)):

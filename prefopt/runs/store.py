@@ -50,9 +50,10 @@ def _publish(tmp: Path, dest: Path) -> None:
 class RefLogpsCache:
     """Reference log-probs of one dataset split under one key; looked up in the run folder, then the shared dir."""
 
-    def __init__(self, key: str, folders: list[Path]):
+    def __init__(self, key: str, folders: list[Path], columns=COLUMNS):
         self.key = key
         self.folders = [Path(f) / REF_LOGPS / key for f in folders]
+        self.columns = tuple(columns)
 
     def load(self, split: str, rows: int) -> dict | None:
         from safetensors.torch import load_file
@@ -61,7 +62,7 @@ class RefLogpsCache:
             f = folder / f"{split}.safetensors"
             if f.is_file():
                 cols = load_file(str(f))
-                if set(cols) == set(COLUMNS) and all(len(v) == rows for v in cols.values()):
+                if set(cols) == set(self.columns) and all(len(v) == rows for v in cols.values()):
                     return cols
         return None
 

@@ -15,10 +15,19 @@ SFT_KEYS = (("loss", "loss", "{:.4f}"), ("lr", "learning_rate", "{:.2e}"), ("gra
 PREFERENCE_KEYS = (("loss", "loss", "{:.4f}"), ("acc", "rewards/accuracies", "{:.2f}"),
                    ("margin", "rewards/margins", "{:+.3f}"), ("logp+", "logps/chosen", "{:.2f}"),
                    ("logp-", "logps/rejected", "{:.2f}"))
+# KTO: rewards of the desirable (+) and undesirable (-) rows, their margin, and the batch KL estimate
+KTO_KEYS = (("loss", "loss", "{:.4f}"), ("kl", "kl", "{:.3f}"), ("margin", "rewards/margins", "{:+.3f}"),
+            ("rwd+", "rewards/chosen", "{:+.3f}"), ("rwd-", "rewards/rejected", "{:+.3f}"))
 
 
-def keys_for(stage_type: str) -> tuple:
-    return SFT_KEYS if stage_type == "sft" else PREFERENCE_KEYS
+def keys_for(stage_type: str, logs: dict | None = None) -> tuple:
+    """The figures shown for a stage type; a multi-loss DPO adds each loss's part (loss/<name>)."""
+    if stage_type == "sft":
+        return SFT_KEYS
+    if stage_type == "kto":
+        return KTO_KEYS
+    parts = tuple((k, k, "{:.4f}") for k in (logs or {}) if k.startswith("loss/"))
+    return PREFERENCE_KEYS[:1] + parts + PREFERENCE_KEYS[1:]
 
 
 def clock(seconds: float | None) -> str:
@@ -32,7 +41,7 @@ def clock(seconds: float | None) -> str:
 def figures(logs: dict, stage_type: str, tokens_per_s: float | None = None) -> str:
     """The key numbers of one log record, fixed width: 'loss 0.6785  acc 0.75  margin +0.030 ...'."""
     parts = []
-    for label, key, fmt in keys_for(stage_type):
+    for label, key, fmt in keys_for(stage_type, logs):
         v = logs.get(key)
         if isinstance(v, (int, float)):
             parts.append(f"{label} {fmt.format(v)}")

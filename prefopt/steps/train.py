@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import dist, signals, tracking
+from ..config import REFERENCE_TYPES, identity
 from ..data import trained_max_length
 from ..data.report import write_reports
 from ..models import BASE_INFO, ModelSpec, adapter_config_from_section, base_info, load_model, whole_weights_on_load
@@ -24,7 +25,7 @@ from ..runs import folder as runfolder
 from ..runs import store
 from ..runs.folder import adapter_hash, stage_tmp, write_atomic
 from ..runs.records import data_entry, now
-from ..stages import STAGES
+from ..stages import STAGES, ref_columns
 from ..stages.progress import progress_callback
 from .data import reference_filter
 
@@ -56,7 +57,7 @@ def stage_inputs(recipe, i: int, data, prev_adapter: Path | None) -> str:
     return recipe.section_hash(
         runfolder.stage_identity(recipe.stages[i].model_dump(mode="json")),
         runfolder.model_identity(recipe_dict["model"]),
-        recipe_dict["adapter"],
+        identity("adapter", recipe_dict["adapter"]),
         recipe.seed,
         i,
         data.fingerprint,  # the rows after the data step: a changed file or filter that keeps them keeps the stage
@@ -76,9 +77,11 @@ def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
                    "bf16", "fp16", "tf32")}
     return recipe.section_hash(
         "ref_logps/1", ref, runfolder.model_identity(recipe.model.model_dump(mode="json")),
-        recipe.adapter.model_dump(mode="json"), data.fingerprint,
+        identity("adapter", recipe.adapter.model_dump(mode="json")), data.fingerprint,
         st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
         trained_max_length(st), st.effective_max_length(), kw,
+        # KTO's KL completions rotate within each training batch, and apo_zero_unpaired computes none
+        *([("kto", st.train.batch_size, st.loss_type != "apo_zero_unpaired")] if st.type == "kto" else []),
         "cuda" if torch.cuda.is_available() else "cpu",
         os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))  # accelerate launch's precision, read by the trainer
 
@@ -99,7 +102,7 @@ def _new_entry(stage, stage_dir: Path, prev_adapter: Path | None, run_dir: Path,
         "started_at": None,
         "ended_at": None,
     }
-    if stage.type == "dpo":
+    if stage.type in REFERENCE_TYPES:
         entry["reference"] = "base" if (prev_adapter is None or stage.reference == "base") else "previous_stage"
     return entry
 
@@ -157,9 +160,9 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
          f"{entry['data']['train_rows']} train rows, {entry['data']['eval_rows']} eval rows")
     try:
         ref_cache = None
-        if st.type == "dpo" and st.precompute_ref_log_probs:
+        if st.type in REFERENCE_TYPES and st.precompute_ref_log_probs:
             ref_cache = store.RefLogpsCache(ref_logps_key(recipe, i, prev_adapter, data),
-                                            [run_dir / "cache"] + ([shared] if shared else []))
+                                            [run_dir / "cache"] + ([shared] if shared else []), ref_columns(st))
         metrics = train_in_folder(recipe, i, data, stage_dir, prev_adapter, run_dir, records.manifest["run_id"],
                                   attempt=entry["attempts"], inputs_hash=entry["inputs_hash"],
                                   resume_from=resume[0] if resume else None, ref_cache=ref_cache,
