@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import chain_recipe
+from conftest import chain_recipe, write_jsonl
 
 from prefopt.cli import main
 
@@ -52,6 +52,23 @@ def _epochs_tiny(raw, data, tmp_path):
     tr.update(max_steps=-1, epochs=0.0001, warmup_ratio=0.05)
 
 
+def _kto(raw, t, rows=None, **opts):
+    """Stage 1 becomes a KTO stage (on `rows` when given, else on its paired file, split)."""
+    st = raw["stages"][1]
+    st["type"] = "kto"
+    st.update(opts)
+    if rows is not None:
+        st["data"]["path"] = str(write_jsonl(t / "feedback.jsonl", rows))
+
+
+def _feedback(n=12, bad_row=None, **change):
+    rows = [{"prompt": f"Tell me about the topic number {i}.", "completion": f"It is kind and calm, {i}.",
+             "label": i % 2 == 0} for i in range(n)]
+    if bad_row is not None:
+        rows[bad_row] = {k: v for k, v in {**rows[bad_row], **change}.items() if v is not None}
+    return rows
+
+
 CASES = {
     # name: (change to the recipe dict, key path the message must name, more text it must hold)
     "unknown optim": (lambda r, d, t: _set(r, "stages.0.train.optim", "adamw_turbo"),
@@ -91,6 +108,38 @@ CASES = {
     "fraction and rows both given": (lambda r, d, t: _set(r, "stages.0.data.path", [{"path": str(d["sft"]),
                                                                                    "rows": 5, "fraction": 0.5}]),
                                      "stages[0].data.path[0]", "give fraction or rows, not both"),
+    # issue 24: KTO rows, multi-loss DPO, adapter inits
+    "kto label not a boolean": (lambda r, d, t: _kto(r, t, _feedback(bad_row=3, label="yes")),
+                                "stages[1].data", "feedback.jsonl row 4: label must be true (desirable) or false"),
+    "kto completion missing": (lambda r, d, t: _kto(r, t, _feedback(bad_row=5, completion=None)),
+                               "stages[1].data", "feedback.jsonl row 6: missing completion"),
+    "kto rows of one label only": (lambda r, d, t: _kto(r, t, [dict(x, label=True) for x in _feedback()]),
+                                   "stages[1].data", "needs training rows of both labels"),
+    "kto batch of one": (lambda r, d, t: (_kto(r, t), _set(r, "stages.1.train.batch_size", 1)),
+                         "stages[1].train.batch_size", "needs batch_size 2 or more"),
+    "kto reference filter": (lambda r, d, t: (_kto(r, t), _set(r, "stages.1.data.quality",
+                                                               {"reference_filter": {"score": "auto"}})),
+                             "stages[1].data.quality.reference_filter", "not for a kto stage"),
+    "loss weights of the wrong length": (lambda r, d, t: (_set(r, "stages.1.loss_type", ["sigmoid", "sft"]),
+                                                          _set(r, "stages.1.loss_weights", [1.0])),
+                                         "stages[1].loss_weights", "1 weight(s) for 2 loss(es)"),
+    "unknown loss in a list": (lambda r, d, t: _set(r, "stages.1.loss_type", ["sigmoid", "sfft"]),
+                               "stages[1].loss_type[1]", "unknown DPO loss 'sfft'; did you mean sft?"),
+    "unknown f-divergence": (lambda r, d, t: _set(r, "stages.1.f_divergence_type", "kl_forward"),
+                             "stages[1].f_divergence_type", "unknown f-divergence 'kl_forward'; did you mean"),
+    "f-divergence with a loss that has none": (lambda r, d, t: (_set(r, "stages.1.loss_type", "bco_pair"),
+                                                                _set(r, "stages.1.f_divergence_type", "js_divergence")),
+                                               "stages[1].f_divergence_type", "not bco_pair"),
+    "weight-rewriting init with a DPO reference base": (
+        lambda r, d, t: (_set(r, "adapter.init", "pissa"), _set(r, "model.quantization", "none"),
+                         _set(r, "stages.1.reference", "base")),
+        "adapter.init", "stages[1] (dpo, dpo) has reference: base"),
+    "pissa on a quantized base": (lambda r, d, t: _set(r, "adapter.init", "pissa"),
+                                  "adapter.init", "Please initialize PiSSA under float32"),
+    "reward accuracy gate after a KTO stage": (
+        lambda r, d, t: (_kto(r, t), _set(r, "eval", {"mmlu": None, "completions": {"n": 0},
+                                                      "gates": {"max_mmlu_drop": None, "min_reward_accuracy": 0.6}})),
+        "eval.gates.min_reward_accuracy", "no pairs to score"),
     "reference filter score for the wrong stage": (
         lambda r, d, t: _set(r, "stages.0.data.quality", {"reference_filter": {"score": "margin"}}),
         "stages[0].data.quality.reference_filter.score", "margin scores preference rows"),

@@ -16,6 +16,7 @@ import json
 import random
 
 from ..config import PREFERENCE_TYPES
+from ..models import base_view
 from ..runs.folder import write_atomic
 from .quality import fields
 from .tokens import encode_preference, encode_sft
@@ -53,7 +54,7 @@ def score_rows(model, tokenizer, rows: list[dict], *, preference: bool, max_leng
     cut = (lambda s: s[:max_length]) if max_length else (lambda s: s)
     was_training = model.training
     model.eval()
-    off = model.disable_adapter() if use_base else contextlib.nullcontext()
+    off = base_view(model) if use_base else contextlib.nullcontext()
     try:
         with torch.no_grad(), off:
             if preference:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..models import base_view
+
 
 def prompt_of(row: dict):
     """The prompt of a held-out row: a preference row's prompt; a chat's turns before the last assistant turn;
@@ -83,7 +85,7 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: int,
 
 
 def side_by_side(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: int) -> list[dict]:
-    with model.disable_adapter():
+    with base_view(model):
         base = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     tuned = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     return [{"index": k, "prompt": show(p), "base": b, "tuned": t}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from ..models import base_view
 from .completions import generate, prompt_of, reference_of
 
 SHORT_ANSWER_CHARS = 120  # "short reference answers": a sentence, a number, a label
@@ -40,7 +41,7 @@ def sft_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict, *, seed
     # a short answer needs few tokens: generating far past the longest reference only costs time
     longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
     max_new_tokens = min(max_new_tokens, longest + 8)
-    with model.disable_adapter():
+    with base_view(model):
         base = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     tuned = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     for name, outs in (("base", base), ("tuned", tuned)):
@@ -97,7 +98,7 @@ def preference_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict) 
     if not rows:
         return out
     model.eval()
-    with model.disable_adapter():
+    with base_view(model):
         base = [c - r for c, r in zip(answer_logps(model, tokenizer, rows, "chosen"),
                                       answer_logps(model, tokenizer, rows, "rejected"))]
     tuned = [c - r for c, r in zip(answer_logps(model, tokenizer, rows, "chosen"),
@@ -122,7 +123,7 @@ def unpaired_metrics(model, tokenizer, rows: list[dict], stage_metrics: dict) ->
     if not rows:
         return out
     model.eval()
-    with model.disable_adapter():
+    with base_view(model):
         base = answer_logps(model, tokenizer, rows, "completion")
     tuned = answer_logps(model, tokenizer, rows, "completion")
     moved = [t - b for t, b in zip(tuned, base)]

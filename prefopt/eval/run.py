@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..cachedir import cache_root
 from ..config import UNPAIRED_TYPES
-from ..models import ModelSpec, load_model
+from ..models import ModelSpec, base_view, load_model
 from ..runs import folder as runfolder
 from ..tracking import log_eval
 from . import completions as comp
@@ -69,7 +69,7 @@ def _mmlu(model, tok, cfg, spec: ModelSpec, run_dir: Path, seed: int, echo) -> d
     kw = dict(path=m.path, num_fewshot=m.num_fewshot, limit=m.limit, batch_size=m.batch_size, seed=seed)
     if base is None:
         echo(f"prefopt: eval: MMLU ({m.path}, {m.num_fewshot}-shot) on the base (adapter disabled)")
-        with model.disable_adapter():
+        with base_view(model):
             base = mmlu_mod.score(model, tok, **kw)
         blob = json.dumps({"key": key, "model": spec.identity(), "data": data_fp, "items": base})
         for p in cached:

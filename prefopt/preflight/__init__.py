@@ -99,7 +99,7 @@ def _key_of(problem: str) -> str:
     return problem.split(":", 1)[0].split(" (", 1)[0]
 
 
-_STAGE_KEY = re.compile(r"^stages\[(\d+)\]((?:\.[\w-]+)*): ")
+_STAGE_KEY = re.compile(r"^stages\[(\d+)\]((?:\.[\w-]+|\[\d+\])*): ")
 
 
 def _located(recipe: Recipe, problem: str) -> str:
@@ -107,7 +107,7 @@ def _located(recipe: Recipe, problem: str) -> str:
     m = _STAGE_KEY.match(problem)
     if not m:
         return problem
-    keys = tuple(k for k in m.group(2).split(".") if k)
+    keys = tuple(int(k[1:-1]) if k.startswith("[") else k for k in re.findall(r"\[\d+\]|[\w-]+", m.group(2)))
     return f"{recipe.locate('stages', int(m.group(1)), *keys)}: {problem[m.end():]}"
 
 

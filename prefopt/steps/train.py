@@ -20,7 +20,15 @@ from .. import dist, signals, tracking
 from ..config import REFERENCE_TYPES, identity
 from ..data import trained_max_length
 from ..data.report import write_reports
-from ..models import BASE_INFO, ModelSpec, adapter_config_from_section, base_info, load_model, whole_weights_on_load
+from ..models import (
+    BASE_INFO,
+    INIT_ADAPTER,
+    ModelSpec,
+    adapter_config_from_section,
+    base_info,
+    load_model,
+    whole_weights_on_load,
+)
 from ..runs import folder as runfolder
 from ..runs import store
 from ..runs.folder import adapter_hash, stage_tmp, write_atomic
@@ -199,7 +207,9 @@ def train_in_folder(recipe, i: int, data, stage_dir: Path, prev_adapter: Path | 
     st = recipe.stages[i]
     set_seed(recipe.seed)
     spec = ModelSpec.of(recipe)
-    base, model, tokenizer = load_model(spec, adapter_config_from_section(recipe.adapter), adapter=prev_adapter)
+    base, model, tokenizer = load_model(spec, adapter_config_from_section(recipe.adapter), adapter=prev_adapter,
+                                        init_rows=data.train if prev_adapter is None else None)
+    initial = model.__dict__.get("_prefopt_initial_adapter")  # a base-rewriting init's record, carried along
     if begin is not None:
         begin()
     tmp = _prepare_temp(stage_dir, inputs_hash, resume_from)
@@ -216,6 +226,8 @@ def train_in_folder(recipe, i: int, data, stage_dir: Path, prev_adapter: Path | 
     _free_memory()
     dist.barrier()  # every rank is done with the checkpoints
     if dist.is_main():
+        if initial is not None:
+            _carry_initial_adapter(initial, tmp / "adapter")
         _move_into_place(tmp, stage_dir, info)
     dist.barrier()  # the next stage starts from this one's adapter, on every rank
     return metrics
@@ -261,6 +273,17 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _carry_initial_adapter(initial: Path, adapter_dir: Path) -> None:
+    """Every adapter trained from a base-rewriting init (pissa, olora) holds the initial adapter (init_adapter/): how
+    the base was rewritten, which every later load, the evaluation's base and the merge need. The temporary folder
+    the first stage made it in is removed once copied."""
+    dest = adapter_dir / INIT_ADAPTER
+    if initial.resolve() != dest.resolve():
+        shutil.copytree(initial, dest, dirs_exist_ok=True)
+    if initial.name.startswith("prefopt-initial-adapter-"):
+        shutil.rmtree(initial, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, stage_dir: Path, info: dict) -> None:
