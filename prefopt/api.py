@@ -11,8 +11,17 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 
 from . import console
-from .config import PREFERENCE_TYPES, AdapterSection, Recipe, Stage, defaults, load_recipe, recipe_from_dict
-from .data import StageData, normalise_preference, normalise_sft
+from .config import (
+    PREFERENCE_TYPES,
+    UNPAIRED_TYPES,
+    AdapterSection,
+    Recipe,
+    Stage,
+    defaults,
+    load_recipe,
+    recipe_from_dict,
+)
+from .data import StageData, normalise_preference, normalise_sft, normalise_unpaired
 from .memory import parse_size, recipe_memory_plan
 from .merging.stream import merge_adapter
 from .pipeline import RunResult
@@ -193,7 +202,8 @@ def train_stage(stage: Stage | dict, model, tokenizer, train_dataset, eval_datas
 
     if isinstance(stage, dict):
         stage = TypeAdapter(Stage).validate_python({"data": {"path": "<in memory>"}, **stage})
-    normalise = normalise_preference if stage.type in PREFERENCE_TYPES else normalise_sft
+    normalise = normalise_preference if stage.type in PREFERENCE_TYPES else \
+        normalise_unpaired if stage.type in UNPAIRED_TYPES else normalise_sft
 
     def prep(rows, label):
         if rows is None:

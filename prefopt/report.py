@@ -101,6 +101,7 @@ PLOTS = (
     ("Reward accuracy (chance 0.5)", [("rewards/accuracies", "reward accuracy")], "accuracy", (0, 1.05)),
     ("Rewards", [("rewards/margins", "margin"), ("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")],
      "reward", None),
+    ("KL estimate (KTO)", [("kl", "KL")], "KL", None),
     ("Learning rate", [("learning_rate", "learning rate")], "lr", None),
 )
 
@@ -253,6 +254,11 @@ def _data_section(run_dir: Path, stages: list[dict]) -> list[str]:
     rows = [[label] + [_Num(r.get(key, "")) for _, r in reports]
             for label, key in (("rows read", "input_rows"), ("train rows", "train_rows"),
                                ("eval rows", "eval_rows"))]
+    if any(r.get("labels") for _, r in reports):  # KTO stages: the label balance, and the pairs split
+        rows += [[f"train {what}"] + [_Num(((r.get("labels") or {}).get("train") or {}).get(key, ""))
+                                      for _, r in reports]
+                 for what, key in (("desirable", "desirable"), ("undesirable", "undesirable"),
+                                   ("pairs split", "pairs_split"))]
     rows += [[f"dropped: {k}"] + [_Num((r.get("dropped") or {}).get(k) or "") for _, r in reports] for k in reasons]
     note = "" if reasons else "<p>nothing dropped by the data step's filters</p>"
     return ["<h2>Data</h2>", _table(rows, ["", *[n for n, _ in reports]]), note]

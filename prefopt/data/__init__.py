@@ -13,7 +13,7 @@ from ..config import looks_local
 from ..errors import DataError, RecipeError
 from ..models import load_tokenizer
 from ..runs.folder import file_hash, sha256_of
-from .formats import normalise_preference, normalise_rows, normalise_sft
+from .formats import normalise_preference, normalise_rows, normalise_sft, normalise_unpaired
 from .prepare import REASONS, StageData, fingerprint, prepare_stage
 from .sources import read_rows
 
@@ -92,5 +92,5 @@ def check_recipe_data(recipe) -> None:
 
 
 __all__ = ["REASONS", "StageData", "check_recipe_data", "data_problem", "file_hash", "fingerprint", "load_stage_data",
-           "normalise_preference", "normalise_rows", "normalise_sft", "prepare_stage", "read_rows",
-           "evaluation_sets", "recipe_stage_data", "stage_data", "sha256_of", "trained_max_length"]
+           "normalise_preference", "normalise_rows", "normalise_sft", "normalise_unpaired", "prepare_stage",
+           "read_rows", "evaluation_sets", "recipe_stage_data", "stage_data", "sha256_of", "trained_max_length"]
