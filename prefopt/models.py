@@ -329,6 +329,10 @@ def _with_dora_impl(peft_model, lora_config, dora_impl: str, dora_dropout: str):
         from .dora import enable_fast_dora  # (imports torch: a heavy import, kept out of `prefopt --help`)
 
         enable_fast_dora(peft_model, dora_dropout)
+    if lora_config.use_dora:
+        from .dora import guard_zero_rows  # (imports torch)
+
+        guard_zero_rows(peft_model)  # base rows of norm 0: DoRA scale held at 0 (PEFT: NaN), counted and said
     return peft_model
 
 

@@ -20,7 +20,9 @@ def trainable_parameters(recipe: Recipe) -> tuple[int, int]:
     m = recipe.model
     cfg = load_config(recipe.model_path(), revision=m.revision, trust_remote_code=m.trust_remote_code)
     base = empty_model(cfg, trust_remote_code=m.trust_remote_code)
-    peft_model = get_peft_model(base, adapter_config_from_section(recipe.adapter))
+    cfg = adapter_config_from_section(recipe.adapter)
+    cfg.init_lora_weights = True  # the shapes only: no init runs on weightless layers (pissa would need an SVD)
+    peft_model = get_peft_model(base, cfg)
     return count_trainable(peft_model)
 
 
@@ -28,6 +30,11 @@ def adapter_note(recipe: Recipe) -> str:
     """The one adapter every stage shares, and which DoRA forward trains it."""
     a = recipe.adapter
     note = f"adapter: {a.method} r={a.r} alpha={a.alpha:g} dropout={a.dropout:g}, shared by every stage"
+    if a.init != "kaiming":
+        note += {"gaussian": "; init gaussian (A normal, B zero)",
+                 "eva": "; init eva (A from the first stage's rows, B zero)",
+                 }.get(a.init, f"; init {a.init}: rewrites the base (W - s*B0*A0), rebuilt at every load and folded "
+                               "into the merge")
     if a.method == "dora":
         drop = {"lowrank": "on the low-rank branch only", "full": "on the whole layer input (PEFT's semantics)"}
         note += (f"; {'fast low-rank' if a.dora_impl == 'fast' else 'PEFT'} DoRA forward"
@@ -114,13 +121,43 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
         lines += ["", *format_plan(plan)]
     except (PrefoptError, ValueError, ImportError) as e:  # a model class that will not build on meta tensors: the
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # rest still stands
-    notes = [f"# note: {w}" for w in checked.warnings]
+    zero_rows = zero_rows_line(recipe)
+    notes = [f"# note: {w}" for w in [*checked.warnings, *([zero_rows] if zero_rows else [])]]
     lines += ["", *notes] if notes else []
     if show_recipe:
         lines += ["", "# resolved recipe", recipe.to_yaml().rstrip()]
     else:
         lines += ["", "(the resolved recipe, every default filled in: --show-recipe)"]
     return "\n".join(lines), plan
+
+
+SCAN_LIMIT = 32 * 2**30  # bytes of local weights `prefopt plan` reads for zero rows (beyond: the run counts them)
+
+
+def zero_rows_line(recipe: Recipe) -> str | None:
+    """DoRA: base rows of norm 0 in a local model's adapted weights, read from its safetensors (no model built;
+    PEFT's DoRA would give NaN on them, prefopt holds their scale at 0). Models over SCAN_LIMIT are not read here:
+    the run counts the rows when it attaches the adapter."""
+    from pathlib import Path
+
+    folder = Path(recipe.model_path())
+    if recipe.adapter.method != "dora" or not folder.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    if size > SCAN_LIMIT:
+        return (f"DoRA: base rows of norm 0 not looked for here ({size / 2**30:.0f} GiB of weights); the run counts "
+                "them when it attaches the adapter")
+    from peft import get_peft_model
+
+    from .dora import zero_rows_in_checkpoint, zero_rows_note  # (imports torch)
+    from .dora.zero_rows import module_names
+
+    m = recipe.model
+    base = empty_model(load_config(str(folder), revision=m.revision, trust_remote_code=m.trust_remote_code),
+                       trust_remote_code=m.trust_remote_code)
+    cfg = adapter_config_from_section(recipe.adapter)
+    cfg.init_lora_weights = True  # the names only
+    return zero_rows_note(zero_rows_in_checkpoint(str(folder), module_names(get_peft_model(base, cfg))))
 
 
 def eval_note(ev, mmlu_path: str | None) -> str:

@@ -23,7 +23,7 @@ def test_every_shipped_recipe_parses(path, monkeypatch):
 
 def test_shipped_chain_recipes_cover_each_preference_method():
     types = {load_recipe(p).stages[-1].type for p in RECIPES if p.name.startswith("sft_then_")}
-    assert types == {"dpo", "orpo", "simpo"}
+    assert types == {"dpo", "kto", "orpo", "simpo"}
 
 
 def test_defaults_follow_the_recipe_guide(tmp_path):

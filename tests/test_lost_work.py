@@ -483,7 +483,7 @@ def test_gates_record_the_limit_as_written_and_the_margin():
 
 def test_the_shipped_recipes_gate_on_the_margin():
     root = Path(__file__).resolve().parents[1] / "recipes"
-    for name in ("demo", "sft_then_dpo", "sft_then_orpo", "sft_then_simpo"):
+    for name in ("demo", "demo_kto", "sft_then_dpo", "sft_then_kto", "sft_then_orpo", "sft_then_simpo"):
         raw = yaml.safe_load((root / f"{name}.yaml").read_text())
         assert raw["eval"]["gates"].get("min_reward_margin"), name
 

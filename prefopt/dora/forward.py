@@ -7,7 +7,10 @@ PEFT's `lora.Linear` / bnb `Linear4bit` / `Linear8bitLt` layers for a subclass w
 recognises DoRA by `DoraLinearVariant`, reads the layer's `_active_adapter`, `_disable_adapters`,
 `merged_adapters`, `scaling`, its `_modules` (`base_layer`, `lora_A`, `lora_B`, `lora_magnitude_vector`,
 `lora_dropout`) and their `_parameters` directly (the hot path: nn.Module.__getattr__ is slow), and casts with
-`_cast_input_dtype`. Every other private API it needs (torch's backward-pass query and hook dicts, accelerate's
+`_cast_input_dtype`. For base rows of norm 0 (`guard_peft_norms`) it also swaps the class of PEFT's DoRA magnitude
+layers (`peft.tuners.lora.dora.DoraLinearLayer`, wrapping its `get_weight_norm`, which PEFT's forward and merge divide
+by) and of each LoRA layer's `lora_magnitude_vector` ModuleDict (PEFT's variant adds a new adapter's magnitude layer
+with `__setitem__`). Every other private API it needs (torch's backward-pass query and hook dicts, accelerate's
 hook, bitsandbytes' internals) goes through prefopt._compat. tests/test_dora.py checks
 every path against PEFT's own forward.
 """
@@ -22,7 +25,7 @@ from torch import nn
 
 from .. import _compat
 from ..quant import dequantize, harden_4bit_layers
-from .ops import DoraLinear, Rows, Shared4bit, inv_norm_s
+from .ops import DoraLinear, Rows, Shared4bit, inv_norm_s, rows_norm2
 
 DROPOUT_MODES = ("lowrank", "full")
 _FAST = "_prefopt_fast_dora"  # class attribute marking a swapped class
@@ -141,6 +144,89 @@ def fast_dora_layers(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if getattr(type(m), _FAST, False))
 
 
+# ---------------------------------------------------------------------------------------------- base rows of norm 0
+# (docs/dora.md, "Base rows of norm 0"; the fast path needs nothing here: ops.inv_norm_s gives such rows 0)
+
+_GUARD = "_prefopt_zero_norm_guard"  # class attribute marking a guarded class
+
+
+def _guarded_weight_norm(self, *args, **kwargs):
+    """PEFT's DoRA weight norm with 0 replaced by inf. PEFT divides the magnitude by it (forward and merge), so a
+    row of norm 0 gets the scale m / inf = 0 (the row's output is the base's, its gradients 0), not 0 / 0 = NaN;
+    every other row's norm is PEFT's, bit for bit."""
+    weight_norm = type(self)._prefopt_peft_class.get_weight_norm(self, *args, **kwargs)
+    return weight_norm.masked_fill(weight_norm == 0, float("inf"))
+
+
+def _guarded_setitem(self, key, module) -> None:
+    """A DoRA magnitude layer PEFT adds later (TRL's "ref" copy for DPO, any add_adapter) is guarded too. PEFT
+    sets it here after its update_layer, so the magnitude's init is PEFT's own (||W_i|| = 0 for such a row)."""
+    type(self)._prefopt_peft_class.__setitem__(self, key, module)
+    _guard_magnitude(module)
+
+
+def _guarded_class(cls: type, attrs: dict) -> type:
+    """A subclass of `cls` with `attrs`, importable (picklable) from this module, made once."""
+    if getattr(cls, _GUARD, False):
+        return cls
+    if (_GUARD, cls) not in _CLASSES:
+        name = f"ZeroNormGuarded{cls.__name__}"
+        new = type(name, (cls,), {**attrs, _GUARD: True, "_prefopt_peft_class": cls, "__module__": __name__,
+                                  "__qualname__": name})
+        setattr(sys.modules[__name__], name, new)
+        _CLASSES[(_GUARD, cls)] = new
+    return _CLASSES[(_GUARD, cls)]
+
+
+def _guard_magnitude(module) -> None:
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    if isinstance(module, DoraLinearLayer):
+        module.__class__ = _guarded_class(type(module), {"get_weight_norm": _guarded_weight_norm})
+
+
+def guard_peft_norms(model: nn.Module) -> int:
+    """Make PEFT's own DoRA forward and merge safe for base rows of norm 0 on this model's LoRA layers (PEFT itself
+    is left alone); returns how many layers. Idempotent. Swaps the class of each DoRA magnitude layer (PEFT's
+    `DoraLinearLayer`, whose `get_weight_norm` PEFT divides by) and of each layer's `lora_magnitude_vector` dict,
+    so that adapters added later are guarded as well."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        mags = module.lora_magnitude_vector
+        mags.__class__ = _guarded_class(type(mags), {"__setitem__": _guarded_setitem})
+        for mag in mags.values():
+            _guard_magnitude(mag)
+        n += 1
+    return n
+
+
+def dora_layers(model: nn.Module):
+    """(name, layer) for every PEFT LoRA layer with a DoRA magnitude for one of its active adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and any(a in module.lora_magnitude_vector for a in module.active_adapters):
+            yield name, module
+
+
+def base_norm2(module) -> torch.Tensor | None:
+    """||W_i||^2 per output row of a LoRA layer's base weight (fp32, dequantized): the fast path's cached one where
+    the layer takes it, else computed now and not kept; None for a weight that is not all here (a ZeRO-3 or FSDP
+    shard, the meta device)."""
+    base = module.get_base_layer()
+    w = base.weight
+    if _sharded(w) or w.device.type == "meta":
+        return None
+    if getattr(type(module), _FAST, False):
+        return _base_norm2(module, base)
+    with torch.no_grad():
+        return rows_norm2(dequantize(base))
+
+
 # ---------------------------------------------------------------------------------------------- forward
 
 
@@ -155,11 +241,7 @@ def _base_norm2(module, base) -> torch.Tensor:
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        w = dequantize(base)
-        weight_norm2 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-        step = max(1, (1 << 24) // max(1, w.shape[1]))  # bound the fp32 temporary to ~64 MB
-        for i in range(0, w.shape[0], step):
-            weight_norm2[i : i + step] = w[i : i + step].float().pow(2).sum(1)
+        weight_norm2 = rows_norm2(dequantize(base))
     module._prefopt_w2 = (key, weight_norm2)
     return weight_norm2
 

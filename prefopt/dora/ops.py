@@ -11,9 +11,24 @@ import torch
 from ..quant import compute_dtype_4bit, dequantize_4bit
 
 
+def rows_norm2(w: torch.Tensor) -> torch.Tensor:
+    """||W_i||^2 per output row of a (dequantized) weight, in fp32, a slice of rows at a time."""
+    weight_norm2 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    step = max(1, (1 << 24) // max(1, w.shape[1]))  # bound the fp32 temporary to ~64 MB
+    for i in range(0, w.shape[0], step):
+        weight_norm2[i : i + step] = w[i : i + step].float().pow(2).sum(1)
+    return weight_norm2
+
+
 def inv_norm_s(weight_norm2, weight_a_t, lora_a, lora_b, scaling) -> torch.Tensor:
     """s / ||W + s B A|| per row (fp32) from ||W||^2, W A^T (out x r) and the low-rank factors: five small
-    kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic)."""
+    kernels after W A^T (per layer and step, each kernel's fixed cost outweighs its arithmetic).
+
+    A row whose norm is 0 (a base row of zeros, with B's row still 0, as at init) gets 0, not inf: its DoRA scale
+    m / ||W + s B A|| is held at 0, where PEFT's 0 / 0 gives NaN (docs/dora.md, "Base rows of norm 0"); the row's
+    output is the base's (W_i x = 0) and its gradients are 0. The same kernel that did the clamp to 0 does it (no
+    extra kernel; every other row bit for bit as before): rounding below 0 gives 0 too, and so would a NaN, which
+    NaN weights carry into the output through the matmuls anyway."""
     f32 = torch.float32
     # (called under no_grad)
     weight_a_t, a, b = (t if t.dtype == f32 else t.float() for t in (weight_a_t, lora_a, lora_b))
@@ -22,7 +37,7 @@ def inv_norm_s(weight_norm2, weight_a_t, lora_a, lora_b, scaling) -> torch.Tenso
     t = torch.addmm(weight_a_t, b, a @ a.t(), alpha=scaling / 2)
     norm2_over_s2 = torch.baddbmm(weight_norm2.view(-1, 1, 1), b.unsqueeze(1), t.unsqueeze(2), beta=1 / scaling**2,
                                   alpha=2 / scaling)
-    return norm2_over_s2.view(-1).clamp_min_(0).rsqrt_()
+    return norm2_over_s2.view(-1).rsqrt_().nan_to_num_(nan=0.0, posinf=0.0)
 
 
 class Rows(torch.autograd.Function):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import AdapterSection, MergeSection, defaults
 from ..errors import MergeError, option
-from ..models import BASE_INFO
+from ..models import BASE_INFO, Residual, initial_adapter
 from ..quant import roundtrip, torch_dtype
 from ..runs.folder import adapter_hash
 from .heap import large_blocks_from_the_os, release_freed_memory
@@ -49,7 +49,8 @@ class Thresholds:
 
 
 def merged_weight(w, lora_a, lora_b, scale: float, magnitude=None):
-    """fp32 merge of one weight; DoRA when `magnitude` is given."""
+    """fp32 merge of one weight; DoRA when `magnitude` is given. A row of norm 0 (a base row of zeros that the
+    adapter left at zero) stays 0: its DoRA scale is held at 0, as in training (docs/dora.md), not 0 / 0 = NaN."""
     import torch
 
     w = w.to(torch.float32)
@@ -57,7 +58,8 @@ def merged_weight(w, lora_a, lora_b, scale: float, magnitude=None):
     if magnitude is None:
         return combined
     norm = torch.linalg.norm(combined, dim=1)
-    return (magnitude.to(torch.float32) / norm).unsqueeze(1) * combined
+    mag_norm_scale = (magnitude.to(torch.float32) / norm).masked_fill_(norm == 0, 0)
+    return mag_norm_scale.unsqueeze(1) * combined
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -70,6 +72,7 @@ class Adapter:
     use_dora: bool
     # base weight key -> {"A": tensor, "B": tensor, "m": tensor | None}
     modules: dict
+    folder: Path | None = None
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
@@ -110,7 +113,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     if problems:
         raise MergeError(f"{adapter_dir}: refusing to merge ({len(problems)} problems; a DoRA adapter is never merged "
                          "as plain LoRA): " + "; ".join(problems[:5]))
-    return Adapter(config=cfg, scale=scale, use_dora=use_dora, modules=modules)
+    return Adapter(config=cfg, scale=scale, use_dora=use_dora, modules=modules, folder=adapter_dir)
 
 
 # ---------------------------------------------------------------------------------------------- streaming merge
@@ -153,6 +156,8 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
     weight_map, names, total, merged = {}, [], 0, 0
     buf, buf_bytes = {}, 0
     pending = dict(adapter.modules)
+    initial = initial_adapter(adapter.folder)
+    residual = Residual(initial) if initial is not None else None
 
     def flush():
         nonlocal buf, buf_bytes
@@ -179,6 +184,8 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
                     raise MergeError(f"adapter does not fit the base: {key} has shape {tuple(t.shape)}, adapter "
                                      f"A {tuple(a.shape)} B {tuple(b.shape)}; is this the base it was trained on?")
                 w = roundtrip(t, info) if base_mode == "dequantized" else t.to(torch.float32)
+                if residual is not None:  # a base-rewriting init (pissa, olora): the base the adapter trained on
+                    w = residual.apply(key, w, torch_dtype(info["dtype"])).float()
                 t = merged_weight(w, a, b, adapter.scale, parts["m"]).to(dtype)
                 del w
                 merged += 1

@@ -304,14 +304,17 @@ def summarise(metrics: dict) -> str:
     """One line of a finished stage's figures."""
     train, ev = metrics.get("train", {}), metrics.get("eval", {})
     parts = []
+    def num(v):  # a NaN or inf figure is recorded as None (run.json is JSON): shown as nan
+        return f"{v:.4f}" if isinstance(v, (int, float)) else "nan"
+
     if "train_loss" in train:
-        parts.append(f"train loss {train['train_loss']:.4f}")
+        parts.append(f"train loss {num(train['train_loss'])}")
     if "eval_loss" in ev:
-        parts.append(f"eval loss {ev['eval_loss']:.4f}")
+        parts.append(f"eval loss {num(ev['eval_loss'])}")
     acc = ev.get("eval_rewards/accuracies")
-    if acc is not None:
+    if isinstance(acc, (int, float)):
         parts.append(f"held-out reward accuracy {acc:.2f} (chance 0.50)")
     margin = ev.get("eval_rewards/margins")
-    if margin is not None:
+    if isinstance(margin, (int, float)):
         parts.append(f"held-out reward margin {margin:.3f}")
     return ", ".join(parts) or "no metrics"
