@@ -332,7 +332,8 @@ def _with_dora_impl(peft_model, lora_config, dora_impl: str, dora_dropout: str):
     if lora_config.use_dora:
         from .dora import guard_zero_rows  # (imports torch)
 
-        guard_zero_rows(peft_model)  # base rows of norm 0: DoRA scale held at 0 (PEFT: NaN), counted and said
+        # base rows of norm 0: DoRA scale held at 0 (PEFT: NaN), counted and said; the counts kept for run.json
+        peft_model.__dict__["_prefopt_zero_rows"] = guard_zero_rows(peft_model)
     return peft_model
 
 

@@ -25,7 +25,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 from prefopt.config import schema  # noqa: E402
 
 OUT = ROOT / "docs" / "recipe-reference.md"
-STAGE_CLASSES = {"sft": schema.SFTStage, "dpo": schema.DPOStage, "orpo": schema.ORPOStage, "simpo": schema.SimPOStage}
+STAGE_CLASSES = dict(schema.STAGE_TYPES)
 
 STAGES_HEADING = "stages: keys every stage has"
 # (heading, model, the YAML path its keys sit under, fields to leave out)

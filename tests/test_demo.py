@@ -111,3 +111,25 @@ def test_status_shows_every_stage_done_and_a_rerun_that_changes_nothing_leaves_t
     # it changed nothing in the run folder: its log stays in the user cache (rotation: tests/test_console.py)
     assert (out / "logs" / "run.log").read_text() == first and not (out / "logs" / "run.1.log").exists()
     assert f"run log:  {Path(env['PREFOPT_CACHE_DIR']) / 'logs'}" in again.stdout
+
+
+def test_demo_kto_recipe_learns_from_unpaired_feedback(tmp_path, tiny_model):
+    """The shipped KTO variant, as a person runs it: SFT -> KTO on thumbs-up / thumbs-down rows, the reference the SFT
+    model (first-step rewards and KL 0), balanced weights said, the held-out margin gate passed, a verified merge."""
+    out = tmp_path / "demo-kto"
+    proc = _cli("run", "recipes/demo_kto.yaml", "--output-dir", str(out), "--set", f"model.name_or_path={tiny_model}",
+                env=_user_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    manifest = json.loads((out / "run.json").read_text())
+    kto = manifest["stages"][1]
+    assert kto["type"] == "kto" and kto["reference"] == "previous_stage" and kto["status"] == "done"
+    first = next(h for h in json.loads((out / "stages" / "01-kto" / "log_history.json").read_text()) if "loss" in h)
+    assert first["kl"] == 0 and first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    labels = kto["data"]
+    assert "desirable training rows; desirable_weight" in proc.stdout and "(balanced" in proc.stdout
+    assert "labels: train" in proc.stdout, "the data step shows the label balance"
+    assert kto["metrics"]["eval"]["eval_rewards/margins"] > 0.1, labels
+    log = json.loads((out / "eval" / "eval_log.json").read_text())
+    assert log["passed"] and log["heldout"]["kto"]["win_rate_vs_base"] > 0.5
+    assert json.loads((out / "merged" / "merge_report.json").read_text())["verification"]["passed"]
+    assert not NOISE.search(proc.stdout), NOISE.search(proc.stdout)

@@ -286,6 +286,8 @@ def test_sft_dpo_merge_on_a_base_with_zero_rows(tmp_path, zero_row_model, small_
         for h in steps:
             assert math.isfinite(h["loss"]) and h["loss"] > 0 and math.isfinite(h["grad_norm"]), (stage, h)
     assert any("DoRA: 32 base rows of norm 0 in 6 modules" in line for line in said), said
+    manifest = json.loads((result.run_dir / "run.json").read_text())
+    assert all(s["metrics"]["dora_zero_rows"] == planted for s in manifest["stages"])  # every module, in run.json
     v = result.merge_report["verification"]
     assert v["passed"], v
     merged = load_file(str(result.merged / "model.safetensors"))

@@ -210,6 +210,7 @@ def train_in_folder(recipe, i: int, data, stage_dir: Path, prev_adapter: Path | 
     base, model, tokenizer = load_model(spec, adapter_config_from_section(recipe.adapter), adapter=prev_adapter,
                                         init_rows=data.train if prev_adapter is None else None)
     initial = model.__dict__.get("_prefopt_initial_adapter")  # a base-rewriting init's record, carried along
+    zero_rows = model.__dict__.get("_prefopt_zero_rows")  # DoRA: base rows of norm 0 per module
     if begin is not None:
         begin()
     tmp = _prepare_temp(stage_dir, inputs_hash, resume_from)
@@ -221,6 +222,8 @@ def train_in_folder(recipe, i: int, data, stage_dir: Path, prev_adapter: Path | 
         write_reports(tmp, data)
     metrics = _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, attempt, resume_from,
                              ref_cache, echo)
+    if zero_rows:
+        metrics["dora_zero_rows"] = zero_rows
     info = base_info(base, name_or_path=spec.name_or_path, quantization=spec.quantization, dtype=spec.dtype)
     del model, base
     _free_memory()
