@@ -3,6 +3,7 @@ trainable parameters, the evaluation, and each stage's memory -- before any weig
 
 from __future__ import annotations
 
+from .advice import plan_notes
 from .config import PREFERENCE_TYPES, REFERENCE_TYPES, Recipe
 from .data.report import summary_lines
 from .errors import PrefoptError
@@ -122,7 +123,8 @@ def make_plan(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int = 1, d
     except (PrefoptError, ValueError, ImportError) as e:  # a model class that will not build on meta tensors: the
         lines += ["", f"# memory plan: unknown ({str(e).splitlines()[0]})"]  # rest still stands
     zero_rows = zero_rows_line(recipe)
-    notes = [f"# note: {w}" for w in [*checked.warnings, *([zero_rows] if zero_rows else [])]]
+    notes = [f"# note: {w}" for w in [*checked.warnings, *([zero_rows] if zero_rows else []),
+                                      *plan_notes(recipe, checked.data)]]
     lines += ["", *notes] if notes else []
     if show_recipe:
         lines += ["", "# resolved recipe", recipe.to_yaml().rstrip()]

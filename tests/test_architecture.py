@@ -21,7 +21,7 @@ PKG = ROOT / "prefopt"
 # the graph has no circle either). recipe -> data -> stages -> eval -> merge -> report, then what composes them.
 LAYERS = [
     ["prefopt.version", "prefopt.errors", "prefopt._compat", "prefopt.signals", "prefopt.hub", "prefopt.cachedir"],
-    ["prefopt.console", "prefopt.config"],
+    ["prefopt.console", "prefopt.config", "prefopt.advice"],
     ["prefopt.dist", "prefopt.quant", "prefopt.tracking"],
     ["prefopt.dora", "prefopt.runs"],
     ["prefopt.models"],

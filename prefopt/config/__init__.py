@@ -17,6 +17,7 @@ from .schema import (
                      CompletionsSection,
                      DataSection,
                      DPOStage,
+                     EarlyStoppingSection,
                      EvalSection,
                      GatesSection,
                      KTOStage,
@@ -39,8 +40,9 @@ from .schema import (
 )
 
 __all__ = ["DATA_SUFFIXES", "PREFERENCE_TYPES", "REFERENCE_TYPES", "REWRITING_INITS", "STAGE_TYPES", "UNPAIRED_TYPES",
-           "KTOStage", "identity", "AdapterSection", "CompletionsSection", "DPOStage",
-           "DataSection", "EvalSection", "GatesSection", "MMLUSection", "MergeSection", "ModelSection", "ORPOStage",
-           "QualitySection", "Recipe", "ReferenceFilterSection", "SFTStage", "SimPOStage", "SourceSection", "Stage",
-           "TrackingSection", "TrainSection", "WandbSection", "apply_overrides", "check_paths", "defaults", "fmt_path",
-           "load_recipe", "looks_local", "recipe_from_dict", "resolve_path", "validate_recipe"]
+           "AdapterSection", "CompletionsSection", "DPOStage", "DataSection", "EarlyStoppingSection",
+           "EvalSection", "GatesSection", "KTOStage", "MMLUSection", "MergeSection", "ModelSection",
+           "ORPOStage", "QualitySection", "Recipe", "ReferenceFilterSection", "SFTStage", "SimPOStage",
+           "SourceSection", "Stage", "TrackingSection", "TrainSection", "WandbSection", "apply_overrides",
+           "check_paths", "defaults", "fmt_path", "identity", "load_recipe", "looks_local",
+           "recipe_from_dict", "resolve_path", "validate_recipe"]

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..advice import metric_key, stage_metrics
 from ..config import Recipe, load_recipe
 from ..data import data_problem, stage_data
 from ..dist import launcher_problems
@@ -66,6 +67,7 @@ def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None
         checked.data.append(data)
         if configs[i] is not None and len(data.train):
             problems += check_schedule(recipe, i, configs[i], len(data.train))
+        problems += check_early_stopping(recipe, i, data)
     if checked.data and checked.data[-1] is not None:
         problems += check_completion_prompts(recipe, checked.data[-1])
     if problems:
@@ -73,6 +75,27 @@ def preflight(recipe: Recipe, *, echo=None, output_dir: str | Path | None = None
     for w in checked.warnings:
         (echo or (lambda s: None))(f"prefopt: warning: {w}")
     return checked
+
+
+def check_early_stopping(recipe: Recipe, i: int, data) -> list[str]:
+    """train.early_stopping asked for: a metric the stage logs, held-out rows to watch it on, and an evaluation
+    before max_steps ends the stage."""
+    st = recipe.stages[i]
+    es = st.train.early_stopping
+    if es is None or es == "auto":
+        return []
+    problems = []
+    known = stage_metrics(st)
+    if es.metric.removeprefix("eval_") not in known:
+        problems.append(f"{recipe.locate('stages', i, 'train', 'early_stopping', 'metric')}: a {st.type} stage "
+                        f"logs no held-out '{es.metric}'; one of {', '.join(metric_key(m) for m in known)}")
+    if data.eval is None or not len(data.eval):
+        problems.append(f"{recipe.locate('stages', i, 'train', 'early_stopping')}: the stage holds out no rows to "
+                        "watch the metric on; set data.eval_fraction or data.eval_path, or early_stopping: null")
+    if st.train.max_steps > 0 and not st.train.eval_steps:
+        problems.append(f"{recipe.locate('stages', i, 'train', 'early_stopping')}: with max_steps the stage may end "
+                        "before its first epoch's evaluation; set train.eval_steps (evaluate every N steps)")
+    return problems
 
 
 def load_checked(path, overrides=None) -> Recipe:

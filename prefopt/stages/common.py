@@ -14,18 +14,20 @@ from pathlib import Path
 
 from .. import console, dist, signals
 from .._compat import checkpointing_args
+from ..advice import early_stopping, metric_key
 from ..errors import PrefoptError
 from ..models import ADAPTER_NAME
 from ..runs.folder import mark_checkpoint
 
 
 def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[str], run_name: str,
-                  has_eval: bool) -> dict:
-    """Keyword arguments common to SFTConfig / DPOConfig / ORPOConfig / CPOConfig."""
+                  has_eval: bool, stopping=None) -> dict:
+    """Keyword arguments common to SFTConfig / DPOConfig / KTOConfig / ORPOConfig / CPOConfig. `stopping`: the
+    early stopping in force (advice.early_stopping), which evaluates and checkpoints together and keeps the best."""
     import torch
 
     on_gpu = torch.cuda.is_available()
-    return dict(
+    args = dict(
         output_dir=str(output_dir),
         seed=seed,
         data_seed=seed,
@@ -55,6 +57,28 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
         dataloader_num_workers=0,
         remove_unused_columns=True,
     )
+    if stopping is not None and has_eval:
+        return {**args, **early_stopping_args(train, stopping)}
+    return args
+
+
+def early_stopping_args(train, stopping) -> dict:
+    """Evaluate and checkpoint at every epoch (or every eval_steps), and load the best checkpoint at the end (the
+    adapter the next stage starts from). transformers needs the two strategies equal; the best checkpoint is kept
+    beside the last two; the early-stopping callback's counters are restored on resume."""
+    every = {"eval_strategy": "steps", "eval_steps": train.eval_steps, "save_strategy": "steps",
+             "save_steps": train.eval_steps} if train.eval_steps else {"eval_strategy": "epoch",
+                                                                       "save_strategy": "epoch"}
+    return {**every, "save_total_limit": 2, "save_only_model": False, "load_best_model_at_end": True,
+            "metric_for_best_model": metric_key(stopping.metric), "greater_is_better": stopping.mode == "max",
+            "restore_callback_states_from_checkpoint": True}
+
+
+def early_stopping_callback(stopping):
+    from transformers import EarlyStoppingCallback
+
+    return EarlyStoppingCallback(early_stopping_patience=stopping.patience,
+                                 early_stopping_threshold=stopping.min_delta)
 
 
 def checkpoint_args(every) -> dict:
@@ -165,15 +189,21 @@ def make_trainer(trainer_cls, config_cls, model, tokenizer, stage, data, out_dir
                  report_to: list[str], run_name: str, callbacks=()):
     """The stage's TRL trainer on the running adapter: prefopt's common arguments, then the method's options,
     then the stage's trainer_kwargs (last wins)."""
+    stopping, why = early_stopping(stage, len(data.train), data.eval is not None)
     base = training_args(stage.train, output_dir=out_dir / "trainer", seed=seed, report_to=report_to,
-                         run_name=run_name, has_eval=data.eval is not None)
+                         run_name=run_name, has_eval=data.eval is not None, stopping=stopping)
+    if stopping is not None:
+        every = f"every {stage.train.eval_steps} steps" if stage.train.eval_steps else "every epoch"
+        console.say(f"prefopt: stage {stage.name}: early stopping on {metric_key(stopping.metric)} ({stopping.mode}, "
+                    f"{every}, patience {stopping.patience}), the best checkpoint's adapter kept; {why}")
     progress = any(getattr(c, "replaces_tqdm", False) for c in callbacks)
     if progress:  # prefopt's own progress (stages/progress.py) instead of transformers' tqdm bar
         base["disable_tqdm"] = True
     for key in [k for k in stage.trainer_kwargs if k.startswith("gradient_checkpointing")]:
         base.pop(key.replace("gradient_", "activation_"), None)  # the old name in trainer_kwargs: it decides
     args = make_config(config_cls, base, method, stage.trainer_kwargs)
-    callbacks = [*callbacks, checkpoint_callback(minutes_of(stage.train.checkpoint_every))]
+    callbacks = [*callbacks, checkpoint_callback(None if stopping else minutes_of(stage.train.checkpoint_every)),
+                 *([early_stopping_callback(stopping)] if stopping else [])]
     with adapter_precision_kept(model):
         trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                               processing_class=tokenizer, callbacks=callbacks)
@@ -212,6 +242,8 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     if signals.stop_requested():
         raise signals.Terminated()
     metrics = {"train": {**_finite(result.metrics), "steps": trainer.state.global_step}}
+    if trainer.args.load_best_model_at_end:
+        metrics["early_stopping"] = stopping_record(trainer)
     if resume_from:  # the trainer's train_loss averages this session's steps only: the whole stage's, from its log
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if logged:
@@ -229,6 +261,29 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
         tokenizer.save_pretrained(str(out_dir / "adapter"))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return metrics
+
+
+def stopping_record(trainer) -> dict:
+    """What early stopping did: the metric, the best step and value (the adapter kept), and why training stopped."""
+    st, args = trainer.state, trainer.args
+    best = st.best_model_checkpoint
+    best_step = int(Path(best).name.rsplit("-", 1)[1]) if best else None
+    evals = [h for h in st.log_history if args.metric_for_best_model in h]
+    early = st.global_step < st.max_steps
+    return {"metric": args.metric_for_best_model, "mode": "max" if args.greater_is_better else "min",
+            "best_step": best_step, "best_value": st.best_metric, "evaluations": len(evals),
+            "stopped": "early" if early else "completed",
+            "why": (f"{args.metric_for_best_model} did not improve for {trainer_patience(trainer)} evaluations; "
+                    f"stopped at step {st.global_step} of {st.max_steps}") if early else
+                   f"ran all {st.max_steps} steps",
+            "adapter": f"step {best_step} (the best)" if best_step is not None else "the last step"}
+
+
+def trainer_patience(trainer):
+    from transformers import EarlyStoppingCallback
+
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    return cb.early_stopping_patience if cb is not None else "?"
 
 
 def gathered_adapter_state(model, *, deepspeed: bool = False) -> dict:

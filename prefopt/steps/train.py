@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import dist, signals, tracking
+from ..advice import early_stopping
 from ..config import REFERENCE_TYPES, identity
 from ..data import trained_max_length
 from ..data.report import write_reports
@@ -69,9 +70,18 @@ def stage_inputs(recipe, i: int, data, prev_adapter: Path | None) -> str:
         recipe.seed,
         i,
         data.fingerprint,  # the rows after the data step: a changed file or filter that keeps them keeps the stage
+        *_stopping_identity(recipe.stages[i], data),
         adapter_hash(prev_adapter) if prev_adapter else None,
         *([("processes", dist.world_size())] if dist.world_size() > 1 else []),  # the global batch changes
     )
+
+
+def _stopping_identity(stage, data) -> list:
+    """What train.early_stopping: auto decided (left out when off, so stages from before it keep their hash)."""
+    if stage.train.early_stopping != "auto":
+        return []  # an explicit section (or null) is in the stage section itself
+    on, _ = early_stopping(stage, len(data.train), data.eval is not None)
+    return [("early_stopping", on.model_dump(mode="json"))] if on is not None else []
 
 
 def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
