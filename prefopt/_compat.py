@@ -92,7 +92,7 @@ def log_loss_parts(trainer) -> None:
     `per_sequence_loss.mean() * loss_weight` over zip(self.loss_types, self.loss_weights) inside `_compute_loss` and
     logs only the total; each weight is replaced by an object that records the tensor it multiplies into the
     trainer's `_metrics[mode]` (TRL's per-window lists, averaged at each log). Removable when TRL logs the parts
-    itself; tests/test_chain.py fails if the parts stop appearing."""
+    itself; tests/test_methods.py fails if the parts stop appearing."""
     names = list(trainer.loss_types)
 
     def sink(name, value):

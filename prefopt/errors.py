@@ -85,3 +85,7 @@ class RunFolderError(PrefoptError):
 
 class MergeError(PrefoptError):
     """An adapter or base that cannot be merged as asked, or a merge that failed verification."""
+
+
+class TrainingDiverged(PrefoptError):
+    """A stage's loss or gradient norm went NaN, infinite or exploded: training stopped there (exit code 2)."""

@@ -397,6 +397,7 @@ def load_model(spec: ModelSpec, lora_config=None, *, adapter: str | Path | None 
         lora_config = PeftConfig.from_pretrained(str(adapter))
     if adapter is None and lora_config.init_lora_weights in REWRITING:
         adapter = _initial_adapter(base, lora_config)
+        del base  # the spent copy goes before the second loads: one base in memory at a time
         base = _load_spec_base(spec)
     model = attach_adapter(base, lora_config, init_from=adapter, trainable=trainable, dora_impl=spec.dora_impl,
                            dora_dropout=spec.dora_dropout, init_rows=init_rows, tokenizer=tokenizer)
@@ -421,6 +422,8 @@ def _initial_adapter(base, lora_config) -> Path:
     peft_model = get_peft_model(base, lora_config, adapter_name=ADAPTER_NAME)
     folder = Path(tempfile.mkdtemp(prefix="prefopt-initial-adapter-"))
     peft_model.save_pretrained(str(folder), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+    for p in peft_model.parameters():  # the caller's name for the base still holds it: free its weights here
+        p.data = p.data.new_empty(0)
     del peft_model, base
     gc.collect()
     return folder

@@ -168,6 +168,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"<p class='meta'>run id {_e(manifest.get('run_id'))}, recipe hash {_e(manifest.get('recipe_hash'))}, "
             f"prefopt {_e(manifest.get('prefopt_version'))}</p>"]
     body += _verdict_card(run_dir, manifest, log)
+    body += _diagnostics_section(stages)
     body += _stages_section(run_dir, stages)
     body += _data_section(run_dir, stages)
     if log:
@@ -240,6 +241,15 @@ def _stages_section(run_dir: Path, stages: list[dict]) -> list[str]:
         rows = [[s["name"], s.get("status"), "", "", "", ""] for s in stages]
     body.append(_table(rows, ["stage", "state", "rows (train + eval of read)", "steps", "time", "key metric"]))
     return body + _plots(run_dir, stages)
+
+
+def _diagnostics_section(stages: list[dict]) -> list[str]:
+    """What each stage's log showed (prefopt.advice.diagnose), with the suggestion; nothing when all is quiet."""
+    found = [(s["name"], d) for s in stages for d in s.get("diagnostics") or []]
+    if not found:
+        return []
+    items = "".join(f"<li><b>{_e(name)}</b>: {_e(d['what'])}. <i>{_e(d['suggestion'])}</i></li>" for name, d in found)
+    return ["<h2>Diagnostics</h2>", f"<ul>{items}</ul>"]
 
 
 def _data_section(run_dir: Path, stages: list[dict]) -> list[str]:

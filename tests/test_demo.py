@@ -58,6 +58,9 @@ def test_demo_recipe_learns_the_preference(demo):
     log = json.loads((out / "eval" / "eval_log.json").read_text())
     assert log["passed"] and log["mmlu"]["tuned"]["n"] == 24 and manifest["eval"]["passed"]
     assert len((out / "eval" / "completions.jsonl").read_text().splitlines()) == 25
+    # ... and the training diagnostics have nothing to say about it (issue 25)
+    assert all(s["diagnostics"] == [] for s in manifest["stages"]), [s["diagnostics"] for s in manifest["stages"]]
+    assert "diagnostic:" not in proc.stdout
     assert (out / "report.html").is_file() and (out / "merged" / "README.md").is_file()
 
 
@@ -73,8 +76,9 @@ def test_demo_console_is_prefopts_alone_and_ends_with_the_summary(demo):
     assert any(line.strip().startswith("device") for line in lines[:10])
     # one fixed-width line per logging step, with the key numbers as numbers
     sft_steps = [line for line in lines if re.match(r"^  sft +step +\d+/72  loss \d+\.\d{4}  lr ", line)]
-    dpo_steps = [line for line in lines if re.match(r"^  dpo +step +\d+/34  loss \d+\.\d{4}  acc \d\.\d\d  margin ",
-                                                    line)]
+    # (the demo's DPO is RPO since issue 24: each loss's part beside the total)
+    dpo_steps = [line for line in lines if re.match(r"^  dpo +step +\d+/34  loss \d+\.\d{4}  loss/sigmoid \d\.\d{4}  "
+                                                    r"loss/sft \d+\.\d{4}  acc \d\.\d\d  margin ", line)]
     assert len(sft_steps) == 15 and len(dpo_steps) == 7, (len(sft_steps), len(dpo_steps))
     # the closing summary: both stages, the eval verdict, the merge verdict, the paths
     tail = "\n".join(lines[-20:])

@@ -112,8 +112,10 @@ def _problems_from(err: ValidationError, raw: dict, lines: dict, source: str | N
             import re as _re
 
             choices = _re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
-            close = difflib.get_close_matches(str(e.get("input")), choices, n=1)
-            msg = f"{msg}, got {e.get('input')!r}" + (f"; did you mean {close[0]}?" if close else "")
+            got = e.get("input")
+            close = difflib.get_close_matches(str(got), choices, n=1) if not isinstance(got, list) else []
+            msg = f"{msg}, got {got!r}" + (f"; did you mean {close[0]}?" if close else "") + (
+                "; one value here, not a list" if isinstance(got, list) else "")
         elif typ == "value_error":
             msg = msg.removeprefix("Value error, ")
             if msg.startswith("@"):  # a model-level check naming the key below its model

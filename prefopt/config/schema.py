@@ -317,7 +317,7 @@ class DPOStage(_StageBase):
         "sigmoid", description="A DPOTrainer loss (sigmoid, ipo, hinge, bco_pair, sft, ...), or a list of them "
         "combined with loss_weights: [sigmoid, sft] is RPO (an SFT term on the chosen answers), [sigmoid, bco_pair, "
         "sft] with loss_weights [0.8, 0.2, 1.0] is MPO. Each part is logged as loss/<name>.")
-    loss_weights: Annotated[list[float], Field(min_length=1)] | None = Field(
+    loss_weights: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = Field(
         None, description="One weight per loss in loss_type (null: 1.0 each).")
     f_divergence_type: str = Field(
         "reverse_kl", description="The divergence from the reference (f-DPO): reverse_kl (standard DPO), forward_kl, "
@@ -335,12 +335,8 @@ class DPOStage(_StageBase):
     def losses(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
-    @model_validator(mode="after")
-    def _weights_match_losses(self) -> DPOStage:
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.losses()):
-            raise ValueError(f"@loss_weights: {len(self.loss_weights)} weight(s) for {len(self.losses())} loss(es) "
-                             f"in loss_type {self.losses()}; give one weight per loss, or none (1.0 each)")
-        return self
+    # (loss names, their number against loss_weights and repeats are checked by prefopt.stages.dpo.check, with
+    # the other stage problems, so a recipe's every problem is listed at once)
 
 
 class KTOStage(_StageBase):

@@ -23,6 +23,7 @@ assistant turn, answers that are not assistant turns, HH transcripts without a s
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,7 +204,9 @@ def _pref_row(row: dict, fmt: str) -> dict:
 def _unpaired_row(row: dict, fmt: str) -> dict:
     label = row["label"]
     if not isinstance(label, bool):
-        raise _Bad(f"label must be true (desirable) or false (undesirable), a JSON boolean; got {label!r}")
+        got = "null" if label is None else json.dumps(label) if isinstance(label, (int, float, str)) else repr(label)
+        raise _Bad(f"label must be true (desirable) or false (undesirable), a JSON boolean (in a CSV file: the words "
+                   f"true / false); got {got}")
     p, c = row["prompt"], row["completion"]
     if (isinstance(p, str) or p is None) and (isinstance(c, str) or c is None):
         return {"prompt": _text(p, "prompt"), "completion": _text(c, "completion"), "label": label}
@@ -258,6 +261,7 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
     keys = _formats(kind)[fmt]
     out = Normalised(rows=[], fmt=fmt, form="", origins=[])
     problems = []
+    csv_labels = fmt in UNPAIRED_FORMATS and label.lower().endswith(".csv")
     for i, row in enumerate(rows, 1):
         try:
             if not isinstance(row, dict):
@@ -265,13 +269,15 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
             missing = [k for k in keys if k not in row]
             if missing:
                 raise _Bad(f"missing {', '.join(missing)} (the file's rows are in the {fmt} format)")
+            if csv_labels and isinstance(row["label"], str) and row["label"].strip().lower() in ("true", "false"):
+                row = {**row, "label": row["label"].strip().lower() == "true"}  # CSV has no booleans: its words
             out.rows.append(convert(row, fmt))
             out.origins.append(i)
         except _Bad as e:
-            problems.append(f"{label} row {i}: {e}")
+            problems.append((i, str(e)))
         except _Drop as e:
             if strict:
-                problems.append(f"{label} row {i}: {e} (a row that cannot train: {e.reason})")
+                problems.append((i, f"{e} (a row that cannot train: {e.reason})"))
                 continue
             out.dropped[e.reason] += 1
             out.dropped_rows.append((i, e.reason, str(e)))
@@ -279,15 +285,31 @@ def normalise_rows(rows: list, label: str, kind: str, *, limit: int = 20, strict
             if len(ex) < 3:
                 ex.append({"source": label, "row": i, "why": str(e)})
     if problems:
-        shown = problems[:limit]
-        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        raise DataError("\n  ".join(shown) + more)
+        shown = _folded(problems, label)
+        more = f"\n  ... and {len(shown) - limit} more" if len(shown) > limit else ""
+        raise DataError("\n  ".join(shown[:limit]) + more)
     if kind in ("preference", "unpaired"):
         out.form = "conversational" if any(isinstance(r["prompt"], list) for r in out.rows) else "standard"
         if out.form == "conversational":
             out.rows = [to_conversational(r) for r in out.rows]
     else:
         out.form = "text" if fmt == "text" else "messages"
+    return out
+
+
+def _folded(problems: list[tuple[int, str]], label: str) -> list[str]:
+    """One line per distinct problem: 'file row 4: ...', or 'file rows 1, 2, 3, ... (320 rows): ...' when many rows
+    share it (a whole file in the wrong shape is one line, not hundreds)."""
+    rows: dict[str, list[int]] = {}
+    for i, msg in problems:
+        rows.setdefault(msg, []).append(i)
+    out = []
+    for msg, at in rows.items():
+        if len(at) == 1:
+            out.append(f"{label} row {at[0]}: {msg}")
+        else:
+            listed = ", ".join(map(str, at[:5])) + (", ..." if len(at) > 5 else "")
+            out.append(f"{label} rows {listed} ({len(at)} rows): {msg}")
     return out
 
 

@@ -25,8 +25,8 @@ from .formats import normalise_rows, split_pair, to_conversational
 from .sources import check_hash, read_rows, read_text
 from .tokens import token_checks
 
-REASONS = ("empty", "invalid", "identical_pair", "too_long", "too_short", "exact_duplicate", "near_duplicate",
-           "contaminated", "low_reference_score")
+REASONS = ("empty", "invalid", "identical_pair", "conflicting_label", "too_long", "too_short", "exact_duplicate",
+           "near_duplicate", "contaminated", "low_reference_score")
 MIN_REVIEW = 20
 EXAMPLES = 3
 
@@ -246,9 +246,9 @@ def stage_kind(stage) -> str:
 def _unpair(train_rows: list, train_origin: list, eval_rows: list, seed: int):
     """A KTO stage's rows: every pair split into a desirable and an undesirable row (after the filters and the split,
     so both halves of a pair land on the same side, and a pair's two answers never count as near twins), then
-    shuffled (seeded): KTOTrainer reads its rows in order (its KL term pairs each answer with another row's prompt in
-    the same batch), and a split pair's halves must not sit side by side. Returns the rows, their origins, and the
-    label counts for the report."""
+    shuffled (seeded): KTOTrainer builds each row's KL completion from its neighbour in file order (and reads the
+    rows in that order under transformers < 5.2), so a split pair's halves must not sit side by side. Returns the
+    rows, their origins, and the label counts for the report."""
     out, counts = [], {}
     for name, rows, origin in (("train", train_rows, train_origin), ("eval", eval_rows, [None] * len(eval_rows))):
         flat, where, pairs = [], [], 0
@@ -315,14 +315,24 @@ def _quality_filters(part: _Rows, q, kind: str, seed: int, base_dir: Path | None
     if kind in ("preference", "unpaired"):
         for i in quality.identical_pairs(part.rows):
             part.drop(i, "identical_pair", "chosen and rejected are the same text")
-    if q.dedup in ("exact", "near"):
-        for i in quality.exact_duplicates(part.rows, set(part.dropped)):
-            part.drop(i, "exact_duplicate", "repeats an earlier row")
-    if q.dedup == "near":
-        for i, twin in quality.near_duplicates(part.rows, set(part.dropped), q.near_threshold, seed=1,
-                                                row_words_of=wds):
-            label, row = part.origin[twin]
-            part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
+    groups = [set(range(len(part.rows)))]
+    if kind == "unpaired":  # KTO: a desirable and an undesirable answer that are near twins are a contrast, kept
+        _conflicting_labels(part)
+        by = {}
+        for i, r in enumerate(part.rows):
+            by.setdefault("pair" if "chosen" in r else bool(r["label"]), set()).add(i)
+        groups = list(by.values())
+    everyone = set(range(len(part.rows)))
+    for members in groups:
+        others = everyone - members
+        if q.dedup in ("exact", "near"):
+            for i in quality.exact_duplicates(part.rows, set(part.dropped) | others):
+                part.drop(i, "exact_duplicate", "repeats an earlier row")
+        if q.dedup == "near":
+            for i, twin in quality.near_duplicates(part.rows, set(part.dropped) | others, q.near_threshold, seed=1,
+                                                    row_words_of=wds):
+                label, row = part.origin[twin]
+                part.drop(i, "near_duplicate", f"nearly repeats {label} row {row}")
     contamination = []
     decon = list(q.decontaminate) + [p for p in extra_decontaminate if p not in q.decontaminate]
     if decon:
@@ -330,6 +340,20 @@ def _quality_filters(part: _Rows, q, kind: str, seed: int, base_dir: Path | None
         for i, gram in quality.contaminated(part.rows, set(part.dropped), index, row_words_of=wds):
             part.drop(i, "contaminated", f"shares '{gram}' with an evaluation item")
     return contamination
+
+
+def _conflicting_labels(part: _Rows) -> None:
+    """KTO rows whose prompt and answer are the same text but labelled both ways (conflicting votes): every such
+    row is dropped, since no one label is right, rather than keeping whichever came first."""
+    seen: dict[str, list[int]] = {}
+    for i, r in enumerate(part.rows):
+        if "completion" in r and i not in part.dropped:
+            seen.setdefault("\x1f".join(quality.norm(t) for t in quality.fields(r)), []).append(i)
+    for rows in seen.values():
+        if len({bool(part.rows[i]["label"]) for i in rows}) == 2:
+            where = "rows " + ", ".join(str(part.origin[i][1]) for i in rows[:4]) + ("..." if len(rows) > 4 else "")
+            for i in rows:
+                part.drop(i, "conflicting_label", f"the same prompt and answer are labelled both ways ({where})")
 
 
 def _nothing_left(part: _Rows, stage, max_length: int | None) -> DataError:

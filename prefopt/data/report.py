@@ -29,10 +29,11 @@ def _md_text(v) -> str:
 
 
 def review_markdown(report: dict, review: list[dict]) -> str:
+    what = ("an answer labelled desirable that is not (or the reverse)" if report.get("labels") else
+            "a chosen answer worse than its rejected one")
     out = [f"# Review sample: stage {report['stage']} ({report['type']})", "",
            f"{len(review)} of the {report['train_rows']} training rows, drawn with the recipe's seed. Read them before "
-           "training: wrong answers, a chosen answer worse than its rejected one, formatting debris and leaked "
-           "evaluation items show here first.", ""]
+           f"training: wrong answers, {what}, formatting debris and leaked evaluation items show here first.", ""]
     for k, r in enumerate(review, 1):
         out.append(f"## {k}. {r['source']} row {r['row']}")
         for key in ("prompt", "chosen", "rejected", "completion", "messages", "text"):
@@ -65,8 +66,9 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"  dropped {n:>6} {reason}{where}")
     tok = report.get("tokens") or {}
     if tok.get("truncated_rows"):
-        lines.append(f"  warning: {tok['truncated_rows']} kept rows are longer than max_length {tok['max_length']} "
-                     "and will be cut to it")
+        n = tok["truncated_rows"]
+        lines.append(f"  warning: {n} kept row{'s are' if n != 1 else ' is'} longer than max_length "
+                     f"{tok['max_length']} and will be cut to it")
     if not report.get("token_checks"):
         lines.append("  (token checks not run: the tokenizer could not be loaded)")
     return lines

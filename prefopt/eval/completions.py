@@ -93,7 +93,8 @@ def side_by_side(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: 
 
 
 def to_markdown(rows: list[dict], title: str) -> str:
-    out = [f"# {title}\n", f"{len(rows)} prompts, greedy decoding; base = adapter disabled, tuned = final adapter.\n"]
+    out = [f"# {title}\n", f"{len(rows)} prompts, greedy decoding; base = the base model (adapter disabled; after a "
+           "pissa/olora init, its initial adapter), tuned = final adapter.\n"]
     for r in rows:
         out.append(f"## {r['index'] + 1}\n\n**Prompt**\n\n```\n{r['prompt']}\n```\n")
         out.append(f"| base | tuned |\n| --- | --- |\n| {_cell(r['base'])} | {_cell(r['tuned'])} |\n")

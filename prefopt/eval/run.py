@@ -68,7 +68,9 @@ def _mmlu(model, tok, cfg, spec: ModelSpec, run_dir: Path, seed: int, echo) -> d
             continue
     kw = dict(path=m.path, num_fewshot=m.num_fewshot, limit=m.limit, batch_size=m.batch_size, seed=seed)
     if base is None:
-        echo(f"prefopt: eval: MMLU ({m.path}, {m.num_fewshot}-shot) on the base (adapter disabled)")
+        how = "its initial adapter on the rewritten base" if model.__dict__.get("_prefopt_initial_adapter") else \
+            "adapter disabled"
+        echo(f"prefopt: eval: MMLU ({m.path}, {m.num_fewshot}-shot) on the base ({how})")
         with base_view(model):
             base = mmlu_mod.score(model, tok, **kw)
         blob = json.dumps({"key": key, "model": spec.identity(), "data": data_fp, "items": base})

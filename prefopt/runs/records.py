@@ -119,4 +119,5 @@ def _same_records(a: dict, b: dict) -> bool:
 def data_entry(report: dict) -> dict:
     """run.json's summary of a stage's data report."""
     return {"input_rows": report["input_rows"], "train_rows": report["train_rows"], "eval_rows": report["eval_rows"],
-            "dropped": {k: v for k, v in report["dropped"].items() if v}}
+            "dropped": {k: v for k, v in report["dropped"].items() if v},
+            **({"labels": report["labels"]} if report.get("labels") else {})}

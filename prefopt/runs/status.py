@@ -140,8 +140,9 @@ def _stage(run_dir: Path, i: int | None, name: str, e: dict | None, typ: str) ->
     if status == "done" and e.get("reused_from"):
         status, detail = "reused", f"from {e['reused_from']}"
     d = e.get("data") or {}
-    rows = (f"{d['train_rows']} + {d.get('eval_rows', 0)} of {d['input_rows']}" if "train_rows" in d
-            and "input_rows" in d else "")
+    split = any((d.get("labels") or {}).get(k, {}).get("pairs_split") for k in ("train", "eval"))
+    rows = (f"{d['train_rows']} + {d.get('eval_rows', 0)} of {d['input_rows']}" + (" pairs" if split else "")
+            if "train_rows" in d and "input_rows" in d else "")
     train = (e.get("metrics") or {}).get("train") or {}
     done = status in ("done", "reused")  # (an unfinished attempt's folder still holds the previous attempt's log)
     return StageStatus(name, e.get("type", typ), status, detail, rows,

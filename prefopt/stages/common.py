@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .. import console, dist, signals
 from .._compat import checkpointing_args
-from ..advice import early_stopping, metric_key
-from ..errors import PrefoptError
+from ..advice import divergence, early_stopping, metric_key
+from ..errors import PrefoptError, TrainingDiverged
 from ..models import ADAPTER_NAME
 from ..runs.folder import mark_checkpoint
 
@@ -45,6 +45,7 @@ def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[s
         **checkpointing_args(train.gradient_checkpointing),
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (prefopt stops the stage on it), not hidden
         eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
         eval_steps=train.eval_steps,
         # checkpoints inside the stage (resume after a crash); the finished adapter prefopt writes itself, atomically
@@ -113,6 +114,7 @@ def _checkpoint_callback_class():
         def __init__(self, minutes: float | None = None):
             self.minutes = minutes
             self.last = time.monotonic()
+            self.diverged: str | None = None
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             from ..dora import clear_norm_cache  # (imports torch)
@@ -137,6 +139,14 @@ def _checkpoint_callback_class():
             dist.barrier()  # every rank has written its part (RNG state) before the checkpoint counts as complete
             if state.is_world_process_zero:
                 mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            why = divergence(state.log_history)
+            if why is not None:  # stop here, not train on: train_and_save says why
+                self.diverged = why
+                control.should_training_stop = True
+                control.should_save = False
+            return control
 
         def on_train_end(self, args, state, control, **kw):
             signals.STATE["training"] = False
@@ -241,6 +251,12 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
                 cb.close()
     if signals.stop_requested():
         raise signals.Terminated()
+    diverged = next((cb.diverged for cb in trainer.callback_handler.callbacks if getattr(cb, "diverged", None)), None)
+    if diverged:
+        a = trainer.args
+        raise TrainingDiverged(f"training stopped: {diverged}. Lower train.learning_rate (now {a.learning_rate:g}) "
+                               f"or train.max_grad_norm (now {a.max_grad_norm:g}), and check the data (the review "
+                               "sample); the stage's log so far is in its folder's trainer checkpoints and the run log")
     metrics = {"train": {**_finite(result.metrics), "steps": trainer.state.global_step}}
     if trainer.args.load_best_model_at_end:
         metrics["early_stopping"] = stopping_record(trainer)

@@ -28,7 +28,9 @@ def options(stage) -> dict:
     return {
         "beta": stage.beta,
         "loss_type": stage.losses(),
-        "loss_weights": stage.loss_weights,
+        # (a wrong number of weights is check()'s problem, said once: not TRL's too)
+        "loss_weights": stage.loss_weights if stage.loss_weights is None or
+        len(stage.loss_weights) == len(stage.losses()) else None,
         "f_divergence_type": stage.f_divergence_type,
         "ld_alpha": stage.ld_alpha,
         "use_weighting": stage.use_weighting,
@@ -39,7 +41,7 @@ def options(stage) -> dict:
 
 
 # DPOTrainer's choices as of TRL 1.16 -- prefopt's own table, not TRL's help text: tests/test_config.py reads the
-# installed TRL's DPOTrainer code and fails when an upgrade adds or drops one, not a user's run.
+# installed TRL's DPOTrainer code (tests/test_methods.py) and fails when an upgrade adds or drops one, not a user's run.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -63,6 +65,12 @@ def check(stage, where: str) -> list[str]:
     for j, name in enumerate(stage.losses()):
         if name not in LOSS_TYPES:
             problems.append(_unknown(name, LOSS_TYPES, "DPO loss", f"{where}.loss_type" + (f"[{j}]" if multi else "")))
+        elif name in stage.losses()[:j]:
+            problems.append(f"{where}.loss_type[{j}]: {name} is already in the list; give each loss once, with its "
+                            "weight in loss_weights")
+    if stage.loss_weights is not None and len(stage.loss_weights) != len(stage.losses()):
+        problems.append(f"{where}.loss_weights: {len(stage.loss_weights)} weight(s) for {len(stage.losses())} "
+                        f"loss(es) in loss_type {stage.losses()}; give one weight per loss, or none (1.0 each)")
     if stage.f_divergence_type not in F_DIVERGENCES:
         problems.append(_unknown(stage.f_divergence_type, F_DIVERGENCES, "f-divergence", f"{where}.f_divergence_type"))
     elif stage.f_divergence_type != "reverse_kl":

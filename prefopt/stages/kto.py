@@ -18,7 +18,7 @@ from pathlib import Path
 from .common import check_trainer_kwargs, make_trainer
 from .dpo import train_with_reference
 
-# KTOTrainer's loss types as of TRL 1.16 (prefopt's table; tests/test_config.py checks it against the installed TRL)
+# KTOTrainer's loss types as of TRL 1.16 (prefopt's table; tests/test_methods.py checks it against the installed TRL)
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
@@ -91,8 +91,9 @@ def run(model, tokenizer, stage, data, out_dir: Path, *, seed: int, report_to: l
     d, u, source = weights(stage, data.train)
     good, bad = label_counts(data.train)
     say(f"prefopt: stage {stage.name}: {good} desirable, {bad} undesirable training rows; desirable_weight {d:g}, "
-        f"undesirable_weight {u:g}" + (" (balanced: weight x rows equal for both labels, inside TRL's recommended "
-                                       "range)" if source == "balanced" and good != bad else
+        f"undesirable_weight {u:g}" + (" (balanced: weight x rows equal for both labels" +
+                                       (", inside TRL's recommended range)" if stage.loss_type == "kto" else ")")
+                                       if source == "balanced" and good != bad else
                                        " (the recipe's)" if source == "recipe" else ""))
     trainer = make_trainer(KTOTrainer, KTOConfig, model, tokenizer, stage, data, out_dir, options(stage, data.train),
                            seed=seed, report_to=report_to, run_name=run_name, callbacks=callbacks)

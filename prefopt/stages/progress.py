@@ -137,13 +137,23 @@ def _progress_class():
         def _eval_line(self, state, logs) -> None:
             stripped = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
             text = figures(stripped, self.type)
-            line = f"  {self.name:<8} held-out at step {state.global_step}: {text}"
+            where = f"at step {state.global_step}"
+            if getattr(self, "ended", False):  # the evaluation after training: of the adapter kept
+                best = state.best_model_checkpoint
+                step = int(best.rsplit("-", 1)[1]) if best else state.global_step
+                if getattr(self, "last_eval", None) == (step, text):
+                    return  # the same evaluation, said already
+                if best:
+                    where = f"of the best checkpoint (step {step}), the adapter kept"
+            self.last_eval = (state.global_step, text)
+            line = f"  {self.name:<8} held-out {where}: {text}"
             if self.bar is not None:
                 self.bar.console.print(line, markup=False, highlight=False)
             else:
                 console.say(line)
 
         def on_train_end(self, args, state, control, **kw):
+            self.ended = True
             if self.bar is not None:
                 self.bar.update(self.task, completed=state.global_step)
             self.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import dist, signals, tracking
-from ..advice import early_stopping
+from ..advice import diagnose, early_stopping
 from ..config import REFERENCE_TYPES, identity
 from ..data import trained_max_length
 from ..data.report import write_reports
@@ -76,6 +76,13 @@ def stage_inputs(recipe, i: int, data, prev_adapter: Path | None) -> str:
     )
 
 
+def _history(stage_dir: Path) -> list[dict]:
+    try:
+        return json.loads((stage_dir / "log_history.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
 def _stopping_identity(stage, data) -> list:
     """What train.early_stopping: auto decided (left out when off, so stages from before it keep their hash)."""
     if stage.train.early_stopping != "auto":
@@ -98,8 +105,11 @@ def ref_logps_key(recipe, i: int, prev_adapter: Path | None, data) -> str:
         identity("adapter", recipe.adapter.model_dump(mode="json")), data.fingerprint,
         st.data.quality.reference_filter.model_dump(mode="json") if st.data.quality.reference_filter else None,
         trained_max_length(st), st.effective_max_length(), kw,
+        # LD-DPO weighs the reference's log-probs too (a stage field since issue 24; trainer_kwargs before)
+        *([("ld_alpha", st.ld_alpha)] if getattr(st, "ld_alpha", None) is not None else []),
         # KTO's KL completions rotate within each training batch, and apo_zero_unpaired computes none
-        *([("kto", st.train.batch_size, st.loss_type != "apo_zero_unpaired")] if st.type == "kto" else []),
+        *([("kto", st.trainer_kwargs.get("per_device_train_batch_size", st.train.batch_size),
+            st.loss_type != "apo_zero_unpaired")] if st.type == "kto" else []),
         "cuda" if torch.cuda.is_available() else "cpu",
         os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))  # accelerate launch's precision, read by the trainer
 
@@ -145,7 +155,7 @@ def run_stage(recipe, i: int, data, prev_adapter: Path | None, run_dir: Path, re
         echo(f"prefopt: stage {st.name}: reused from {decision.reused_from} (the shared store {shared}: same inputs)")
     if decision.done:
         entry.update({k: decision.record[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts",
-                                                       "ref_logps", "resumed_from_step", "reused_from")
+                                                       "ref_logps", "resumed_from_step", "reused_from", "diagnostics")
                       if k in decision.record})
         records.save()
         if "reused_from" not in entry:
@@ -198,6 +208,10 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
         raise
     if "ref_logps" in metrics:
         entry["ref_logps"] = metrics.pop("ref_logps")
+    if dist.is_main():
+        entry["diagnostics"] = diagnose(st, _history(stage_dir), metrics)
+        for d in entry["diagnostics"]:
+            echo(f"prefopt: diagnostic: stage {st.name}: {d['what']}; {d['suggestion']}")
     entry.pop("pid", None)
     entry.pop("host", None)
     entry.update(status="done", ended_at=now(), metrics=metrics, data=data_entry(data.report))
