@@ -40,6 +40,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str, tuple[str, ...]]] = [
     ("stages[i].data.quality.reference_filter", schema.ReferenceFilterSection,
      "stages[i].data.quality.reference_filter.", ()),
     ("stages[i].train", schema.TrainSection, "stages[i].train.", ()),
+    ("stages[i].train.early_stopping", schema.EarlyStoppingSection, "stages[i].train.early_stopping.", ()),
     ("tracking", schema.TrackingSection, "tracking.", ()),
     ("tracking.wandb", schema.WandbSection, "tracking.wandb.", ()),
     ("merge", schema.MergeSection, "merge.", ()),

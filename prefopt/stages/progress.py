@@ -50,6 +50,18 @@ def figures(logs: dict, stage_type: str, tokens_per_s: float | None = None) -> s
     return "  ".join(parts)
 
 
+def eval_where(state, text: str, last_eval, ended: bool) -> str | None:
+    """Which evaluation a held-out line reports: at a step, or -- after training -- the best checkpoint's (the
+    adapter kept); None when it repeats the evaluation said last."""
+    if not ended:
+        return f"at step {state.global_step}"
+    best = state.best_model_checkpoint
+    step = int(best.rsplit("-", 1)[1]) if best else state.global_step
+    if last_eval == (step, text):
+        return None
+    return f"of the best checkpoint (step {step}), the adapter kept" if best else f"at step {state.global_step}"
+
+
 def _bar(name: str, total: int, done: int):
     """A rich progress bar on prefopt's console, and its task."""
     from rich.console import Console
@@ -137,14 +149,9 @@ def _progress_class():
         def _eval_line(self, state, logs) -> None:
             stripped = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
             text = figures(stripped, self.type)
-            where = f"at step {state.global_step}"
-            if getattr(self, "ended", False):  # the evaluation after training: of the adapter kept
-                best = state.best_model_checkpoint
-                step = int(best.rsplit("-", 1)[1]) if best else state.global_step
-                if getattr(self, "last_eval", None) == (step, text):
-                    return  # the same evaluation, said already
-                if best:
-                    where = f"of the best checkpoint (step {step}), the adapter kept"
+            where = eval_where(state, text, getattr(self, "last_eval", None), getattr(self, "ended", False))
+            if where is None:
+                return
             self.last_eval = (state.global_step, text)
             line = f"  {self.name:<8} held-out {where}: {text}"
             if self.bar is not None:
