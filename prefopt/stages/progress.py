@@ -50,6 +50,17 @@ def figures(logs: dict, stage_type: str, tokens_per_s: float | None = None) -> s
     return "  ".join(parts)
 
 
+def tokens_per_s(stage_type: str, logs: dict, last) -> tuple[float | None, tuple | None]:
+    """SFT's tokens per second since the last log, and the (time, num_tokens) to keep for the next."""
+    n = logs.get("num_tokens")
+    if stage_type != "sft" or not isinstance(n, (int, float)):
+        return None, last
+    now = time.monotonic()
+    if last is None or now <= last[0] or n < last[1]:
+        return None, (now, n)
+    return (n - last[1]) / (now - last[0]), (now, n)
+
+
 def eval_where(state, text: str, last_eval, ended: bool) -> str | None:
     """Which evaluation a held-out line reports: at a step, or -- after training -- the best checkpoint's (the
     adapter kept); None when it repeats the evaluation said last."""
@@ -137,14 +148,8 @@ def _progress_class():
                         f"{clock(time.monotonic() - self.start)}<{clock(self._eta(state))}")
 
         def _tokens_per_s(self, logs) -> float | None:
-            n = logs.get("num_tokens")
-            if self.type != "sft" or not isinstance(n, (int, float)):
-                return None
-            now, last = time.monotonic(), self.tokens
-            self.tokens = (now, n)
-            if last is None or now <= last[0] or n < last[1]:
-                return None
-            return (n - last[1]) / (now - last[0])
+            rate, self.tokens = tokens_per_s(self.type, logs, self.tokens)
+            return rate
 
         def _eval_line(self, state, logs) -> None:
             stripped = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
