@@ -11,11 +11,20 @@ from prefopt import recipe_from_dict
 from prefopt.stages import STAGES
 
 
-def _runs(run_dir):
-    """(run file bytes, exit code) of each offline W&B run, from wandb's own files."""
+def _runs(run_dir, *, wait_for: bytes = b""):
+    """(run file bytes, exit code) of each offline W&B run, from wandb's own files. The .wandb file is written by
+    wandb's service process, which in a long-lived process (the whole test suite) can flush it after finish()
+    returns: seen once in CI, the file held only its 8-byte header while debug.log already had the exit code. So
+    wait (up to 30 s) until it holds `wait_for`."""
+    import time
+
     out = []
     for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        deadline = time.monotonic() + 30
         blob = next(d.glob("run-*.wandb")).read_bytes()
+        while wait_for not in blob and time.monotonic() < deadline:
+            time.sleep(0.2)
+            blob = next(d.glob("run-*.wandb")).read_bytes()
         log = (d / "logs" / "debug.log").read_text()
         code = int(log.rsplit("got exitcode: ", 1)[1].split()[0])
         out.append((blob, code))
@@ -54,7 +63,7 @@ def test_interrupted_stage_run_ends_with_exit_code_130(tmp_path):
         with stage_run(WandbSection(mode="offline"), run_dir=tmp_path, group="g", name="r/s", job_type="sft",
                        config={}):
             raise KeyboardInterrupt
-    (blob, code), = _runs(tmp_path)
+    (blob, code), = _runs(tmp_path, wait_for=b"interrupted")
     assert code == 130 and b"interrupted" in blob
 
 
