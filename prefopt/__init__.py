@@ -7,13 +7,28 @@
 Heavy libraries (torch, transformers, trl) load only when a function needs them.
 """
 
-from .api import Plan, disable_fast_dora, enable_fast_dora, evaluate, memory_plan, merge, plan, run, status, train_stage
+from .api import (
+    Plan,
+    disable_fast_dora,
+    enable_fast_dora,
+    evaluate,
+    load_adapter,
+    memory_plan,
+    merge,
+    plan,
+    run,
+    status,
+    sweep,
+    train_stage,
+)
 from .config import Recipe, load_recipe, recipe_from_dict
 from .errors import DataError, GateFailed, PrefoptError, RecipeError
 from .pipeline import RunResult
 from .runs.status import RunStatus
+from .sweep import SweepResult
 from .version import __version__
 
 __all__ = ["DataError", "GateFailed", "PrefoptError", "Recipe", "RecipeError", "RunResult", "RunStatus", "Plan",
            "load_recipe", "recipe_from_dict", "run", "plan", "memory_plan", "evaluate", "status", "merge",
-           "train_stage", "enable_fast_dora", "disable_fast_dora", "__version__"]
+           "load_adapter", "train_stage", "sweep", "SweepResult", "enable_fast_dora", "disable_fast_dora",
+           "__version__"]

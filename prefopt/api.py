@@ -22,6 +22,7 @@ from .config import (
     recipe_from_dict,
 )
 from .data import StageData, normalise_preference, normalise_sft, normalise_unpaired
+from .errors import PrefoptError
 from .memory import parse_size, recipe_memory_plan
 from .merging.stream import merge_adapter
 from .pipeline import RunResult
@@ -30,8 +31,10 @@ from .plan import make_plan
 from .runs import folder as runfolder
 from .runs.status import RunStatus, run_status
 from .stages import STAGES
+from .steps.adapters import load_adapter as _load_adapter
 from .steps.evaluate import evaluate_existing
 from .steps.merge import merge_run
+from .sweep import SweepResult, SweepSpec, parse_set_items, prepare, read_sweep_file, run_sweep
 
 _ADAPTER = defaults(AdapterSection)
 Echo = Callable[[str], Any]
@@ -83,6 +86,47 @@ def run(recipe: str | Path | Recipe, *, output_dir: str | Path | None = None,
     say = _echo(quiet, echo)
     with console.speaking(say, quiet):
         return _run(_recipe(recipe, overrides), output_dir=output_dir, fresh=fresh, echo=say)
+
+
+def sweep(recipe: str | Path, *, grid: dict[str, Sequence[Any]] | Sequence[str] = (),
+          overrides: Sequence[str] | dict[str, Any] = (), select: str | None = None, max_points: int | None = None,
+          output_dir: str | Path | None = None, quiet: bool = False, echo: Echo | None = None) -> SweepResult:
+    """Run a recipe at every point of a grid, each point an ordinary run folder under runs/<name>-sweep/<point>/,
+    and compare them (as `prefopt sweep`).
+
+    Args:
+        recipe (`str` or `Path`): a recipe file (its grid from `grid` and its `sweep:` section), or a sweep file
+            (`recipe:`, `grid:`, `select:`, `max_points:`, `set:`).
+        grid (`dict` or sequence of `"KEY=V1,V2"`): the values to try per recipe key, e.g.
+            `{"stages.dpo.beta": [0.05, 0.1, 0.3], "adapter.r": [8, 16]}`; every combination is a point.
+        overrides: recipe values fixed on every point, as `prefopt.run` takes them.
+        select (`str`, *optional*): the metric that marks the best point, e.g. `"eval/rewards/accuracies:max"`
+            (the last stage that logs it), `"dpo/eval/loss"`, `"mmlu_delta"` (default: the last stage's eval/loss, min).
+        max_points (`int`, *optional*): refuse a larger grid (default 64).
+        output_dir: the sweep folder (default runs/<name>-sweep/).
+        quiet / echo: as for `prefopt.run`.
+
+    Returns:
+        `SweepResult`: `rows` (one dict per point: the overrides, `status`, `selected`, `best`, every stage's
+        figures, `mmlu_delta`, `gates`, `trained` / `reused` stages, times), `best`, `csv` and `html`. A failed point
+        is a row with status "failed" (its `error`); `result.check()` raises for one.
+
+    Raises:
+        `prefopt.RecipeError` (every problem of every point, before any point starts), `prefopt.RunFolderError`
+        (a folder the sweep did not make).
+    """
+    spec = read_sweep_file(Path(recipe)) or SweepSpec(Path(recipe))
+    spec.sets.update(overrides if isinstance(overrides, dict) else parse_set_items(list(overrides)))
+    items = list(grid) if not isinstance(grid, dict) else []
+    if isinstance(grid, dict):
+        spec.grid = [*spec.grid, *[(str(k), list(v)) for k, v in grid.items()]]
+        spec.origin.update({str(k): "grid" for k in grid})
+    say = _echo(quiet, echo)
+    with console.speaking(say, quiet):
+        prep = prepare(spec, grid=items, select=select, max_points=max_points, output_dir=output_dir)
+        result = run_sweep(prep, echo=say)
+        say(result.text())
+        return result
 
 
 @dataclass
@@ -162,7 +206,7 @@ def status(run_dir: str | Path) -> RunStatus:
 def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, *, base: str | None = None,
           base_mode: Literal["auto", "dequantized", "original"] | None = None, out_dtype: str | None = None,
           overwrite: bool = False, verify_merge: bool = True, quiet: bool = False, echo: Echo | None = None,
-          **kwargs: Any) -> dict:
+          stage: str | None = None, **kwargs: Any) -> dict:
     """Merge an adapter into its base, DoRA magnitude included, streaming shard by shard, and verify that the
     merged model behaves like the adapter model.
 
@@ -170,6 +214,9 @@ def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, *, 
         adapter_or_run_dir (`str` or `Path`): a run folder (its final adapter; into RUN_DIR/merged unless
             `out_dir`) or a PEFT adapter folder (`out_dir` needed).
         out_dir: where the merged model goes.
+        stage: a run folder's finished stage to merge instead of the final one (a roll-back; into
+            RUN_DIR/merged-<stage> unless `out_dir`), with its own model card and lineage.json. The evaluation's
+            gates judge the final adapter only: they do not block an earlier stage.
         base: the base model (an adapter folder only; default: as recorded beside the adapter).
         base_mode: merge into the weights as the quantized training base saw them ("dequantized"), the originals
             ("original"), or as the recipe says ("auto").
@@ -186,8 +233,31 @@ def merge(adapter_or_run_dir: str | Path, out_dir: str | Path | None = None, *, 
     if (Path(adapter_or_run_dir) / runfolder.MANIFEST).is_file():
         if base is not None:
             raise ValueError("base= goes with an adapter folder; a run folder records its base")
-        return merge_run(adapter_or_run_dir, out_dir, **kw)
+        return merge_run(adapter_or_run_dir, out_dir, stage=stage, **kw)
+    if stage is not None:
+        raise PrefoptError(f"{adapter_or_run_dir}: stage= goes with a run folder, and this one has no "
+                           f"{runfolder.MANIFEST}; give the folder a run wrote (runs/<recipe name>)")
     return merge_adapter(adapter_or_run_dir, out_dir, base=base, **kw)
+
+
+def load_adapter(run_dir: str | Path, stage: str | None = None, *, with_tokenizer: bool = False):
+    """A run's finished adapter on its base, ready for inference: loaded as the run loaded it for its evaluation
+    (the base as recipe.yaml says: quantization, dtype, DoRA forward; a pissa/olora base rewritten as in training).
+
+    Args:
+        run_dir (`str` or `Path`): the run folder (runs/<recipe name>).
+        stage: the finished stage whose adapter to load (default: the last stage).
+        with_tokenizer: also return the tokenizer the run used (the one saved in the adapter folder, chat
+            template included, holds the same: `AutoTokenizer.from_pretrained(<run>/stages/NN-<stage>/adapter)`).
+
+    Returns:
+        `peft.PeftModel` in eval mode, or `(model, tokenizer)` with `with_tokenizer=True`.
+
+    Raises:
+        `PrefoptError`: not a run folder, no such stage, or the stage is not finished (the message names the
+            stages there are).
+    """
+    return _load_adapter(run_dir, stage, with_tokenizer=with_tokenizer)
 
 
 def train_stage(stage: Stage | dict, model, tokenizer, train_dataset, eval_dataset=None, *, output_dir: str | Path,

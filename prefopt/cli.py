@@ -32,6 +32,7 @@ from .runs.status import render as render_status
 from .steps.data import run_data_step
 from .steps.evaluate import evaluate_existing
 from .steps.merge import merge_run
+from .sweep import SweepSpec, parse_set_items, prepare, read_sweep_file, run_sweep
 from .version import __version__
 
 _MERGE = defaults(MergeSection)  # the recipe schema's merge defaults
@@ -101,7 +102,7 @@ def _stopped(err: BaseException, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_log=None):
+def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_log=None, log_name: str = "run"):
     """A command's body: a user error -> one line, exit 2 (3 for a failed gate); a read-only folder, a full disk,
     permission denied -> one line, exit 2; Ctrl-C / SIGTERM / a closed pipe -> exit 130 / 143 / 141; anything else
     is a bug -> one line and a traceback log, exit 1. keep_log (a function giving a run folder or None): the
@@ -112,7 +113,7 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_l
             yield
         finally:
             if keep_log is not None:
-                _keep_log(keep_log)
+                _keep_log(keep_log, log_name)
     except PrefoptError as e:
         _fail(e)
     except KeyboardInterrupt as e:
@@ -126,15 +127,15 @@ def _handled(run_dir=None, interrupted: str = "nothing more was written", keep_l
         _bug(e, run_dir)
 
 
-def _keep_log(run_dir) -> None:
+def _keep_log(run_dir, name: str = "run") -> None:
     target = run_dir() if callable(run_dir) else run_dir
     log = console.last_log()
     if log is None:
         return
     if is_main():
-        console.SESSION["log"] = console.keep_log(log, target)
+        console.SESSION["log"] = console.keep_log(log, target, name=name)
     elif target is not None:
-        console.SESSION["log"] = console.keep_log(log, target, name=f"run-rank{rank()}")
+        console.SESSION["log"] = console.keep_log(log, target, name=f"{name}-rank{rank()}")
 
 
 def _log_hint() -> str:
@@ -248,6 +249,48 @@ def _refuse_unfit(plan_: dict, budget: int, how: str) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="Values to try for a recipe key, e.g. stages.dpo.beta=0.05,0.1,0.3 (repeat for more keys: every "
+              "combination is a point; KEY='[...]' for values holding commas). Added to the recipe's sweep: section.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Fix a recipe value on every point.")
+@click.option("--select", default=None, metavar="METRIC[:min|:max]",
+              help="The metric that marks the best point: eval/rewards/accuracies (the last stage that logs it), "
+              "dpo/eval/loss, sft/train/loss, mmlu_delta, train_time_s (default: the last stage's eval/loss, min).")
+@click.option("--max-points", type=click.IntRange(min=1), default=None,
+              help="Refuse a grid of more points than this (default 64, or the recipe's sweep.max_points).")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="The sweep folder (default runs/<name>-sweep/): one run folder per point in it.")
+@_QUIET
+@_VERBOSE
+def sweep(recipe: str, grid: tuple[str, ...], overrides: tuple[str, ...], select: str | None,
+          max_points: int | None, output_dir: str | None, quiet: bool, verbose: bool) -> None:
+    """Run RECIPE at every point of a grid, each point an ordinary run folder (runs/<name>-sweep/<point>/), and
+    compare them: a table on the console, sweep.html and sweep.csv, the best point marked.
+
+    RECIPE is a recipe (its grid from --grid or its sweep: section) or a sweep file (recipe:, grid:, select:,
+    max_points:, set:). Stages with the same inputs in several points train once and are reused through the shared
+    store. Every point is checked before the first starts. A rerun skips finished points and resumes an interrupted
+    one; a failed point is reported and the others go on (exit 2 at the end, or 1 for a bug)."""
+    signals.install()
+    forget_committed()
+    level = _verbosity(quiet, verbose)
+    made: dict = {"root": None}  # the sweep folder, once every check passed (the log joins it there)
+    with _handled(lambda: made["root"], "finished points and the last checkpoint are kept, re-run the same "
+                  "command to resume", keep_log=lambda: made["root"], log_name="sweep"):
+        with console.captured("sweep", level):
+            spec = read_sweep_file(Path(recipe)) or SweepSpec(Path(recipe))
+            spec.sets.update(parse_set_items(overrides))
+            prep = prepare(spec, grid=list(grid), select=select, max_points=max_points, output_dir=output_dir)
+            made["root"] = prep.root
+            result = run_sweep(prep, echo=console.say)
+        click.echo(f"prefopt sweep {prep.state['recipe_name']}: {len(result.rows)} points (* best)\n" + result.text())
+        for label, p in (("table", result.html), ("csv", result.csv), ("sweep", prep.root / "sweep.json")):
+            click.echo(f"{label + ':':<10}{p}")
+        result.check()
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--gpu-memory", default=None, metavar="SIZE",
               help="Memory of one device to check the plan against: 24GB, 24GiB, 80G or bytes (default: the visible "
@@ -310,7 +353,12 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 @click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter folder (instead of RUN_DIR).")
 @click.option("--base", "base_model", default=None,
               help="Base model folder or hub id (default: as recorded in training).")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN_DIR/merged).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default RUN_DIR/merged, with --stage RUN_DIR/merged-STAGE).")
+@click.option("--stage", default=None,
+              help="Merge this finished stage's adapter instead of the final one (a roll-back, with its own model "
+                   "card and lineage.json). The evaluation's gates judge the final adapter only: they do not block "
+                   "an earlier stage.")
 @click.option("--merge-base", type=click.Choice(_choices(MergeSection, "base")), default=_MERGE["base"],
               show_default=True,
               help="Merge into the weights as the quantized training base saw them, or into the originals.")
@@ -327,9 +375,13 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
 @click.option("--min-top1-agreement", type=float, default=_MERGE["min_top1_agreement"], show_default=True,
               help=MergeSection.model_fields["min_top1_agreement"].description)
 @click.option("--ignore-gates", is_flag=True, help="Merge a run whose evaluation failed a gate (refused otherwise).")
-def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, overwrite, no_verify,
+def merge(run_dir, adapter, base_model, out, stage, merge_base, quantization, dtype, overwrite, no_verify,
           max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
-    """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model."""
+    """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model.
+
+    RUN_DIR: the run's final adapter into RUN_DIR/merged/, or with --stage NAME that finished stage's adapter into
+    RUN_DIR/merged-NAME/ (a roll-back). Either gets lineage.json beside the weights (data hashes -> adapter hashes ->
+    merged hash) and a model card."""
     with _handled(run_dir, "nothing was written to the output folder"), console.captured("merge"):
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
                   thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement), echo=console.say)
@@ -338,11 +390,13 @@ def merge(run_dir, adapter, base_model, out, merge_base, quantization, dtype, ov
         if adapter:
             if not out:
                 raise PrefoptError("--adapter needs --out DIR")
+            if stage:
+                raise PrefoptError("--stage goes with RUN_DIR (a stage of a run); --adapter names the adapter itself")
             merge_adapter(adapter, out, base=base_model, quantization=quantization, **kw)
         elif run_dir:
             if base_model or quantization:
                 raise PrefoptError("--base/--quantization go with --adapter; a run folder records its base")
-            merge_run(run_dir, out, ignore_gates=ignore_gates, **kw)
+            merge_run(run_dir, out, ignore_gates=ignore_gates, stage=stage, **kw)
         else:
             raise PrefoptError("give a run folder (prefopt merge runs/NAME) or --adapter DIR --base MODEL --out DIR")
 

@@ -89,3 +89,12 @@ class MergeError(PrefoptError):
 
 class TrainingDiverged(PrefoptError):
     """A stage's loss or gradient norm went NaN, infinite or exploded: training stopped there (exit code 2)."""
+
+
+class SweepIncomplete(PrefoptError):
+    """Some points of a sweep failed (the others ran; its table says which): exit 2, or 1 when a point failed on a
+    bug."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER):
+        super().__init__(message)
+        self.exit_code = exit_code

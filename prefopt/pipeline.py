@@ -72,8 +72,10 @@ class RunResult:
         return self.run_dir / runfolder.EVAL / runfolder.EVAL_LOG if self.eval_log is not None else None
 
 
-def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print) -> RunResult:
-    """Run the recipe's stages in order, then its evaluation and merge; returns each stage's adapter and metrics."""
+def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = False, echo=print,
+        sweep: dict | None = None) -> RunResult:
+    """Run the recipe's stages in order, then its evaluation and merge; returns each stage's adapter and metrics.
+    `sweep`: the point of a sweep this run is (its folder, overrides), recorded in run.json."""
     run_records.forget_committed()
     dist.init()  # under torchrun / accelerate launch: the process group; only the main process writes and speaks
     echo = echo if dist.is_main() else _silent
@@ -85,6 +87,8 @@ def run(recipe: Recipe, *, output_dir: str | Path | None = None, fresh: bool = F
         echo(line)
     checked = preflight(recipe, echo=echo, output_dir=run_dir)
     records = run_records.Records.open(recipe, run_dir, fresh, echo)
+    if sweep is not None:
+        records.manifest["sweep"] = sweep
     for line in _data_lines(checked.data):
         echo(f"prefopt: {line}")
 

@@ -84,7 +84,9 @@ def header_lines(recipe: Recipe, run_dir) -> list[str]:
             f"  {adapter_note(recipe).replace('adapter: ', 'adapter  ', 1)}",
             *[f"  {'stages' if i == 0 else '':<8} {i + 1}. {line}" for i, line in enumerate(stages)],
             f"  run      {run_dir}",
-            f"  device   {device}"]
+            f"  device   {device}",
+            *(["  sweep    the recipe's sweep: section is for `prefopt sweep`; this run uses the values as written"]
+              if recipe.sweep is not None else [])]
 
 
 def default_gpu_memory() -> int | None:

@@ -29,6 +29,11 @@ def effective_mode(recipe_mode: str) -> tuple[str, str]:
     return recipe_mode, "recipe"
 
 
+def group_of(wandb_cfg, recipe_name: str, run_id: str) -> str:
+    """The W&B group of a run's stages, evaluation and merge: tracking.wandb.group, else <name>-<run id>."""
+    return wandb_cfg.group or f"{recipe_name}-{run_id}"
+
+
 def has_credentials() -> bool:
     """An API key wandb would find: WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -94,6 +99,27 @@ def stage_run(wandb_cfg, *, run_dir: Path, group: str, name: str, job_type: str,
         run.finish(exit_code=exit_code)
 
 
+def log_sweep(wandb_cfg, *, run_dir: Path, group: str, name: str, columns: list[str], rows: list[list],
+              best: str | None) -> None:
+    """A sweep's comparison table as a W&B run of its own (job_type sweep) in the sweep's group, beside its points'
+    stage runs: the table, and the best point in the summary."""
+    mode, _ = effective_mode(wandb_cfg.mode)
+    if mode == "disabled" or not is_main():
+        return
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="sweep",
+                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
+                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    try:
+        run.log({"sweep": wandb.Table(columns=columns, data=rows)})
+        run.summary["sweep/points"] = len(rows)
+        if best is not None:
+            run.summary["sweep/best"] = best
+    finally:
+        run.finish()
+
+
 def log_eval(wandb_cfg, *, run_dir: Path, group: str, name: str, log: dict, completions: list[dict]) -> None:
     """The evaluation as its own W&B run in the recipe's group: the figures in the summary, the completions as a
     table (prompt, base, tuned)."""
@@ -119,5 +145,96 @@ def log_eval(wandb_cfg, *, run_dir: Path, group: str, name: str, log: dict, comp
             table = wandb.Table(columns=["index", "prompt", "base", "tuned"],
                                 data=[[c["index"], c["prompt"], c["base"], c["tuned"]] for c in completions])
             run.log({"completions": table})
+    finally:
+        run.finish()
+
+
+# ---------------------------------------------------------------------------------------------- artifacts (lineage)
+# Each stage's run logs its adapter (type adapter: weights, adapter config, lineage.json; metadata = the lineage
+# record) and uses its data files (type dataset: a reference to the file, its sha256 in the metadata) and the adapter
+# it started from; the merge's run logs the merged model's metadata (type model: lineage.json, merge_report.json,
+# the model card, config.json; not the weights) and uses the adapter it merged. W&B draws data -> adapter -> adapter
+# -> model from the uses. Artifacts are given as values: (name, files) and metadata dicts.
+
+
+def artifact_name(*parts: str) -> str:
+    """A W&B artifact name from parts joined by '-': letters, digits, '-', '_' and '.' only."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "-", "-".join(parts)).strip("-.")[:128]
+
+
+def _files_artifact(name: str, type_: str, files: list[Path], metadata: dict | None = None):
+    import wandb
+
+    art = wandb.Artifact(name, type=type_, metadata=metadata)
+    for f in files:
+        art.add_file(str(f), name=Path(f).name)
+    return art
+
+
+def _dataset_artifact(entry: dict):
+    """A data file ({role, path, sha256}) as a dataset artifact: a reference to the local file (W&B records its
+    checksum; nothing is uploaded), or to the hub id."""
+    import wandb
+
+    path = Path(entry["path"])
+    art = wandb.Artifact(artifact_name("data", path.name), type="dataset",
+                         metadata={"path": entry["path"], "sha256": entry["sha256"]})
+    if path.is_file():
+        art.add_reference(path.resolve().as_uri(), checksum=True)
+    else:
+        art.add_reference(f"hf://datasets/{entry['path']}", name=entry["path"], checksum=False)
+    return art
+
+
+def use_inputs(run, inputs: list) -> None:
+    """Record the run's input artifacts: in its config (prefopt/inputs: type, name, digest) always, and as uses
+    (W&B's lineage edges) when the run is online: each draft is used as it is -- W&B logs it, or, when a version with
+    the same content exists (the one the previous stage logged), links that version. An offline run cannot use an
+    artifact: wandb refuses use_artifact offline (0.31: TypeError 'Cannot use artifact when in offline mode', for a
+    name and an Artifact object alike), so its edges are not drawn when it is synced; the config and each artifact's
+    lineage metadata still name its inputs by content."""
+    run.config.update({"prefopt/inputs": [{"type": a.type, "name": a.name, "digest": a.digest} for a in inputs]},
+                      allow_val_change=True)
+    if not run.offline:
+        for art in inputs:
+            run.use_artifact(art)
+
+
+def log_adapter(wandb_cfg, *, name: str, files: list[Path], lineage: dict, data: list[dict],
+                previous: tuple[str, list[Path]] | None) -> None:
+    """A stage's adapter as an artifact of the stage's W&B run (the active one: call inside stage_run), which uses
+    the stage's data files and the adapter it started from (`previous`: its artifact name and files)."""
+    mode, _ = effective_mode(wandb_cfg.mode)
+    if mode == "disabled" or not is_main():
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    inputs = [_dataset_artifact(d) for d in data]
+    if previous is not None:
+        inputs.append(_files_artifact(previous[0], "adapter", previous[1]))
+    use_inputs(wandb.run, inputs)
+    wandb.run.log_artifact(_files_artifact(name, "adapter", files, lineage))
+
+
+def log_merged(wandb_cfg, *, run_dir: Path, group: str, name: str, artifact: str, files: list[Path], lineage: dict,
+               adapter: tuple[str, list[Path]]) -> None:
+    """A merged model as a W&B run of its own (job_type merge) in the run's group: its metadata files as a model
+    artifact (not the weights: lineage.json records their hashes), using the adapter it merged."""
+    mode, _ = effective_mode(wandb_cfg.mode)
+    if mode == "disabled" or not is_main():
+        return
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="merge",
+                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
+                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    try:
+        use_inputs(run, [_files_artifact(adapter[0], "adapter", adapter[1])])
+        run.log_artifact(_files_artifact(artifact, "model", files, lineage))
+        run.summary["merge/merged_hash"] = lineage.get("merged_hash")
     finally:
         run.finish()

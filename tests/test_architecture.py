@@ -34,6 +34,7 @@ LAYERS = [
     ["prefopt.plan"],
     ["prefopt.steps"],
     ["prefopt.pipeline"],
+    ["prefopt.sweep"],
     ["prefopt.api", "prefopt.cli", "prefopt.__main__", "prefopt"],
 ]
 # Modules that import torch when they load: the only intra-package imports allowed inside a function (a fast --help)

@@ -53,10 +53,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model, small_da
     m = json.loads((out / "run.json").read_text())
     assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["merge"]["status"] == "done"
     assert (out / "merged" / "merge_report.json").is_file()
-    # one console, one writer: each line once, one W&B run per stage
+    # one console, one writer: each line once, one W&B run per stage and one for the merge (its model artifact)
     assert proc.stdout.count("prefopt run chain: done") == 1, proc.stdout  # one summary: the main process
     assert proc.stderr.count("prefopt: stage sft done") == 1
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 3
     for stage in ("00-sft", "01-dpo"):
         want, got = _losses(single.run_dir, stage), _losses(out, stage)
         assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 4

@@ -65,6 +65,53 @@ def test_the_next_stage_starts_from_the_best_adapter(tmp_path, tiny_model, small
     assert first["loss"] == pytest.approx(LN2, abs=1e-4)  # DPO's reference: the adapter SFT handed on
 
 
+def test_early_stopping_survives_a_kill(tmp_path, tiny_model, small_data):
+    """kill -9 after the second epoch's checkpoint of an SFT stage that stops after its third evaluation (patience 2,
+    best at epoch 1): the rerun resumes, still stops after epoch 3 (not 4: the patience count and the best metric
+    come back with the checkpoint), and writes the same best adapter as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from prefopt.runs.folder import last_checkpoint
+
+    raw = chain_recipe(tiny_model, small_data, None, quantization="none")
+    _plateau(raw, patience=2)
+    raw["stages"][0]["train"]["batch_size"] = 8
+    reference = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "reference")
+    ref = json.loads((reference.run_dir / "run.json").read_text())["stages"][0]["metrics"]
+    per_epoch = ref["early_stopping"]["best_step"]
+    assert ref["early_stopping"]["stopped"] == "early" and ref["train"]["steps"] == 3 * per_epoch
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prefopt.cli", "run", str(path), "--output-dir", str(out)]
+    env = {**os.environ, "PREFOPT_CACHE_DIR": str(tmp_path / "run-cache")}  # train again, do not reuse
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    tmp, t0 = out / "stages" / ".00-sft.tmp", time.time()
+    while time.time() - t0 < 300 and proc.poll() is None:
+        last = last_checkpoint(tmp) if tmp.exists() else None
+        if last is not None and last[1] >= 2 * per_epoch:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=300) == -9, proc.stderr.read()[-3000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming stage sft from step {2 * per_epoch}" in again.stderr
+    got = json.loads((out / "run.json").read_text())["stages"][0]["metrics"]
+    assert got["early_stopping"]["stopped"] == "early" and got["train"]["steps"] == 3 * per_epoch, got
+    assert got["early_stopping"]["best_step"] == per_epoch
+    a = load_file(str(reference.run_dir / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "stages" / "00-sft" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_early_stopping_is_on_by_default_for_small_sft_stages_only(tmp_path, tiny_model, small_data, capsys):
     from prefopt.advice import early_stopping
 

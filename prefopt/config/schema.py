@@ -383,6 +383,8 @@ class WandbSection(_Section):
         "offline", description="online needs `wandb login`; offline writes runs you can `wandb sync` later."
     )
     tags: list[str] = Field(default_factory=list, description="Tags added to every stage's run.")
+    group: str | None = Field(None, description="W&B group of the run's stages, evaluation and merge (null: "
+                              "<name>-<run id>, one group per run folder; `prefopt sweep` sets one per sweep).")
 
 
 class TrackingSection(_Section):
@@ -462,6 +464,28 @@ class EvalSection(_Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+SWEEP_MAX_POINTS = 64  # a grid larger than this is refused unless max_points says more
+
+
+class SweepSection(_Section):
+    """`prefopt sweep RECIPE`: the values to try, every combination a point with its own run folder
+    (runs/<name>-sweep/<point>/); `prefopt run` runs the recipe as written and leaves this section alone."""
+
+    grid: dict[str, list[Any]] = Field(
+        description="Recipe key -> values to try, as `--set` names keys (a stage by index or name), e.g. "
+        "{stages.dpo.beta: [0.05, 0.1, 0.3], adapter.r: [8, 16]}: the cartesian product, in this order.")
+    select: str | None = Field(
+        None, description="The metric that marks the best point: <metric> (the last stage that logs it, e.g. "
+        "eval/rewards/accuracies), <stage>/<metric> (dpo/eval/loss, sft/train/loss), mmlu_delta or train_time_s; "
+        "':min' or ':max' after it (default: min for a loss or a time, max otherwise). null: eval/loss of the last "
+        "stage, min.")
+    max_points: int = Field(SWEEP_MAX_POINTS, gt=0, description="Refuse a grid of more points than this (a typo "
+                            "in a grid can multiply the work; raise it on purpose).")
+
+
 # ---------------------------------------------------------------------------------------------- the recipe
 
 
@@ -485,6 +509,8 @@ class Recipe(_Section):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
     eval: EvalSection | None = Field(None, description="Evaluate before the merge: held-out metrics, MMLU delta, "
                                      "completions, eval log, gates (off if absent; the shipped recipes have one).")
+    sweep: SweepSection | None = Field(None, description="What `prefopt sweep` tries (see its section); `prefopt "
+                                       "run` ignores it.")
 
     # Where the recipe came from: relative data paths resolve against its folder; errors cite its lines.
     _base_dir: Path | None = PrivateAttr(None)

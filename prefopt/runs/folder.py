@@ -6,12 +6,14 @@ runs/<name>/
   run.json                        manifest (version, recipe name and hash, run id; per stage: status, adapter,
                                   inputs hash, rows trained on, metrics, times; the merge's status and inputs hash)
   recipe.yaml                     resolved recipe: every default, absolute data/model paths, data hashes
-  stages/NN-<name>/adapter/       PEFT adapter (safetensors, DoRA magnitude included) + tokenizer
+  stages/NN-<name>/adapter/       PEFT adapter (safetensors, DoRA magnitude included) + tokenizer + lineage.json
   stages/NN-<name>/log_history.json
   eval/                           eval_log.json (hashes, config, metrics, gates, reviews), mmlu_items.jsonl,
                                   completions.jsonl / completions.md, mmlu_base.json (the base's cached result)
   report.html                     the run report (prefopt report rebuilds it from this folder alone)
-  merged/                         the merged checkpoint and merge_report.json (recipe `merge:` or `prefopt merge`)
+  merged/                         the merged checkpoint, merge_report.json, lineage.json (recipe `merge:` or
+                                  `prefopt merge`)
+  merged-<stage>/                 an earlier stage's adapter merged (`prefopt merge RUN_DIR --stage NAME`)
   dropped/NN-<name>/              stages a later version of the recipe no longer has
   data/                           `prefopt data`: data.json, NN-<name>/ data reports and review samples
   cache/                          reference log-probs of this run (the shared store keeps a copy)
@@ -312,7 +314,7 @@ def clear_for_fresh(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
-        if _owned(p.name):
+        if _owned(p.name) or (p.name.startswith(f"{MERGED}-") and (p / MERGE_REPORT).is_file()):  # merged-<stage>
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 

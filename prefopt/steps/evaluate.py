@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import dist
+from .. import dist, tracking
 from ..config import Recipe, load_recipe
 from ..errors import GateFailed, PrefoptError
 from ..eval.run import StageEval, describe, evaluate_run, judge_again
@@ -69,7 +69,8 @@ def evaluate_final(recipe: Recipe, run_dir: Path, manifest: dict, data: list, sa
             log = evaluate_run(run_dir, cfg=recipe.eval, spec=spec, stages=stages, seed=seed, run_id=manifest["run_id"],
                                recipe_hash=manifest["recipe_hash"], config=recipe.to_dict(), inputs_hash=key,
                                adapter_hash=adapter_hash(stages[-1].adapter),
-                               wandb=recipe.tracking.wandb, group=f"{recipe.name}-{manifest['run_id']}", echo=echo)
+                               wandb=recipe.tracking.wandb, echo=echo,
+                               group=tracking.group_of(recipe.tracking.wandb, recipe.name, manifest["run_id"]))
         except BaseException:
             manifest["eval"]["status"] = "failed"
             save_manifest()

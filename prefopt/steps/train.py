@@ -33,10 +33,12 @@ from ..models import (
 from ..runs import folder as runfolder
 from ..runs import store
 from ..runs.folder import adapter_hash, stage_tmp, write_atomic
+from ..runs.lineage import read_lineage
 from ..runs.records import data_entry, now
 from ..stages import STAGES, ref_columns
 from ..stages.progress import progress_callback
 from .data import reference_filter
+from .lineage import kept_stage, record_trained, stage_record
 
 
 @dataclass
@@ -157,6 +159,8 @@ def run_stage(recipe, i: int, data, prev_adapter: Path | None, run_dir: Path, re
         entry.update({k: decision.record[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts",
                                                        "ref_logps", "resumed_from_step", "reused_from", "diagnostics")
                       if k in decision.record})
+        entry["lineage"] = dist.on_main_then_share(kept_stage, recipe, i, data, prev_adapter, run_dir,
+                                                   records.manifest["run_id"], entry)
         records.save()
         if "reused_from" not in entry:
             echo(f"prefopt: stage {st.name}: done and unchanged, skipped")
@@ -214,7 +218,8 @@ def _train_recorded(recipe, i, data, prev_adapter, run_dir, records, shared, ent
             echo(f"prefopt: diagnostic: stage {st.name}: {d['what']}; {d['suggestion']}")
     entry.pop("pid", None)
     entry.pop("host", None)
-    entry.update(status="done", ended_at=now(), metrics=metrics, data=data_entry(data.report))
+    entry.update(status="done", ended_at=now(), metrics=metrics, data=data_entry(data.report),
+                 lineage=read_lineage(stage_dir / "adapter"))
     records.save()
     if dist.is_main():
         store.store_stage(shared, entry["inputs_hash"], stage_dir, entry)
@@ -244,8 +249,9 @@ def train_in_folder(recipe, i: int, data, stage_dir: Path, prev_adapter: Path | 
              f"{rf['dropped']} training rows scoring below {rf['threshold']:.4f}; {len(data.train)} train rows left")
     if dist.is_main():
         write_reports(tmp, data)
+    lineage = stage_record(recipe, i, data, prev_adapter, inputs_hash, run_dir, run_id)
     metrics = _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, attempt, resume_from,
-                             ref_cache, echo)
+                             ref_cache, echo, lineage=lineage, prev_adapter=prev_adapter)
     if zero_rows:
         metrics["dora_zero_rows"] = zero_rows
     info = base_info(base, name_or_path=spec.name_or_path, quantization=spec.quantization, dtype=spec.dtype)
@@ -272,13 +278,15 @@ def _prepare_temp(stage_dir: Path, inputs_hash: str, resume_from: Path | None) -
     return tmp
 
 
-def _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, attempt, resume_from, ref_cache, echo):
-    """The stage's trainer, in a W&B run of its own (one per stage, grouped by run)."""
+def _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, attempt, resume_from, ref_cache, echo,
+                   *, lineage: dict, prev_adapter: Path | None):
+    """The stage's trainer, in a W&B run of its own (one per stage, grouped by run); the adapter's lineage is
+    written beside it and, in that run, logged as its artifact."""
     st = recipe.stages[i]
     with tracking.stage_run(
         recipe.tracking.wandb,
         run_dir=run_dir,
-        group=f"{recipe.name}-{run_id}",
+        group=tracking.group_of(recipe.tracking.wandb, recipe.name, run_id),
         # a rerun of a stage is a new W&B run in the same group: its own name, not a second "<recipe>/<stage>"
         name=f"{recipe.name}/{st.name}" + (f"#{attempt}" if attempt > 1 else ""),
         job_type=st.type,
@@ -290,6 +298,8 @@ def _train_tracked(recipe, i, model, tokenizer, data, tmp, run_dir, run_id, atte
             callbacks=[progress_callback(st.name, st.type, i, len(recipe.stages))],
         )
         log_summary(metrics)
+        if dist.is_main():
+            record_trained(recipe, lineage, tmp / "adapter", prev_adapter)
     return metrics
 
 
