@@ -34,6 +34,17 @@ def group_of(wandb_cfg, recipe_name: str, run_id: str) -> str:
     return wandb_cfg.group or f"{recipe_name}-{run_id}"
 
 
+def _init(wandb_cfg, mode: str, *, run_dir: Path, group: str, name: str, job_type: str, config: dict | None = None):
+    """A W&B run in the recipe's project and group, its files in the run folder, quiet (no console capture, no
+    system stats, no code saved); an earlier run of this process is finished first."""
+    import wandb
+
+    return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type=job_type,
+                      config=config, tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir),
+                      reinit="finish_previous",
+                      settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+
+
 def has_credentials() -> bool:
     """An API key wandb would find: WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -62,21 +73,8 @@ def stage_run(wandb_cfg, *, run_dir: Path, group: str, name: str, job_type: str,
     if mode == "disabled" or not is_main():  # under torchrun, one W&B run per stage: the main process's
         yield [], (lambda summary: None)
         return
-    import wandb
 
-    run = wandb.init(
-        project=wandb_cfg.project,
-        entity=wandb_cfg.entity,
-        group=group,
-        name=name,
-        job_type=job_type,
-        config=config,
-        tags=list(wandb_cfg.tags) or None,
-        mode=mode,
-        dir=str(run_dir),
-        reinit="finish_previous",
-        settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
-    )
+    run = _init(wandb_cfg, mode, run_dir=run_dir, group=group, name=name, job_type=job_type, config=config)
 
     def log_summary(summary: dict) -> None:
         for section, values in summary.items():
@@ -108,9 +106,7 @@ def log_sweep(wandb_cfg, *, run_dir: Path, group: str, name: str, columns: list[
         return
     import wandb
 
-    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="sweep",
-                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
-                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    run = _init(wandb_cfg, mode, run_dir=run_dir, group=group, name=name, job_type="sweep")
     try:
         run.log({"sweep": wandb.Table(columns=columns, data=rows)})
         run.summary["sweep/points"] = len(rows)
@@ -128,9 +124,7 @@ def log_eval(wandb_cfg, *, run_dir: Path, group: str, name: str, log: dict, comp
         return
     import wandb
 
-    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="eval",
-                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
-                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    run = _init(wandb_cfg, mode, run_dir=run_dir, group=group, name=name, job_type="eval")
     try:
         m = log.get("mmlu") or {}
         if m:
@@ -227,11 +221,8 @@ def log_merged(wandb_cfg, *, run_dir: Path, group: str, name: str, artifact: str
     mode, _ = effective_mode(wandb_cfg.mode)
     if mode == "disabled" or not is_main():
         return
-    import wandb
 
-    run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, name=name, job_type="merge",
-                     tags=list(wandb_cfg.tags) or None, mode=mode, dir=str(run_dir), reinit="finish_previous",
-                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))
+    run = _init(wandb_cfg, mode, run_dir=run_dir, group=group, name=name, job_type="merge")
     try:
         use_inputs(run, [_files_artifact(adapter[0], "adapter", adapter[1])])
         run.log_artifact(_files_artifact(artifact, "model", files, lineage))

@@ -27,7 +27,17 @@ from ..runs import folder as runfolder
 from ..runs.folder import write_atomic
 from ..runs.records import forget_committed, now
 from . import table
-from .spec import Point, Selection, SweepSpec, check_points, grid_problems, merged_spec, parse_select, shared_store
+from .spec import (
+    Point,
+    Selection,
+    SweepSpec,
+    check_points,
+    grid_labels,
+    grid_problems,
+    merged_spec,
+    parse_select,
+    shared_store,
+)
 
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
@@ -246,9 +256,7 @@ def collect(root: Path, state: dict, points: list[Point], sel: Selection | None)
         rec = {"folder": p.folder, "overrides": p.overrides, **state["points"].get(p.folder, {})}
         rows.append(table.point_row(root, rec))
     table.mark_best(rows, sel)
-    last = [k.split(".")[-1] for k in keys]
-    labels = [k if last.count(x) > 1 else x for k, x in zip(keys, last)]
-    return SweepResult(root, rows, sel, keys, labels)
+    return SweepResult(root, rows, sel, keys, grid_labels(keys))
 
 
 def _finish(prep: Prepared, echo, track: bool = True) -> SweepResult:

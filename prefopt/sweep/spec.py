@@ -174,11 +174,16 @@ def grid_problems(spec: SweepSpec) -> list[str]:
     return problems
 
 
+def grid_labels(keys: list[str]) -> list[str]:
+    """Each grid key's short label: its last part (beta, r) unless two keys share it (then the whole key)."""
+    last = [k.split(".")[-1] for k in keys]
+    return [k if last.count(x) > 1 else x for k, x in zip(keys, last)]
+
+
 def folder_names(grid: list[tuple[str, list[Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """Every point: its folder name (NN-label=value_label=value) and overrides, in grid order. A label is the key's
     last part (beta, r) unless two keys share it."""
-    last = [k.split(".")[-1] for k, _ in grid]
-    labels = [k if last.count(lk) > 1 else lk for (k, _), lk in zip(grid, last)]
+    labels = grid_labels([k for k, _ in grid])
     out = []
     for i, combo in enumerate(itertools.product(*[values for _, values in grid]), start=1):
         overrides = {k: v for (k, _), v in zip(grid, combo)}
