@@ -25,9 +25,9 @@ def plan_notes(recipe, data: list) -> list[str]:
     if largest and largest < SMALL_DATA_ROWS and r > 8:
         notes.append(f"adapter.r {r} with at most {largest} training rows in a stage: for small, narrow data (under "
                      f"about {SMALL_DATA_ROWS} examples) the guidance is r 8, which overfits less")
-    for i, (st, n) in enumerate(zip(recipe.stages, rows)):
+    for i, (st, d, n) in enumerate(zip(recipe.stages, data, rows)):
         tr = st.train
-        stops = getattr(tr, "early_stopping", None) is not None
+        stops = early_stopping(st, n, d.eval is not None)[0] is not None  # auto: only SFT with held-out rows
         if tr.max_steps <= 0 and tr.epochs > 1 and n < FEW_ROWS_FOR_EPOCHS and not stops:
             notes.append(f"stages[{i}] ({st.name}): {tr.epochs:g} epochs on {n} rows without early stopping: under "
                          f"about {FEW_ROWS_FOR_EPOCHS:,} examples, watch the held-out loss after the first epoch and "

@@ -34,7 +34,7 @@ from .stages import STAGES
 from .steps.adapters import load_adapter as _load_adapter
 from .steps.evaluate import evaluate_existing
 from .steps.merge import merge_run
-from .sweep import SweepResult, SweepSpec, parse_set_items, prepare, read_sweep_file, run_sweep
+from .sweep import SweepResult, SweepSpec, grid_values, parse_set_items, prepare, read_sweep_file, run_sweep
 
 _ADAPTER = defaults(AdapterSection)
 Echo = Callable[[str], Any]
@@ -117,9 +117,9 @@ def sweep(recipe: str | Path, *, grid: dict[str, Sequence[Any]] | Sequence[str] 
     """
     spec = read_sweep_file(Path(recipe)) or SweepSpec(Path(recipe))
     spec.sets.update(overrides if isinstance(overrides, dict) else parse_set_items(list(overrides)))
-    items = list(grid) if not isinstance(grid, dict) else []
+    items = [grid] if isinstance(grid, str) else list(grid) if not isinstance(grid, dict) else []
     if isinstance(grid, dict):
-        spec.grid = [*spec.grid, *[(str(k), list(v)) for k, v in grid.items()]]
+        spec.grid = [*spec.grid, *[(str(k), grid_values(str(k), v)) for k, v in grid.items()]]
         spec.origin.update({str(k): "grid" for k in grid})
     say = _echo(quiet, echo)
     with console.speaking(say, quiet):

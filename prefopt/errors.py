@@ -36,7 +36,8 @@ class GateFailed(PrefoptError):
 class RecipeError(PrefoptError):
     """Every problem found in a recipe (or its data), one per line."""
 
-    def __init__(self, problems: list[str], source: str | None = None, repaired: object | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, repaired: object | None = None, *,
+                 subject: str = "the recipe"):
         self.problems = list(problems)
         self.source = source
         # the recipe with each bad value left out (its default used), when that validates: the later checks run
@@ -45,7 +46,7 @@ class RecipeError(PrefoptError):
         head = f"{source}: " if source else ""
         n = len(self.problems)
         super().__init__(
-            f"{head}{n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
+            f"{head}{n} problem{'s' if n != 1 else ''} in {subject}:\n" + "\n".join(f"  - {p}" for p in self.problems)
         )
 
 

@@ -219,9 +219,10 @@ def _verdict_card(run_dir: Path, manifest: dict, log: dict) -> list[str]:
     mg = st.merge
     cls = "pass" if mg.state == "verified" else "fail" if mg.state.startswith("failed") else ""
     items.append(f"merge: <b class='{cls}'>{_e(mg.state)}</b>" + (f": {_e(mg.figures)}" if mg.figures else ""))
-    diags = [d for s in manifest.get("stages", []) for d in s.get("diagnostics", []) or []]
-    items.append("diagnostics: " + ("; ".join(_e(d.get("message", d)) if isinstance(d, dict) else _e(d)
-                                              for d in diags) if diags else "none"))
+    diags = [(s.get("name"), d) for s in manifest.get("stages", []) for d in s.get("diagnostics", []) or []]
+    items.append("diagnostics: " + ("; ".join(f"{_e(name)}: {_e(d.get('what', d.get('name')))}"
+                                              if isinstance(d, dict) else _e(d) for name, d in diags)
+                                    if diags else "none"))
     bad = st.eval.state == "failed" or mg.state == "failed" or any(s.state == "failed" for s in st.stages)
     whole = "bad" if bad else "" if (st.done and st.eval.state != "failed") else "open"
     verdict = "FAILED" if bad else "PASSED" if st.done and st.eval.state == "passed" else \

@@ -74,17 +74,29 @@ def test_command_parses(where, command):
         assert opt in result.output, f"{where}: {command}: `prefopt {sub}` has no option {opt}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub makes for a Markdown file: lower case, punctuation but - and _ dropped, spaces -."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", text, re.M):
+        out.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return out
+
+
 def test_relative_links_point_to_files():
     broken = []
     for path in DOCS:
         text = FENCE.sub("", path.read_text(encoding="utf-8"))
         for target in LINK.findall(text):
-            if target.startswith(("http://", "https://", "mailto:", "#")):
+            if target.startswith(("http://", "https://", "mailto:")):
                 continue
-            file = target.split("#", 1)[0]
-            if not (path.parent / file).exists():
+            file, _, anchor = target.partition("#")
+            dest = path.parent / file if file else path
+            if not dest.exists():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no heading makes #{anchor})")
+    assert not broken, "links to files or headings that do not exist:\n" + "\n".join(broken)
 
 
 def test_readme_is_a_front_door():

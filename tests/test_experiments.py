@@ -162,6 +162,18 @@ def test_plan_shows_the_data_size_guidance(tmp_path, tiny_model, small_data):
     assert result.exit_code == 0 and "# note: " not in out, out  # a recipe within the guidance: no note
 
 
+def test_plan_notes_epochs_without_early_stopping_when_auto_leaves_it_off(tmp_path, tiny_model, small_data):
+    """early_stopping: auto (the default) is off for a DPO stage: 3 epochs on few rows is noted there, not on the SFT
+    stage where auto turns it on (review finding: the note read `auto` as on)."""
+    raw = chain_recipe(tiny_model, small_data, "dpo")
+    raw["stages"][0]["train"] = dict(FAST_TRAIN, max_steps=-1, epochs=3)
+    raw["stages"][1]["train"].update(max_steps=-1, epochs=3)
+    result, out = _plan(tmp_path, raw)
+    assert result.exit_code == 0, out
+    assert "stages[1] (dpo): 3 epochs on" in out and "without early stopping" in out
+    assert "stages[0] (sft): 3 epochs on" not in out
+
+
 # ---------------------------------------------------------------------------------------------- diagnostics
 
 
@@ -179,7 +191,11 @@ def test_a_flat_sft_loss_and_a_reward_accuracy_at_chance_are_diagnosed(tmp_path,
     result = prefopt.run(recipe_from_dict(raw), output_dir=tmp_path / "run", echo=said.append)
     assert _diagnostics(result) == [["sft_loss_flat"], ["reward_accuracy_at_chance"]]
     assert any(line.startswith("prefopt: diagnostic: stage sft: the training loss did not fall") for line in said)
-    assert "Diagnostics" in (result.run_dir / "report.html").read_text()
+    html = (result.run_dir / "report.html").read_text()
+    assert "Diagnostics" in html
+    # the verdict card's summary line says each symptom in words, not as a raw record
+    summary = next(line for line in html.split("<li>") if line.startswith("diagnostics: "))
+    assert "sft: the training loss did not fall" in summary and "{" not in summary, summary
 
 
 def test_chosen_log_probs_falling_while_the_margin_rises_is_diagnosed(tmp_path, tiny_model):

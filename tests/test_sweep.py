@@ -123,6 +123,23 @@ def test_sweep_trains_shared_stages_once_and_a_rerun_after_a_kill_trains_only_th
     assert result.best["point"] == best[0] and len(result.rows) == 6
     assert "*" in result.text().splitlines()[1 + [r["point"] for r in result.rows].index(best[0])]
 
+    # a reused stage carries the trained one's diagnostics, and the same adapter hashes the same (PEFT writes
+    # target_modules in hash order, which differs between processes: prefopt writes them sorted)
+    sft_of = {f: json.loads((root / f / "run.json").read_text())["stages"][0]
+              for f in ("01-beta=0.05_r=4", "03-beta=0.1_r=4", "05-beta=0.3_r=4")}
+    assert all(isinstance(st["diagnostics"], list) for st in sft_of.values()), sft_of
+    config = json.loads((root / "05-beta=0.3_r=4" / "stages" / "00-sft" / "adapter" / "adapter_config.json")
+                        .read_text())
+    assert config["target_modules"] == sorted(config["target_modules"])
+    assert len({st["lineage"]["adapter_hash"] for st in sft_of.values()}) == 1
+
+    # the same sweep with another fixed value: the finished points are not replaced in place
+    before = _tree(root)
+    res = _cli([*cmd, "--set", "stages.dpo.train.learning_rate=1e-5"], tmp_path)
+    assert res.exit_code == 2 and "finished earlier with another recipe" in res.output, res.output
+    assert res.output.count("finished earlier with another recipe") == 6
+    assert _tree(root) == before
+
 
 def test_a_failed_point_is_reported_while_the_others_go_on_in_one_wandb_group(tmp_path, tiny_model, small_data,
                                                                              monkeypatch):
@@ -147,11 +164,13 @@ def test_a_failed_point_is_reported_while_the_others_go_on_in_one_wandb_group(tm
         result.check()
     assert e.value.exit_code == 1
     assert result.best is not None and result.best["point"] != result.rows[1]["point"]
+    # the failed point has no value of the selected metric (not its SFT's eval/loss from an earlier stage)
+    assert result.rows[1]["selected"] is None and result.rows[0]["selected"] is not None
 
     from test_tracking import _runs
 
     group = json.loads((root / "sweep.json").read_text())["group"].encode()
-    runs = _runs(root / "01-learning_rate=1e-3", wait_for=group) + _runs(root, wait_for=b"sweep")
+    runs = _runs(root / "01-learning_rate=0.001", wait_for=group) + _runs(root, wait_for=b"sweep")
     assert len(runs) == 2 and all(group in blob for blob, _ in runs)
     (stage_run, _), (table_run, _) = runs
     assert b"one-p01/sft" in stage_run and b"sweep/best" in table_run and b"sweep/best" not in stage_run
@@ -181,6 +200,13 @@ def _cli(args, tmp_path):
      "the grid has 6 points, more than the cap of 4"),
     (["--grid", "adapter.r=4,8", "--set", "stages.sft.train.early_stopping={metric: rewards/accuracies}"],
      "rewards/accuracies"),
+    # review findings: one field under two names, a grid key also fixed, numbers YAML reads as text, the mode
+    (["--grid", "stages.1.beta=0.1,0.2", "--grid", "stages.dpo.beta=0.3"],
+     "--grid stages.1.beta and --grid stages.dpo.beta: both name stages[1].beta"),
+    (["--grid", "adapter=[{r: 4}]", "--grid", "adapter.r=8"], "adapter.r is inside adapter"),
+    (["--grid", "adapter.r=4,8", "--set", "adapter.r=16"], "--grid adapter.r and --set adapter.r: both name adapter.r"),
+    (["--grid", "stages.sft.train.learning_rate=2e-3,0.002"], "0.002 given more than once"),
+    (["--grid", "adapter.r=4,8", "--select", "eval/loss:maximum"], "the mode after ':' must be min or max"),
 ])
 def test_bad_sweeps_are_refused_before_any_point_starts(tmp_path, tiny_model, small_data, args, needle):
     raw = chain_recipe(tiny_model, small_data, "dpo")
@@ -189,7 +215,22 @@ def test_bad_sweeps_are_refused_before_any_point_starts(tmp_path, tiny_model, sm
     res = _cli(["sweep", str(recipe), *args, "--output-dir", str(root)], tmp_path)
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
+    assert "in the sweep:" in res.output
     assert not root.exists(), "nothing is written before every check passed"
+
+
+def test_the_python_api_reads_grid_values_as_the_command_line_does(tmp_path, tiny_model, small_data):
+    """A dict's values: a list, or the command line's text "V1,V2" (not iterated letter by letter); a single
+    value is refused with the key named."""
+    recipe = _write(tmp_path, chain_recipe(tiny_model, small_data, None))
+    with pytest.raises(prefopt.RecipeError, match="grid adapter.r: expected a list of values"):
+        prefopt.sweep(recipe, grid={"adapter.r": 8}, output_dir=tmp_path / "s", quiet=True)
+    with pytest.raises(prefopt.RecipeError) as e:
+        prefopt.sweep(recipe, grid={"adapter.r": "16,16"}, output_dir=tmp_path / "s", quiet=True)
+    assert e.value.problems == ["grid adapter.r: 16 given more than once; give each value once"]
+    with pytest.raises(prefopt.RecipeError, match="the mode after ':' must be min or max"):
+        prefopt.sweep(recipe, grid="adapter.r=4,8", select="eval/loss:low", output_dir=tmp_path / "s", quiet=True)
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_sweep_never_writes_into_a_folder_it_did_not_make(tmp_path, tiny_model, small_data):

@@ -80,9 +80,24 @@ def read_manifest(run_dir: Path) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
-def adapter_hash(adapter_dir: Path) -> str:
+def adapter_hash(adapter_dir: Path | str) -> str:
+    """The adapter's identity: its weights' and its config's content hashes."""
+    return "-".join(file_hash(str(Path(adapter_dir) / f)) for f in ADAPTER_FILES)
 
-    return "-".join(file_hash(str(adapter_dir / f)) for f in ADAPTER_FILES)
+
+def canonical_adapter_config(adapter_dir: Path) -> None:
+    """Write adapter_config.json with its target_modules sorted: PEFT writes that set in Python's hash order, which
+    differs between processes, so the same adapter trained twice would hash differently (and its next stage's
+    inputs with it). The format stays PEFT's (indent 2, keys sorted)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    modules = config.get("target_modules") if isinstance(config, dict) else None
+    if isinstance(modules, list) and modules != sorted(modules, key=str):
+        config["target_modules"] = sorted(modules, key=str)
+        write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def self_contained(recipe):

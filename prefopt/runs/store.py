@@ -97,7 +97,7 @@ def store_stage(store: Path | None, inputs_hash: str, stage_dir: Path, entry: di
             shutil.copytree(src, tmp / name)
         elif src.is_file():
             shutil.copy2(src, tmp / name)
-    meta = {k: entry.get(k) for k in ("name", "type", "metrics", "started_at", "ended_at", "data")}
+    meta = {k: entry.get(k) for k in ("name", "type", "metrics", "started_at", "ended_at", "data", "diagnostics")}
     (tmp / "stage.json").write_text(json.dumps({**meta, "from": str(stage_dir)}, indent=2))
     _publish(tmp, dest)
 

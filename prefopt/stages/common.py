@@ -17,7 +17,7 @@ from .._compat import checkpointing_args
 from ..advice import divergence, early_stopping, metric_key
 from ..errors import PrefoptError, TrainingDiverged
 from ..models import ADAPTER_NAME
-from ..runs.folder import mark_checkpoint
+from ..runs.folder import canonical_adapter_config, mark_checkpoint
 
 
 def training_args(train, *, output_dir: str | Path, seed: int, report_to: list[str], run_name: str,
@@ -274,6 +274,7 @@ def train_and_save(trainer, out_dir: Path, tokenizer, resume_from=None) -> dict:
     if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
         model.save_pretrained(str(out_dir / "adapter"), selected_adapters=[ADAPTER_NAME], safe_serialization=True,
                               **({"state_dict": state} if state is not None else {}))
+        canonical_adapter_config(out_dir / "adapter")
         tokenizer.save_pretrained(str(out_dir / "adapter"))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return metrics

@@ -159,6 +159,8 @@ def run_stage(recipe, i: int, data, prev_adapter: Path | None, run_dir: Path, re
         entry.update({k: decision.record[k] for k in ("status", "metrics", "started_at", "ended_at", "attempts",
                                                        "ref_logps", "resumed_from_step", "reused_from", "diagnostics")
                       if k in decision.record})
+        if entry.get("diagnostics") is None and dist.is_main():  # (a stage stored before diagnostics were kept)
+            entry["diagnostics"] = diagnose(st, _history(stage_dir), entry.get("metrics") or {})
         entry["lineage"] = dist.on_main_then_share(kept_stage, recipe, i, data, prev_adapter, run_dir,
                                                    records.manifest["run_id"], entry)
         records.save()

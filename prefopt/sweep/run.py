@@ -36,6 +36,7 @@ from .spec import (
     grid_problems,
     merged_spec,
     parse_select,
+    same_field_problems,
     shared_store,
 )
 
@@ -110,7 +111,7 @@ def prepare(spec: SweepSpec, *, grid: list[str] = (), select: str | None = None,
     into folders it made). Raises RecipeError / RunFolderError naming every problem."""
     base = load_recipe(spec.recipe, spec.sets)
     spec = merged_spec(spec, base.sweep, list(grid), select, max_points)
-    problems = grid_problems(spec)
+    problems = grid_problems(spec) + same_field_problems(spec)
     root = sweep_dir_of(base.name, output_dir)
     state = _read_state(root, base.name)
     group = base.tracking.wandb.group or state.get("group") or f"{base.name}-sweep-{uuid.uuid4().hex[:8]}"
@@ -118,15 +119,41 @@ def prepare(spec: SweepSpec, *, grid: list[str] = (), select: str | None = None,
     fixed = {"sweep": None, "tracking.wandb.group": group, **({"cache_dir": cache_dir} if cache_dir else {})}
     points, more = check_points(spec, base.name, fixed) if not problems else ([], [])
     sel, bad_select = parse_select(spec.select, points)
-    problems += more + bad_select + _foreign_folders(root, points, state)
+    problems += more + bad_select + _foreign_folders(root, points, state) + _changed_finished(root, points, state)
     if problems:
-        raise RecipeError(problems, str(spec.recipe))
+        raise RecipeError(problems, str(spec.recipe), subject="the sweep")
     state.update(recipe_name=base.name, recipe=str(Path(spec.recipe).resolve()), group=group,
                  grid=[[k, v] for k, v in spec.grid], select=sel.describe() if sel else None)
     state.setdefault("created_at", now())
     state.setdefault("made", [])
     state.setdefault("points", {})
-    return Prepared(root, state, points, sel, [store_note] if store_note else [], spec)
+    notes = [store_note] if store_note else []
+    earlier = [f for f in state["points"] if f not in {p.folder for p in points}]
+    if earlier:
+        n = len(earlier)
+        notes.append(f"{n} point{'s' if n != 1 else ''} of an earlier grid ({', '.join(earlier)}) stay in their "
+                     "folders, not in this table")
+    return Prepared(root, state, points, sel, notes, spec)
+
+
+def identity_of(p: Point) -> str:
+    """What makes a point's run: its whole recipe, self-contained (a rerun skips a finished point only when equal)."""
+    return p.recipe.section_hash(runfolder.self_contained(p.recipe).to_dict())
+
+
+def _changed_finished(root: Path, points: list[Point], state: dict) -> list[str]:
+    """Finished points whose recipe is no longer the same (another --set, an edited recipe or data): rerunning them
+    in place would replace finished results, so the sweep refuses."""
+    out = []
+    for p in points:
+        rec = state.get("points", {}).get(p.folder) or {}
+        if p.recipe is None or rec.get("status") not in FINISHED or runfolder.read_manifest(root / p.folder) is None:
+            continue
+        if rec.get("identity") != identity_of(p):
+            out.append(f"{root / p.folder}: finished earlier with another recipe (a --set value, the recipe or its "
+                       "data changed since); a sweep does not replace a finished point: give the changed sweep "
+                       "another --output-dir, or move that folder away to run the point again")
+    return out
 
 
 def _read_state(root: Path, name: str) -> dict:
@@ -175,7 +202,7 @@ def run_sweep(prep: Prepared, *, echo=print) -> SweepResult:
 def _run_point(prep: Prepared, p: Point, echo) -> None:
     root, state = prep.root, prep.state
     rec = state["points"].setdefault(p.folder, {})
-    identity = p.recipe.section_hash(runfolder.self_contained(p.recipe).to_dict())
+    identity = identity_of(p)
     head = f"prefopt: sweep point {p.index}/{len(prep.points)} {p.folder} ({p.label()})"
     if rec.get("status") in FINISHED and rec.get("identity") == identity \
             and runfolder.read_manifest(root / p.folder) is not None:
@@ -268,7 +295,8 @@ def _finish(prep: Prepared, echo, track: bool = True) -> SweepResult:
     trained = sum(len(r["trained"].split()) for r in result.rows)
     reused = sum(len(r["reused"].split()) for r in result.rows)
     lines = [f"recipe {state['recipe']}; grid {', '.join(f'{k}: {v}' for k, v in state['grid'])}",
-             f"{len(result.rows)} points; stages trained {trained}, reused from the shared store {reused}",
+             f"{len(result.rows)} point{'s' if len(result.rows) != 1 else ''}; stages trained {trained}, reused from "
+             f"the shared store {reused} (over every attempt)",
              "best point by " + (prep.selection.describe() if prep.selection else "-") + ": "
              + (result.best["point"] if result.best else "none (no finished point has the metric)")]
     write_atomic(result.html, table.to_html(result.rows, cols, title=f"prefopt sweep {state['recipe_name']}",

@@ -11,6 +11,7 @@ A sweep file (`prefopt sweep sweep.yaml`):
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..advice import stage_metrics
-from ..config import SWEEP_MAX_POINTS, Recipe, load_recipe
+from ..config import SWEEP_MAX_POINTS, Recipe, apply_overrides, fmt_path, load_recipe
 from ..errors import PrefoptError, RecipeError
 from ..preflight import preflight
 from ..runs import store
@@ -72,6 +73,25 @@ def _show(v: Any) -> str:
     return "+".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _value(v: Any) -> Any:
+    """A value as YAML read it, with 2e-3 / 1e4 a number (YAML 1.1 reads a float without a dot as text)."""
+    return float(v) if isinstance(v, str) and _NUMBER.fullmatch(v.strip()) else v
+
+
+def grid_values(key: str, values: Any, where: str = "grid") -> list[Any]:
+    """A key's values as the Python API or a sweep file gives them: a list (or tuple), or the command line's text
+    "V1,V2"; anything else is refused with the key named."""
+    if isinstance(values, str):
+        return parse_grid_item(f"{key}={values}")[1]
+    if not isinstance(values, (list, tuple)):
+        raise RecipeError([f"{where} {key}: expected a list of values, e.g. {{{key!r}: [V1, V2]}} or "
+                           f"{{{key!r}: 'V1,V2'}}; got {type(values).__name__} {values!r}"])
+    return [_value(v) for v in values]
+
+
 def parse_grid_item(item: str) -> tuple[str, list[Any]]:
     """`--grid KEY=V1,V2,V3` (each value read as YAML) or `--grid KEY=[V1, V2]` (a YAML list: values that hold
     commas, lists)."""
@@ -89,7 +109,7 @@ def parse_grid_item(item: str) -> tuple[str, list[Any]]:
         raise RecipeError([f"--grid {key}: a value is not valid YAML ({str(e).splitlines()[0]}); quote it"]) from None
     if not isinstance(values, list):
         raise RecipeError([f"--grid {key}: expected a list of values, e.g. {key}=1,2 or {key}='[1, 2]'"])
-    return key, values
+    return key, [_value(v) for v in values]
 
 
 def read_sweep_file(path: Path) -> SweepSpec | None:
@@ -115,7 +135,7 @@ def read_sweep_file(path: Path) -> SweepSpec | None:
         sets = {}
     if problems:
         raise RecipeError(problems, str(path))
-    spec = SweepSpec(recipe, [(str(k), list(v)) for k, v in grid.items()], sets, raw.get("select"),
+    spec = SweepSpec(recipe, [(str(k), [_value(x) for x in v]) for k, v in grid.items()], sets, raw.get("select"),
                      raw.get("max_points"), {str(k): f"{path} grid" for k in grid})
     return spec
 
@@ -129,7 +149,7 @@ def merged_spec(spec: SweepSpec, section, grid_items: list[str], select: str | N
     if section is not None:
         for k, v in section.grid.items():
             if k not in grid:
-                grid[k], origin[k] = list(v), "the recipe's sweep.grid"
+                grid[k], origin[k] = [_value(x) for x in v], "the recipe's sweep.grid"
         spec.select = spec.select or section.select
         spec.max_points = spec.max_points or section.max_points
     seen: set[str] = set()
@@ -171,6 +191,34 @@ def grid_problems(spec: SweepSpec) -> list[str]:
     if n > cap:
         problems.append(f"the grid has {n} points, more than the cap of {cap}; shrink the grid or raise the cap "
                         "(--max-points N, or sweep.max_points)")
+    return problems
+
+
+def same_field_problems(spec: SweepSpec) -> list[str]:
+    """Two grid keys that name one recipe field (stages.1.beta and stages.dpo.beta; adapter and adapter.r), or a
+    grid key that a fixed --set also sets: the later would silently undo the earlier on every point."""
+    try:
+        raw = yaml.safe_load(Path(spec.recipe).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # load_recipe says what is wrong with it
+    if not isinstance(raw, dict):
+        return []
+    named = [(k, spec.origin.get(k, "--grid")) for k, _ in spec.grid] + [(k, "--set") for k in spec.sets]
+    paths = []
+    for key, where in named:
+        given: dict = {}
+        apply_overrides(copy.deepcopy(raw), {key: None}, given, [])
+        if given:
+            paths.append((key, where, next(iter(given))))
+    problems = []
+    for i, (a, wa, pa) in enumerate(paths):
+        for b, wb, pb in paths[i + 1:]:
+            if wa == wb == "--set" or pa[:len(pb)] != pb[:len(pa)]:
+                continue
+            same = f"both name {fmt_path(pa)}" if pa == pb else f"{fmt_path(max(pa, pb, key=len))} is inside " \
+                f"{fmt_path(min(pa, pb, key=len))}"
+            fix = "give its values once" if wb != "--set" else "sweep it or fix it, not both"
+            problems.append(f"{wa} {a} and {wb} {b}: {same}; the later would undo the earlier on every point: {fix}")
     return problems
 
 
@@ -301,7 +349,10 @@ def parse_select(text: str | None, points: list[Point]) -> tuple[Selection | Non
     if not recipes:
         return None, []
     text = text or DEFAULT_SELECT
-    metric, _, mode = text.rpartition(":") if text.rsplit(":", 1)[-1] in ("min", "max") else (text, "", "")
+    metric, _, mode = text.rpartition(":") if ":" in text else (text, "", "")
+    if mode not in ("", "min", "max"):
+        return None, [f"--select {text}: the mode after ':' must be min or max, e.g. {metric}:"
+                      f"{'min' if 'loss' in metric else 'max'}"]
     mode = mode or ("min" if "loss" in metric or metric.endswith("time_s") else "max")
     names = {st.name for r in recipes for st in r.stages}
     stage, _, rest = metric.partition("/")

@@ -79,7 +79,8 @@ def mark_best(rows: list[dict], sel: Selection | None) -> dict | None:
     each row gets `selected` (its value) and `best` (True on one row)."""
     best = None
     for row in rows:
-        row["selected"] = selected_value(row, sel) if sel else None
+        # only a finished point has a value: a failed one's "last stage that logs it" would be an earlier stage
+        row["selected"] = selected_value(row, sel) if sel and row["status"] in ("done", "gate failed") else None
         row["best"] = False
         v = row["selected"]
         if row["status"] != "done" or not _number(v):
