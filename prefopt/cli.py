@@ -374,9 +374,12 @@ def data(recipe: str, overrides: tuple[str, ...], output_dir: str | None) -> Non
               help=MergeSection.model_fields["mean_kl"].description)
 @click.option("--min-top1-agreement", type=float, default=_MERGE["min_top1_agreement"], show_default=True,
               help=MergeSection.model_fields["min_top1_agreement"].description)
+@click.option("--peft-forward/--no-peft-forward", default=None,
+              help="Also run PEFT's DoRA forward in the verification, reported beside (default: auto, on for a base "
+                   "under 1 GiB).")
 @click.option("--ignore-gates", is_flag=True, help="Merge a run whose evaluation failed a gate (refused otherwise).")
 def merge(run_dir, adapter, base_model, out, stage, merge_base, quantization, dtype, overwrite, no_verify,
-          max_rel_logit_diff, mean_kl, min_top1_agreement, ignore_gates) -> None:
+          max_rel_logit_diff, mean_kl, min_top1_agreement, peft_forward, ignore_gates) -> None:
     """Merge an adapter into its base (streaming, DoRA-exact) and verify the merged model.
 
     RUN_DIR: the run's final adapter into RUN_DIR/merged/, or with --stage NAME that finished stage's adapter into
@@ -384,7 +387,8 @@ def merge(run_dir, adapter, base_model, out, stage, merge_base, quantization, dt
     merged hash) and a model card."""
     with _handled(run_dir, "nothing was written to the output folder"), console.captured("merge"):
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
-                  thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement), echo=console.say)
+                  thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement), peft_forward=peft_forward,
+                  echo=console.say)
         if adapter and run_dir:
             raise PrefoptError("give RUN_DIR or --adapter, not both")
         if adapter:

@@ -226,17 +226,24 @@ def main() -> None:
                     help="the optimizer (default: the recipes' default); DoRA has 50%% more tensors to update")
     ap.add_argument("--precision", nargs="+", default=["fp32", "autocast"], choices=["fp32", "autocast"],
                     help="plain (the model's dtype), or under bf16 autocast (the GPU's mixed precision)")
+    ap.add_argument("--autocast-sum", choices=["fp32", "bf16"], default="fp32",
+                    help="the controlled experiment: the dtype fast DoRA sums its output in under autocast (default "
+                         "fp32, as shipped; bf16 shows what the fp32 sum costs)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
 
     import torch
     from demo_assets import build_tiny_model
 
+    from prefopt.dora import ops
+
+    ops.AUTOCAST_SUM_DTYPE = torch.float32 if args.autocast_sum == "fp32" else torch.bfloat16
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads",
            "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers, "batch": f"{args.batch}x{args.seq}",
-           "accum": args.accum, "clock": args.clock, "optim": args.optim}
+           "accum": args.accum, "clock": args.clock, "optim": args.optim, "autocast_sum": args.autocast_sum}
     import peft
 
     env["peft"] = peft.__version__

@@ -1,12 +1,17 @@
-"""prefopt's streaming merge vs PEFT's load-then-merge_and_unload, side by side, on a locally generated
-random Llama of about 2 GB (bf16) in several shards, with a DoRA adapter (r=16, all linear layers).
+"""prefopt's merge vs PEFT's load-then-merge_and_unload, side by side, on a locally generated random Llama of about
+1.8 GB (bf16) in several shards, with a DoRA adapter (r=16, all linear layers).
 
-    python scripts/bench_merge.py [--layers 16] [--hidden 2048] [--shard-mb 400]
+    python scripts/bench_merge.py [--reps 2] [--layers 16] [--hidden 2048] [--shard-mb 400]
 
-Each merge runs in its own fresh process that reports its own peak RSS (VmHWM; see peak_rss_mb): prefopt's default
-merge (verification on, as `prefopt merge` runs it), prefopt's merge with verification off, and PEFT's load-then-merge.
-Prints the peak RSS ratios (target for the default: <= 0.35 of PEFT's) and wall-time ratios, and checks the outputs
-agree.
+Each merge runs in its own fresh process that reports its own wall time and peak RSS (VmHWM; see peak_rss_mb):
+prefopt's default merge (merged and verified, as `prefopt merge` runs it: the merge in a thread of its own while the
+verification starts, then one forward of the adapter model as trained beside the merged model read back from its
+files), prefopt's merge with verification off, and PEFT's load-then-merge. The three alternate their order from rep to rep. One table: median
+wall and peak RSS, their ratios to PEFT's (targets for the default: wall <= 1.0, RSS <= 0.35), and the default
+merge's time split (merge, verification) from its merge_report.json. Before any ratio is printed the script checks
+that the work was done: every adapted tensor merged and checked layer by layer, the read-back clean, the
+verification passed, the verified and unverified checkpoints equal bit for bit, and both within bf16 rounding of
+PEFT's merge on every adapted tensor.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ adapter, base, out = sys.argv[1:4]
 report = merge_adapter(adapter, out, base=base, quantization="none", dtype="bfloat16", out_dtype="bfloat16",
                        verify_merge=sys.argv[4] == "verify", echo=lambda s: None)
 v = report.get("verification") or {}
-print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "time_s": report.get("time_s"),
+                  "tensors_merged": report["tensors_merged"],
                   "verification": {k: v.get(k) for k in ("passed", "max_rel_logit_diff", "mean_kl",
-                                                         "top1_agreement")}}))
+                                                         "top1_agreement", "layers", "read_back", "tokens")}}))
 '''
 
 PEFT = r'''
@@ -147,8 +153,55 @@ def make_adapter(base: Path, out: Path, *, layers: int, hidden: int, inter: int,
     }))
 
 
+def _run(who: str, code: str, mode: str, tmp: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(tmp / who, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp / "adapter"), str(tmp / "base"), str(tmp / who), mode],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{who} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _tensors(folder: Path):
+    """(key, tensor) of a checkpoint folder, one tensor at a time."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                yield k, sf.get_tensor(k)
+
+
+def _check_work(tmp: Path, res: dict, n_adapted: int) -> float:
+    """The work was done: every adapted tensor merged and checked, the read-back clean, verification passed; the
+    verified and unverified checkpoints equal; both near PEFT's merge. Returns the worst relative difference to
+    PEFT's over the adapted tensors."""
+    import torch
+    from safetensors import safe_open
+
+    v = res["verification"]
+    assert res["tensors_merged"] == n_adapted, res
+    assert v["passed"] and v["layers"]["checked"] == n_adapted and v["read_back"]["problems"] == [], v
+    plain = dict(_tensors(tmp / "prefopt-noverify"))
+    peft_index = tmp / "peft" / "model.safetensors.index.json"
+    where = json.loads(peft_index.read_text())["weight_map"] if peft_index.is_file() else None
+    worst, n = 0.0, 0
+    for k, t in _tensors(tmp / "prefopt"):
+        assert torch.equal(t, plain.pop(k)), f"{k}: the verified merge wrote another tensor than the plain merge"
+        if k.endswith("proj.weight"):
+            with safe_open(str(tmp / "peft" / (where[k] if where else "model.safetensors")), framework="pt") as f:
+                ref = f.get_tensor(k).float()
+            worst = max(worst, ((t.float() - ref).abs().max() / ref.abs().max()).item())
+            n += 1
+    assert not plain and n == n_adapted, (len(plain), n)
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=2, help="runs of each merge, alternating order (medians reported)")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=5632)
@@ -156,9 +209,7 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=int, default=400)
     ap.add_argument("--workdir", default=None, help="where to write the model (default: a temp folder)")
     args = ap.parse_args()
-
-    import torch
-    from safetensors.torch import load_file
+    from statistics import median
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -167,37 +218,40 @@ def main() -> None:
                            shard_mb=args.shard_mb)
         make_adapter(tmp / "base", tmp / "adapter", layers=args.layers, hidden=args.hidden, inter=args.inter)
         n_shards = len(list((tmp / "base").glob("*.safetensors")))
-        print(f"base: {total / 2**30:.2f} GiB bf16 in {n_shards} shards (made in {time.perf_counter() - t0:.0f} s)")
-        res = {}
-        runs = (("prefopt", PREFOPT, "verify"), ("prefopt-noverify", PREFOPT, "no-verify"), ("peft", PEFT, ""))
-        for who, code, mode in runs:
-            proc = subprocess.run([sys.executable, "-c", code, str(tmp / "adapter"), str(tmp / "base"), str(tmp / who),
-                                   mode], capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{who} failed:\n{proc.stderr[-3000:]}")
-            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
-            extra = f"   verification {res[who]['verification']}" if mode == "verify" else ""
-            print(f"{who:16s} wall {res[who]['wall']:6.1f} s   peak RSS {res[who]['peak_rss_mb']:7.0f} MB{extra}",
-                  flush=True)
-        # the two merges agree (both bf16 output; PEFT merges in the weight dtype, prefopt in fp32)
+        print(f"base: {total / 2**30:.2f} GiB bf16 in {n_shards} shards (made in {time.perf_counter() - t0:.0f} s); "
+              f"DoRA r=16 on {7 * args.layers} linear layers; {args.reps} reps, order alternating", flush=True)
+        jobs = [("prefopt", PREFOPT, "verify"), ("prefopt-noverify", PREFOPT, "no-verify"), ("peft", PEFT, "")]
+        runs: dict[str, list[dict]] = {who: [] for who, _, _ in jobs}
         worst = 0.0
-        peft_index = tmp / "peft" / "model.safetensors.index.json"
-        idx = json.loads(peft_index.read_text())["weight_map"] if peft_index.is_file() else None
-        for f in sorted((tmp / "prefopt").glob("model*.safetensors")):
-            ours = load_file(str(f))
-            for k, t in ours.items():
-                if ".layers.0." in k and k.endswith("proj.weight"):
-                    ref = load_file(str(tmp / "peft" / (idx[k] if idx else "model.safetensors")))[k]
-                    worst = max(worst, ((t.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-        peft = res["peft"]
-        print(f"peak RSS ratio, default prefopt merge (verified) / peft: "
-              f"{res['prefopt']['peak_rss_mb'] / peft['peak_rss_mb']:.3f} (target <= 0.35)")
-        print(f"peak RSS ratio, verification off / peft: "
-              f"{res['prefopt-noverify']['peak_rss_mb'] / peft['peak_rss_mb']:.3f}")
-        print(f"wall-time ratio, default (verified) / peft: {res['prefopt']['wall'] / peft['wall']:.3f}; "
-              f"verification off / peft: {res['prefopt-noverify']['wall'] / peft['wall']:.3f}")
-        print(f"layer-0 max relative difference between the two merged checkpoints: {worst:.2e}")
-        del torch
+        for rep in range(args.reps):
+            for who, code, mode in jobs[rep % 3:] + jobs[:rep % 3]:
+                r = _run(who, code, mode, tmp)
+                runs[who].append(r)
+                split = r.get("time_s") or {}
+                print(f"  rep {rep + 1} {who:16s} wall {r['wall']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB"
+                      + (f"  (merge {split['merge']} s, verification {split['verification']} s)" if split else ""),
+                      flush=True)
+            worst = max(worst, _check_work(tmp, runs["prefopt"][-1], 7 * args.layers))
+        med = {who: {k: median(r[k] for r in rs) for k in ("wall", "peak_rss_mb")} for who, rs in runs.items()}
+        peft = med["peft"]
+        split = {k: median(r["time_s"][k] for r in runs["prefopt"]) for k in ("merge", "verification")}
+        v = runs["prefopt"][-1]["verification"]
+        print(f"\n| {total / 2**30:.2f} GiB bf16, DoRA r=16 | wall (median) | peak RSS (median) | wall / PEFT "
+              "| RSS / PEFT |\n| --- | --- | --- | --- | --- |")
+        for who, label in (("peft", "PEFT load-then-merge"), ("prefopt-noverify", "prefopt merge, verification off"),
+                           ("prefopt", "prefopt merge, default (verified)")):
+            m = med[who]
+            print(f"| {label} | {m['wall']:.1f} s | {m['peak_rss_mb']:,.0f} MiB | {m['wall'] / peft['wall']:.2f} "
+                  f"| {m['peak_rss_mb'] / peft['peak_rss_mb']:.2f} |")
+        print(f"\ndefault merge's time split (median): merge {split['merge']:.1f} s, verification "
+              f"{split['verification']:.1f} s; verification: passed, {v['layers']['checked']} layers checked (worst "
+              f"relative difference {v['layers']['max_rel_diff']:.2e}, limit {v['layers']['limit']:.3g}), logits on "
+              f"{v['tokens']} tokens: max rel diff {v['max_rel_logit_diff']:.3g}, mean KL {v['mean_kl']:.2e}, top-1 "
+              f"{v['top1_agreement']:.3f}; read-back clean")
+        print(f"targets: verified wall / PEFT {med['prefopt']['wall'] / peft['wall']:.3f} (<= 1.0), peak RSS / PEFT "
+              f"{med['prefopt']['peak_rss_mb'] / peft['peak_rss_mb']:.3f} (<= 0.35)")
+        print(f"checked: the verified and unverified checkpoints are equal bit for bit; worst relative difference "
+              f"to PEFT's merge over the {7 * args.layers} adapted tensors: {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ INSTALL_ALLOWANCE_S = 40  # pip install --target of .whl/ (bitsandbytes unpacks 
 
 def test_gpu_steps_fit_one_device_call(tmp_path):
     steps = gpu_check.plan("python3", cpu=False, work=tmp_path)
-    assert [s.name for s in steps] == ["env", "gpu_tests", "nf4_chain", "memory", "bench_dora"]
+    # bench_dora first after env: the unquantized autocast row is the one issue 26 needs a GPU figure for
+    assert [s.name for s in steps] == ["env", "bench_dora", "gpu_tests", "nf4_chain", "memory"]
+    bench = next(s for s in steps if s.name == "bench_dora").cmd
+    assert bench[bench.index("--quant") + 1] == "none" and bench[bench.index("--precision") + 1] == "autocast"
     assert sum(s.limit for s in steps) + INSTALL_ALLOWANCE_S <= 540  # 9 minutes of a 10-minute command
     gpu_tests = (ROOT / "tests" / "test_gpu.py").read_text()
     for step in steps:

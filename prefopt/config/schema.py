@@ -29,6 +29,7 @@ ADDED_DEFAULTS = {
     "adapter": {"init": "kaiming"},
     "dpo": {"loss_weights": None, "f_divergence_type": "reverse_kl", "ld_alpha": None, "use_weighting": False},
     "train": {"early_stopping": "auto"},  # what auto decides is part of the stage's inputs (steps/train.py)
+    "merge": {"peft_forward": "auto"},
 }
 
 
@@ -404,6 +405,11 @@ class MergeSection(_Section):
     max_rel_logit_diff: float = Field(0.05, gt=0, description="Fail if max |Δlogit| / max |logit| exceeds this.")
     mean_kl: float = Field(1e-4, gt=0, description="Fail if the mean per-token KL(adapter || merged) exceeds this.")
     min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Fail if top-1 tokens agree less often.")
+    peft_forward: Literal["auto"] | bool = Field(
+        "auto",
+        description="Also run PEFT's DoRA forward in the verification and report it beside (not judged). auto: on "
+        "for a base under 1 GiB; above, it costs a full-size pass per layer (PEFT materializes W + s B A).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -10,6 +10,11 @@ import torch
 
 from ..quant import compute_dtype_4bit, dequantize_4bit
 
+# Under autocast the one-node path sums u and the output in this dtype and rounds once at the end (fp32: the gradients
+# stay as close to fp32 as PEFT's own; docs/dora.md). `scripts/bench_dora.py --autocast-sum bf16` times the layer with
+# the sum kept in bf16 instead: the controlled experiment for what the fp32 sum costs (docs/benchmarks.md).
+AUTOCAST_SUM_DTYPE = torch.float32
+
 
 def rows_norm2(w: torch.Tensor) -> torch.Tensor:
     """||W_i||^2 per output row of a (dequantized) weight, in fp32, a slice of rows at a time."""
@@ -159,7 +164,7 @@ class DoraLinear(torch.autograd.Function):
         lora_a_out = torch.nn.functional.linear(x_lr, a_lr)
         # under autocast u and the output are summed in fp32, rounded once at the end, as PEFT's fp32 combination is
         # (u kept in bf16 put the magnitude and q/k gradients further from fp32 than PEFT's: docs/dora.md)
-        sum_dtype = torch.float32 if ac is not None else torch.promote_types(base_out.dtype, lr_dtype)
+        sum_dtype = AUTOCAST_SUM_DTYPE if ac is not None else torch.promote_types(base_out.dtype, lr_dtype)
         b_t = (b if b.dtype == sum_dtype else b.to(sum_dtype)).t()
         lora_a_sum = lora_a_out if lora_a_out.dtype == sum_dtype else lora_a_out.to(sum_dtype)
         if base_out.dtype == sum_dtype:  # base_out / s + (x A^T) B^T into base_out's own (fresh) buffer: no new tensor

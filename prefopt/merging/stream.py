@@ -11,6 +11,7 @@ with s = alpha / r (alpha / sqrt(r) with rsLoRA). W is the base weight as the ad
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from ..models import BASE_INFO, Residual, initial_adapter
 from ..quant import roundtrip, torch_dtype
 from ..runs.folder import adapter_hash
 from .heap import large_blocks_from_the_os, release_freed_memory
+from .onepass import fits, merge_verified
 from .verify import verify as _verify
 
 REPORT = "merge_report.json"
@@ -49,17 +51,41 @@ class Thresholds:
 
 
 def merged_weight(w, lora_a, lora_b, scale: float, magnitude=None):
-    """fp32 merge of one weight; DoRA when `magnitude` is given. A row of norm 0 (a base row of zeros that the
-    adapter left at zero) stays 0: its DoRA scale is held at 0, as in training (docs/dora.md), not 0 / 0 = NaN."""
+    """fp32 merge of one weight; DoRA when `magnitude` is given. An fp32 `w` is overwritten with the result (no
+    full-size temporary: W + s B A in one addmm, the DoRA scale applied in place). A row of norm 0 (a base row of
+    zeros that the adapter left at zero) stays 0: its DoRA scale is held at 0, as in training (docs/dora.md), not
+    0 / 0 = NaN."""
     import torch
 
-    w = w.to(torch.float32)
-    combined = w + scale * (lora_b.to(torch.float32) @ lora_a.to(torch.float32))
+    f32 = torch.float32
+    combined = w.to(f32).addmm_(lora_b.to(f32), lora_a.to(f32), alpha=scale)
     if magnitude is None:
         return combined
     norm = torch.linalg.norm(combined, dim=1)
-    mag_norm_scale = (magnitude.to(torch.float32) / norm).masked_fill_(norm == 0, 0)
-    return mag_norm_scale.unsqueeze(1) * combined
+    mag_norm_scale = (magnitude.to(f32) / norm).masked_fill_(norm == 0, 0)
+    return combined.mul_(mag_norm_scale.unsqueeze(1))
+
+
+def merge_tensor(key: str, raw, parts: dict, *, scale: float, info: dict, base_mode: str, residual, dtype,
+                 work=None, out=None):
+    """One adapted base tensor merged, in the output dtype. The base weight is the one the adapter saw in training
+    (`dequantized`: through the NF4 / int8 round trip; a base-rewriting init's residual taken out) or the original
+    (`original`). `raw` is never written to; `work` (fp32) and `out` (output dtype), when given, are buffers of the
+    tensor's shape to compute in and to return (the verified merge reuses them layer after layer)."""
+    import torch
+
+    if base_mode == "dequantized":
+        w = roundtrip(raw, info)
+    elif work is not None:
+        w = work.copy_(raw)
+    else:
+        w = raw.to(torch.float32, copy=True)
+    if w.data_ptr() == raw.data_ptr():  # (merged_weight works in place: never on the base as read)
+        w = w.clone()
+    if residual is not None:  # a base-rewriting init (pissa, olora): the base the adapter trained on
+        w = residual.apply(key, w, torch_dtype(info["dtype"])).float()
+    merged = merged_weight(w, parts["A"], parts["B"], scale, parts["m"])
+    return out.copy_(merged) if out is not None else merged.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -146,7 +172,6 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
     """Merge tensor by tensor into out_dir (a folder that does not exist yet), writing output shards of at most
     `max_shard_bytes` (plus an index) as they fill. The base file is opened per tensor, so its memory-mapped
     pages are let go at once: peak memory is about one output shard plus the adapter. Returns counts."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -177,17 +202,11 @@ def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict,
                 t = f.get_tensor(key).clone()
             parts = pending.pop(key, None)
             if parts is not None:
-                a, b = parts["A"], parts["B"]
-                if t.dim() != 2 or a.shape[1] != t.shape[1] or b.shape[0] != t.shape[0] or (
-                    parts["m"] is not None and parts["m"].numel() != t.shape[0]
-                ):
-                    raise MergeError(f"adapter does not fit the base: {key} has shape {tuple(t.shape)}, adapter "
-                                     f"A {tuple(a.shape)} B {tuple(b.shape)}; is this the base it was trained on?")
-                w = roundtrip(t, info) if base_mode == "dequantized" else t.to(torch.float32)
-                if residual is not None:  # a base-rewriting init (pissa, olora): the base the adapter trained on
-                    w = residual.apply(key, w, torch_dtype(info["dtype"])).float()
-                t = merged_weight(w, a, b, adapter.scale, parts["m"]).to(dtype)
-                del w
+                problem = fits(key, tuple(t.shape), parts)
+                if problem:
+                    raise MergeError(problem)
+                t = merge_tensor(key, t, parts, scale=adapter.scale, info=info, base_mode=base_mode,
+                                 residual=residual, dtype=dtype)
                 merged += 1
             elif t.is_floating_point() and key.endswith(".weight") and t.dim() == 2 and t.dtype != dtype:
                 t = t.to(dtype)  # non-adapted matrices follow the output dtype; values otherwise unchanged
@@ -257,12 +276,15 @@ def merge_adapter(
     probe_note: str | None = None,
     dora_impl: str = _ADAPTER["dora_impl"],
     dora_dropout: str = _ADAPTER["dora_dropout"],
+    peft_forward: bool | None = None,
     echo=print,
 ) -> dict:
     """Merge one adapter into its base; writes out_dir (whole or not at all) with merge_report.json.
 
     base / quantization / dtype default to what the adapter's prefopt_base.json recorded in training.
     base_mode: auto (dequantized when training used a quantized base, else original) | dequantized | original.
+    peft_forward: also run PEFT's DoRA forward in the verification and report it beside (None: auto, on for a base
+    under 1 GiB).
     Raises MergeError (exit code 2 from the CLI) on refusals and on failed verification (the merged
     folder is kept for inspection, its report says why).
     """
@@ -284,17 +306,28 @@ def merge_adapter(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with large_blocks_from_the_os():
-            counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
-        copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
+        verification = None
+        if verify_merge:  # merged and verified together (prefopt.merging.onepass)
+            tmp.mkdir(parents=True)
+            copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
+            residual = Residual(initial_adapter(adapter_dir)) if initial_adapter(adapter_dir) is not None else None
+            one = functools.partial(merge_tensor, scale=adapter.scale, info=info, base_mode=base_mode,
+                                    residual=residual, dtype=torch_dtype(out_dtype))
+            with large_blocks_from_the_os():
+                counts, verification = merge_verified(
+                    adapter, base_dir, _base_shards(base_dir)[0], tmp, info=info, base_mode=base_mode,
+                    out_dtype=out_dtype, probe_rows=probe_rows, thresholds=thresholds, merge_tensor=one,
+                    dora_impl=dora_impl, dora_dropout=dora_dropout, peft_forward=peft_forward, echo=echo)
+        else:
+            with large_blocks_from_the_os():
+                counts = stream_merge(adapter, base_dir, tmp, info=info, base_mode=base_mode, out_dtype=out_dtype)
+            copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
         report = {"adapter": str(adapter_dir), "base": info["name_or_path"], "base_mode": base_mode,
                   "training_quantization": info["quantization"], "training_dtype": info["dtype"],
                   "method": "dora" if adapter.use_dora else "lora", "scale": adapter.scale, "out_dtype": out_dtype,
                   "adapter_hash": settings["adapter_hash"], **counts, **(report_extra or {})}
         if verify_merge:
-            with large_blocks_from_the_os():
-                report["verification"] = verify(tmp, adapter_dir, info, base_dir, probe_rows, thresholds,
-                                                dora_impl=dora_impl, dora_dropout=dora_dropout)
+            report["verification"] = verification
             if report["verification"]["probe_source"] == "fixed prompts" and probe_note:
                 report["verification"]["probe_note"] = probe_note
                 echo(f"prefopt: merge: {probe_note}; verifying on {report['verification']['probes']} fixed prompts")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import dist
-from ..config import Recipe, load_recipe
+from ..config import Recipe, identity, load_recipe
 from ..data import recipe_stage_data
 from ..errors import GateFailed, MergeError, PrefoptError, option
 from ..eval.card import write_model_card
@@ -33,7 +33,8 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     out = run_dir / runfolder.MERGED
     # the merge's inputs: its section, the last stage's inputs and the adapter that stage actually wrote
     final = run_dir / manifest["stages"][-1]["adapter"]
-    key = recipe.section_hash(mc.model_dump(mode="json"), manifest["stages"][-1]["inputs_hash"], adapter_hash(final))
+    key = recipe.section_hash(identity("merge", mc.model_dump(mode="json")), manifest["stages"][-1]["inputs_hash"],
+                              adapter_hash(final))
     report = runfolder.merge_done(run_dir, manifest, key, verify=mc.verify)
     if report is not None:
         echo("prefopt: merge: done and unchanged, skipped")
@@ -46,6 +47,7 @@ def merge_final(recipe: Recipe, run_dir: Path, manifest: dict, save_manifest, ec
     try:
         report = merge_run(run_dir, out, base_mode=mc.base, out_dtype=mc.dtype, overwrite=True,
                            verify_merge=mc.verify, thresholds=thresholds, echo=echo, recipe=recipe,
+                           peft_forward=None if mc.peft_forward == "auto" else mc.peft_forward,
                            report_extra={"inputs_hash": key})
     except BaseException:
         manifest["merge"]["status"] = "failed"
