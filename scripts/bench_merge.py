@@ -4,14 +4,14 @@
     python scripts/bench_merge.py [--reps 2] [--layers 16] [--hidden 2048] [--shard-mb 400]
 
 Each merge runs in its own fresh process that reports its own wall time and peak RSS (VmHWM; see peak_rss_mb):
-prefopt's default merge (merged and verified, as `prefopt merge` runs it: the merge in a thread of its own while the
-verification starts, then one forward of the adapter model as trained beside the merged model read back from its
-files), prefopt's merge with verification off, and PEFT's load-then-merge. The three alternate their order from rep to rep. One table: median
-wall and peak RSS, their ratios to PEFT's (targets for the default: wall <= 1.0, RSS <= 0.35), and the default
-merge's time split (merge, verification) from its merge_report.json. Before any ratio is printed the script checks
-that the work was done: every adapted tensor merged and checked layer by layer, the read-back clean, the
-verification passed, the verified and unverified checkpoints equal bit for bit, and both within bf16 rounding of
-PEFT's merge on every adapted tensor.
+prefopt's default merge (merged and verified, as `prefopt merge` runs it: the merge in a thread of its own while
+the verification starts, then one forward of the adapter model as trained beside the merged model read back from
+its files), prefopt's merge with verification off, and PEFT's load-then-merge. The three alternate their order
+from rep to rep. One table: median wall and peak RSS, their ratios to PEFT's (targets for the default: wall
+<= 1.0, RSS <= 0.35), and the default merge's time split (merge, verification) from its merge_report.json. Before
+any ratio is printed the script checks that the work was done: every adapted tensor merged and checked layer by
+layer, the read-back clean, the verification passed, the verified and unverified checkpoints equal bit for bit,
+and both within bf16 rounding of PEFT's merge on every adapted tensor.
 """
 
 from __future__ import annotations
