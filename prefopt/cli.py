@@ -385,6 +385,7 @@ def merge(run_dir, adapter, base_model, out, stage, merge_base, quantization, dt
     RUN_DIR: the run's final adapter into RUN_DIR/merged/, or with --stage NAME that finished stage's adapter into
     RUN_DIR/merged-NAME/ (a roll-back). Either gets lineage.json beside the weights (data hashes -> adapter hashes ->
     merged hash) and a model card."""
+    signals.install()  # SIGTERM as Ctrl-C: the half-written merge folder is removed on the way out
     with _handled(run_dir, "nothing was written to the output folder"), console.captured("merge"):
         kw = dict(base_mode=merge_base, out_dtype=dtype, overwrite=overwrite, verify_merge=not no_verify,
                   thresholds=Thresholds(max_rel_logit_diff, mean_kl, min_top1_agreement), peft_forward=peft_forward,

@@ -194,3 +194,107 @@ def test_peft_forward_is_opt_in_above_a_small_base(tmp_path, tiny_model, monkeyp
     assert "peft_forward" not in large
     on = merge_adapter(adapter, tmp_path / "on", peft_forward=True, echo=lambda s: None)["verification"]
     assert on["peft_forward"]["probes"] == 2 and on["peft_forward"]["max_abs_logit_diff_vs_trained"] < 1e-3
+
+
+def test_an_error_in_the_merge_thread_is_raised_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import sys
+
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+
+    def broken(key, raw, parts, **kw):
+        raise RuntimeError("boom in the merge thread")
+
+    monkeypatch.setattr(stream, "merge_tensor", broken)
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError, match="boom in the merge thread"):
+        merge_adapter(adapter, tmp_path / "m", echo=lambda s: None)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m*")), "nothing half-written"
+    assert sys.getswitchinterval() == before
+
+
+def test_a_base_on_another_file_system_is_copied_through_memory(tmp_path, tiny_model, monkeypatch):
+    """copy_file_range raises EXDEV across file systems (the hub cache on one disk, the output on another): the
+    untouched tensors then go through a bounded buffer (review finding: the merge failed there)."""
+    import errno
+    import os
+
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    calls = []
+
+    def cross_device(*a):
+        calls.append(a)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device, raising=False)
+    report = merge_adapter(adapter, tmp_path / "m", out_dtype="float32", echo=lambda s: None)
+    assert report["verification"]["passed"] and len(calls) == 1  # tried once, then through memory
+    stream_merge(read_adapter(adapter), tiny_model, tmp_path / "plain", info=json.loads(
+        (adapter / "prefopt_base.json").read_text()), base_mode="original", out_dtype="float32")
+    plain = _tensors(tmp_path / "plain")
+    assert all(torch.equal(t, plain[k]) for k, t in _tensors(tmp_path / "m").items())
+
+
+def test_a_truncated_base_is_refused_before_any_work(tmp_path, tiny_model):
+    """A shard shorter than its header says (a partial download): refused at once, nothing left behind (review
+    finding: the merge thread waited forever)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    adapter = make_adapter(base, tmp_path / "a")
+    shard = base / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(MergeError, match="cut short"):
+        merge_adapter(adapter, tmp_path / "m", echo=lambda s: None)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp*"))
+
+
+def test_an_fp32_base_trained_in_bf16_merged_to_fp32_passes(tmp_path, tiny_model):
+    """The merge folds the adapter into the stored fp32 weight; the layer check uses that weight, not the bf16-rounded
+    one training saw (review finding: a false failure, 9e-4 against the fp32 limit 1e-4)."""
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    info = json.loads((adapter / "prefopt_base.json").read_text())
+    (adapter / "prefopt_base.json").write_text(json.dumps({**info, "dtype": "bfloat16"}))
+    v = merge_adapter(adapter, tmp_path / "m", out_dtype="float32", echo=lambda s: None)["verification"]
+    assert v["passed"] and v["layers"]["max_rel_diff"] < v["layers"]["limit"], v
+
+
+def test_a_large_cast_tensor_goes_in_blocks(tmp_path, tiny_model, monkeypatch):
+    """A tensor the merge only casts (the embedding, fp32 -> bf16) is read, cast and written a block of rows at a
+    time, never whole; the result is the streaming merge's, and its sampled rows are read back."""
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    monkeypatch.setattr(onepass, "BLOCK_BYTES", 4096)
+    report = merge_adapter(adapter, tmp_path / "m", echo=lambda s: None)
+    assert report["verification"]["passed"]
+    stream_merge(read_adapter(adapter), tiny_model, tmp_path / "plain", info=json.loads(
+        (adapter / "prefopt_base.json").read_text()), base_mode="original", out_dtype="bfloat16")
+    plain, ours = _tensors(tmp_path / "plain"), _tensors(tmp_path / "m")
+    assert ours["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert all(torch.equal(t, plain[k]) for k, t in ours.items())
+
+
+def test_a_killed_merges_temp_folder_is_removed_by_the_next(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".m.tmp-{dead.stdout.strip()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    merge_adapter(adapter, tmp_path / "m", echo=lambda s: None)
+    assert not stale.exists() and (tmp_path / "m" / "merge_report.json").is_file()
+
+
+def test_a_wrong_config_copied_fails(tmp_path, tiny_model, monkeypatch):
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    real = stream.copy_side_files
+
+    def wrong_config(base_dir, adapter_dir, out_dir, out_dtype):
+        real(base_dir, adapter_dir, out_dir, out_dtype)
+        cfg = json.loads((out_dir / "config.json").read_text())
+        (out_dir / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 0.5}))
+
+    monkeypatch.setattr(stream, "copy_side_files", wrong_config)
+    failures = _failures(tmp_path, adapter)
+    assert any("config.json differs from the base's in rms_norm_eps" in f for f in failures), failures

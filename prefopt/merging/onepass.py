@@ -41,6 +41,7 @@ PEFT_AUTO_MAX_BYTES = 1 << 30  # peft_forward "auto": on for a base under 1 GiB 
 OVERLAP = True  # the merge in a thread of its own while the verification imports and builds its model
 CHECK_ROWS = 32  # activation rows each adapted layer's merged weight is checked on
 PROGRESS_EVERY_S = 5.0
+BLOCK_BYTES = 64 << 20  # a tensor the merge only casts is read, cast and written a block of rows of this size at a time
 
 
 def fits(key: str, shape: tuple, parts: dict) -> str | None:
@@ -109,6 +110,8 @@ class _Merger(threading.Thread):
                 parts = self.adapter.modules.get(key)
                 if parts is None and planned == torch_dtype_of(e.dtype):
                     self.writer.copy(key, e)
+                elif parts is None and len(e.shape) >= 1 and e.nbytes > BLOCK_BYTES:
+                    self._cast_in_blocks(key, e, planned)  # (an embedding or head of a large vocabulary)
                 else:
                     raw = self.src.read(key, out=pool.take((e.nbytes,), torch.uint8)).to(self.dev)
                     if parts is not None:
@@ -131,6 +134,13 @@ class _Merger(threading.Thread):
             with self.cond:
                 self.stop = True
                 self.cond.notify_all()
+
+    def _cast_in_blocks(self, key: str, e, dtype) -> None:
+        step = max(1, BLOCK_BYTES // max(1, e.nbytes // e.shape[0]))
+        for r in range(0, e.shape[0], step):
+            block = self.src.row_range(key, r, r + step).to(dtype)
+            self.writer.write(key, block, row0=r)
+            self.writer.sample(key, block, row0=r)
 
     def wait(self, key: str) -> None:
         with self.cond:
@@ -240,11 +250,14 @@ class _Pass:
         return out.copy_(t) if out is not None else t.to(torch.float32)
 
     def check_weight(self, key: str, raw, ref):
-        """The base weight an adapted layer's merge is checked against: the trained one, or with `original` after a
-        quantized training base, the original (read independently of the merge)."""
+        """The base weight an adapted layer's merge is checked against, computed here from the base as read (not
+        taken from the merge): `dequantized`, the weight as trained (through the NF4 / int8 round trip); `original`,
+        the stored weight (which the merge folds the adapter into: with an fp32 base trained in bf16 that is not the
+        bf16-rounded weight training saw, whose difference the logits check reports)."""
         import torch
 
-        if self.base_mode == "dequantized" or not self.quantized:
+        if self.base_mode == "dequantized" or (raw.dtype == self.train_dtype and self.residual is None
+                                               and not self.quantized):
             return ref
         w = raw.to(torch.float32, copy=True)
         return self.residual.apply(key, w, self.train_dtype).float() if self.residual is not None else w
@@ -362,13 +375,15 @@ def _probes(out_dir: Path, probe_rows, dev):
 
 
 class _Head:
-    """The head matrix, cast per slice of the vocabulary (compare's Matrix interface)."""
+    """The head matrix in its file, read a slice of the vocabulary at a time and cast (compare's Matrix
+    interface): never whole in memory."""
 
-    def __init__(self, t, cast):
-        self.t, self.cast, self.shape = t, cast, tuple(t.shape)
+    def __init__(self, files, key: str, cast, dev):
+        self.files, self.key, self.cast, self.dev = files, key, cast, dev
+        self.shape = files.entries[key].shape
 
-    def __getitem__(self, rows):
-        return self.cast(self.t[rows])
+    def __getitem__(self, rows: slice):
+        return self.cast(self.files.row_range(self.key, rows.start or 0, rows.stop).to(self.dev))
 
 
 def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, info: dict, base_mode: str,
@@ -380,6 +395,7 @@ def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, 
     t0 = time.perf_counter()
     src = Source(base_dir, files)
     writer = merger = None
+    switch = sys.getswitchinterval()
     try:
         _refuse_misfits(adapter, src)
         writer = Writer(out_dir, output_plan(src, adapter.modules, out_dtype), max_shard_bytes)
@@ -388,7 +404,6 @@ def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, 
         # the merge runs while this thread imports transformers and PEFT and builds the adapter model: Python code
         # that holds the GIL for its default 5 ms slices, which would starve the merge's short Python steps
         # between its (GIL-free) torch kernels; handed over every 10 us instead, the merge hides behind the imports
-        switch = sys.getswitchinterval()
         if OVERLAP:
             sys.setswitchinterval(1e-5)
             merger.start()
@@ -404,13 +419,13 @@ def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, 
     except BaseException:
         if merger is not None:
             merger.stop = True
-            merger.join()
+            if merger.is_alive():
+                merger.join()
         if writer is not None:
             writer.abandon()
         raise
     finally:
-        if merger is not None:
-            sys.setswitchinterval(switch)
+        sys.setswitchinterval(switch)
         src.close()
     total = time.perf_counter() - t0
     counts["time_s"] = {"merge": round(merger.seconds, 2), "verification": round(total - counts.pop("_waited"), 2),
@@ -455,7 +470,7 @@ def _merge_and_verify(adapter, src, writer, merger, out_dir, *, info, base_mode,
     if merger.error is not None:
         raise merger.error
     shards = writer.close()
-    problems = writer.read_back()
+    problems = writer.read_back() + _config_problems(out_dir, base_dir_of(src))
     unexercised = [k for k in adapter.modules if k not in state.exercised]
     metrics = {"probes": n_probes, "probe_source": source, **figures["trained"],
                "reference": "prefopt's fast DoRA forward (as trained)" if fast else "the adapter model",
@@ -471,6 +486,20 @@ def _merge_and_verify(adapter, src, writer, merger, out_dir, *, info, base_mode,
     failures = _failures(metrics, thresholds, limit, unexercised, problems)
     counts = {"tensors_merged": len(adapter.modules), **shards, "_waited": state.waited}
     return counts, {**metrics, "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
+
+
+def _config_problems(out_dir: Path, base_dir: Path) -> list[str]:
+    """The merged folder's config.json is the base's, but for its dtype and quantization (the verification built
+    the merged half from the base's config: a wrong config copied would not show in its figures)."""
+    import json
+
+    drop = ("dtype", "torch_dtype", "quantization_config")
+    try:
+        ours, theirs = (json.loads((d / "config.json").read_text()) for d in (out_dir, base_dir))
+    except (OSError, ValueError) as e:
+        return [f"config.json: {e}"]
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in drop and ours.get(k) != theirs.get(k))
+    return [f"config.json differs from the base's in {', '.join(differ)}"] if differ else []
 
 
 def base_dir_of(src: Source) -> Path:
@@ -516,10 +545,9 @@ def _logits(state: _Pass, head_key: str, hidden, mask, sizes) -> dict:
     import torch
 
     h = hidden.split(sizes, dim=0)
-    raw = state.src.read(head_key).to(state.dev)
-    written = state.merged(head_key).to(state.dev)
-    w_t = _Head(raw, lambda t, d=state.train_dtype: t.to(d).to(torch.float32))
-    w_m = _Head(written, lambda t: t.to(torch.float32))
+    state.merger.wait(head_key)
+    w_t = _Head(state.src, head_key, lambda t, d=state.train_dtype: t.to(d).to(torch.float32), state.dev)
+    w_m = _Head(state.writer.files, head_key, lambda t: t.to(torch.float32), state.dev)
     figures = {"trained": compare(h[0], w_t, h[1], w_m, mask)}
     if state.peft:
         k = sizes[2]

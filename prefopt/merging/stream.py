@@ -304,6 +304,7 @@ def merge_adapter(
     adapter = read_adapter(adapter_dir)
     base_dir = resolve_base_dir(info["name_or_path"])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    _remove_dead_temps(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         verification = None
@@ -337,6 +338,21 @@ def merge_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
     _say_verdict(report.get("verification"), base_mode, out_dir, echo)
     return report
+
+
+def _remove_dead_temps(out_dir: Path) -> None:
+    """Temp folders of this output left by merges that were killed (their process is gone): a killed merge cannot
+    clean up after itself, the next one does."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _training_base(adapter_dir: Path, base, quantization: str | None, dtype: str | None) -> dict:
