@@ -74,7 +74,7 @@ def test_a_sharded_merge_matches_and_says_its_progress(tmp_path, sharded_model, 
     assert bars and "GiB written" in bars[-1] and "left" in bars[-1] and "layer " in bars[-1], lines
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "one"))
     # small shards: several files and an index, the layout planned before any tensor is written
-    monkeypatch.setattr(stream, "merge_verified", _small_shards(stream.merge_verified))
+    monkeypatch.setattr(stream, "stream_merge", _small_shards(stream.stream_merge))
     merge_adapter(adapter, tmp_path / "small", out_dtype="float32", echo=lambda s: None)
     index = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and index["weight_map"].keys() == plain.keys()

@@ -82,74 +82,39 @@ def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
-class _Merger(threading.Thread):
-    """Every base tensor read, merged where adapted (else cast or copied file to file) and written to its place, in
-    layer order; `wait(key)` blocks until that tensor is in the file."""
+def write_merged(src: Source, writer: Writer, adapter, merge_tensor, dev, *, on_written=None, stop=None) -> None:
+    """Every base tensor read, merged where adapted (else cast, in blocks when large, or copied file to file) and
+    written to its place, in layer order; `on_written(key)` after each, `stop()` checked between tensors."""
+    import torch
 
-    def __init__(self, src: Source, writer: Writer, adapter, merge_tensor, dev, progress: _Progress):
-        super().__init__(name="prefopt-merge", daemon=True)
-        self.src, self.writer, self.adapter, self.merge_tensor, self.dev = src, writer, adapter, merge_tensor, dev
-        self.progress = progress
-        self.cond = threading.Condition()
-        self.done: set[str] = set()
-        self.error: BaseException | None = None
-        self.stop = False
-        self.seconds = 0.0
-
-    def run(self) -> None:
-        import torch
-
-        t0 = time.perf_counter()
-        pool = _Pool()
-        try:
-            for key in sorted(self.src.entries, key=_natural):
-                if self.stop:
-                    return
-                e = self.src.entries[key]
-                planned = getattr(torch, _torch_name(self.writer.dtype_of(key)))
-                parts = self.adapter.modules.get(key)
-                if parts is None and planned == torch_dtype_of(e.dtype):
-                    self.writer.copy(key, e)
-                elif parts is None and len(e.shape) >= 1 and e.nbytes > BLOCK_BYTES:
-                    self._cast_in_blocks(key, e, planned)  # (an embedding or head of a large vocabulary)
-                else:
-                    raw = self.src.read(key, out=pool.take((e.nbytes,), torch.uint8)).to(self.dev)
-                    if parts is not None:
-                        written = self.merge_tensor(key, raw, parts, work=pool.take(e.shape, torch.float32, self.dev),
-                                                    out=pool.take(e.shape, planned, self.dev))
-                    else:
-                        written = pool.take(e.shape, planned, self.dev).copy_(raw)
-                    self.writer.write(key, written)
-                    self.writer.sample(key, written)
-                    del raw, written
-                    pool.release()
-                with self.cond:
-                    self.done.add(key)
-                    self.cond.notify_all()
-                self.progress.tick()
-        except BaseException as err:  # handed to the main thread, which raises it
-            self.error = err
-        finally:
-            self.seconds = time.perf_counter() - t0
-            with self.cond:
-                self.stop = True
-                self.cond.notify_all()
-
-    def _cast_in_blocks(self, key: str, e, dtype) -> None:
-        step = max(1, BLOCK_BYTES // max(1, e.nbytes // e.shape[0]))
-        for r in range(0, e.shape[0], step):
-            block = self.src.row_range(key, r, r + step).to(dtype)
-            self.writer.write(key, block, row0=r)
-            self.writer.sample(key, block, row0=r)
-
-    def wait(self, key: str) -> None:
-        with self.cond:
-            while key not in self.done and self.error is None and not self.stop:
-                self.cond.wait()
-        if self.error is not None:
-            raise self.error
-        if key not in self.done:
-            raise MergeError(f"merge: {key} was never written (a bug, please report it)")
+    pool = _Pool()
+    for key in sorted(src.entries, key=_natural):
+        if stop is not None and stop():
+            return
+        e = src.entries[key]
+        planned = getattr(torch, _torch_name(writer.dtype_of(key)))
+        parts = adapter.modules.get(key)
+        if parts is None and planned == torch_dtype_of(e.dtype):
+            writer.copy(key, e)
+        elif parts is None and len(e.shape) >= 1 and e.nbytes > BLOCK_BYTES:  # a large embedding or head: in blocks
+            step = max(1, BLOCK_BYTES // max(1, e.nbytes // e.shape[0]))
+            for r in range(0, e.shape[0], step):
+                block = src.row_range(key, r, r + step).to(planned)
+                writer.write(key, block, row0=r)
+                writer.sample(key, block, row0=r)
+        else:
+            raw = src.read(key, out=pool.take((e.nbytes,), torch.uint8)).to(dev)
+            if parts is not None:
+                written = merge_tensor(key, raw, parts, work=pool.take(e.shape, torch.float32, dev),
+                                       out=pool.take(e.shape, planned, dev))
+            else:
+                written = pool.take(e.shape, planned, dev).copy_(raw)
+            writer.write(key, written)
+            writer.sample(key, written)
+            del raw, written
+            pool.release()
+        if on_written is not None:
+            on_written(key)
 
 
 class _Progress:
@@ -180,6 +145,53 @@ class _Progress:
         self.echo(f"prefopt: merge [{bar}] {self.writer.bytes_written / 2**30:.2f}/{self.writer.total / 2**30:.2f} "
                   f"GiB written, layer {self.layer}/{self.layers or '?'} verified, {now - self.t0:.0f} s, about "
                   f"{left:.0f} s left")
+
+
+class _Merger(threading.Thread):
+    """The merge (`merge(on_start=, on_written=, stop=)`: stream.stream_merge, as the caller looks it up) in a
+    thread of its own; `wait(key)` blocks until that tensor is in the file, `writer` is the merge's."""
+
+    def __init__(self, merge, progress_echo):
+        super().__init__(name="prefopt-merge", daemon=True)
+        self.merge, self.echo = merge, progress_echo
+        self.cond = threading.Condition()
+        self.done: set[str] = set()
+        self.error: BaseException | None = None
+        self.stop = False
+        self.seconds = 0.0
+        self.writer: Writer | None = None
+        self.progress: _Progress | None = None
+        self.result: dict = {}
+
+    def _begun(self, writer: Writer) -> None:
+        self.writer, self.progress = writer, _Progress(writer, self.echo)
+
+    def _done_one(self, key: str) -> None:
+        with self.cond:
+            self.done.add(key)
+            self.cond.notify_all()
+        self.progress.tick()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.result = self.merge(on_start=self._begun, on_written=self._done_one, stop=lambda: self.stop)
+        except BaseException as err:  # handed to the main thread, which raises it
+            self.error = err
+        finally:
+            self.seconds = time.perf_counter() - t0
+            with self.cond:
+                self.stop = True
+                self.cond.notify_all()
+
+    def wait(self, key: str) -> None:
+        with self.cond:
+            while key not in self.done and self.error is None and not self.stop:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error
+        if key not in self.done:
+            raise MergeError(f"merge: {key} was never written (a bug, please report it)")
 
 
 class _Pool:
@@ -387,20 +399,19 @@ class _Head:
 
 
 def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, info: dict, base_mode: str,
-                   out_dtype: str, probe_rows, thresholds, merge_tensor, dora_impl: str, dora_dropout: str,
-                   peft_forward: bool | None = None, max_shard_bytes: int = 256 * 2**20,
-                   echo=print) -> tuple[dict, dict]:
-    """Merge into out_dir (which already holds config.json and the tokenizer) and verify. peft_forward: None is
-    auto (on for a base under PEFT_AUTO_MAX_BYTES). Returns (counts and the time split, the verification report)."""
+                   out_dtype: str, probe_rows, thresholds, merge, dora_impl: str, dora_dropout: str,
+                   peft_forward: bool | None = None, echo=print) -> tuple[dict, dict]:
+    """Merge into out_dir (which already holds config.json and the tokenizer) and verify. `merge(on_start=,
+    on_written=, stop=)` writes the merged checkpoint (stream.stream_merge, bound by the caller); it runs in a thread
+    of its own. peft_forward: None is auto (on for a base under PEFT_AUTO_MAX_BYTES). Returns (counts and the time
+    split, the verification report)."""
     t0 = time.perf_counter()
     src = Source(base_dir, files)
-    writer = merger = None
+    merger = None
     switch = sys.getswitchinterval()
     try:
-        _refuse_misfits(adapter, src)
-        writer = Writer(out_dir, output_plan(src, adapter.modules, out_dtype), max_shard_bytes)
-        progress = _Progress(writer, echo)
-        merger = _Merger(src, writer, adapter, merge_tensor, device(), progress)
+        refuse_misfits(adapter, src)
+        merger = _Merger(merge, echo)
         # the merge runs while this thread imports transformers and PEFT and builds the adapter model: Python code
         # that holds the GIL for its default 5 ms slices, which would starve the merge's short Python steps
         # between its (GIL-free) torch kernels; handed over every 10 us instead, the merge hides behind the imports
@@ -411,29 +422,28 @@ def merge_verified(adapter, base_dir: Path, files: list[str], out_dir: Path, *, 
             merger.run()
         if peft_forward is None:
             peft_forward = sum(e.nbytes for e in src.entries.values()) < PEFT_AUTO_MAX_BYTES
-        counts, verification = _merge_and_verify(adapter, src, writer, merger, out_dir, info=info,
-                                                 base_mode=base_mode, out_dtype=out_dtype, probe_rows=probe_rows,
-                                                 thresholds=thresholds, dora_impl=dora_impl,
-                                                 dora_dropout=dora_dropout, peft_forward=peft_forward,
-                                                 switch=switch, echo=echo)
+        counts, verification = _merge_and_verify(adapter, src, merger, out_dir, info=info, base_mode=base_mode,
+                                                 out_dtype=out_dtype, probe_rows=probe_rows, thresholds=thresholds,
+                                                 dora_impl=dora_impl, dora_dropout=dora_dropout,
+                                                 peft_forward=peft_forward, switch=switch)
     except BaseException:
         if merger is not None:
             merger.stop = True
             if merger.is_alive():
                 merger.join()
-        if writer is not None:
-            writer.abandon()
         raise
     finally:
         sys.setswitchinterval(switch)
         src.close()
+        if merger is not None and merger.writer is not None:
+            merger.writer.files.close()
     total = time.perf_counter() - t0
     counts["time_s"] = {"merge": round(merger.seconds, 2), "verification": round(total - counts.pop("_waited"), 2),
                         "total": round(total, 2)}
     return counts, verification
 
 
-def _refuse_misfits(adapter, src: Source) -> None:
+def refuse_misfits(adapter, src: Source) -> None:
     missing = [k for k in adapter.modules if k not in src.entries]
     if missing:
         raise MergeError(f"adapter does not fit the base: {len(missing)} adapted modules are not in the base "
@@ -444,32 +454,32 @@ def _refuse_misfits(adapter, src: Source) -> None:
             raise MergeError(problem)
 
 
-def _merge_and_verify(adapter, src, writer, merger, out_dir, *, info, base_mode, out_dtype, probe_rows, thresholds,
-                      dora_impl, dora_dropout, peft_forward, switch, echo) -> tuple[dict, dict]:
+def _merge_and_verify(adapter, src, merger, out_dir, *, info, base_mode, out_dtype, probe_rows, thresholds,
+                      dora_impl, dora_dropout, peft_forward, switch) -> tuple[dict, dict]:
     dev = device()
     enc, n_probes, source = _probes(out_dir, probe_rows, dev)
     root, decoder, fast = _skeleton(adapter.folder, base_dir_of(src), dev, dora_impl=dora_impl,
                                     dora_dropout=dora_dropout)
-    n_peft = min(PEFT_PROBES, n_probes) if fast and peft_forward else 0
-    sizes = [n_probes, n_probes] + ([n_peft] if n_peft else [])
-    state = _Pass(src=src, writer=writer, merger=merger, adapter=adapter, info=info, base_mode=base_mode, dev=dev,
-                  sizes=sizes, peft=bool(n_peft),
-                  progress=merger.progress)
-    merger.progress.layers = getattr(root.config, "num_hidden_layers", 0)
-    embed_key = _key_of(root, root.get_input_embeddings())
     t0 = time.perf_counter()
     if merger.is_alive():
         merger.join()  # (the forward's matmuls and the merge's on two cores at once slow both down: one after other)
-    state.waited += time.perf_counter() - t0
+    waited = time.perf_counter() - t0
     sys.setswitchinterval(switch)
+    if merger.error is not None:
+        raise merger.error
+    writer = merger.writer
+    n_peft = min(PEFT_PROBES, n_probes) if fast and peft_forward else 0
+    sizes = [n_probes, n_probes] + ([n_peft] if n_peft else [])
+    merger.progress.layers = getattr(root.config, "num_hidden_layers", 0)
+    state = _Pass(src=src, writer=writer, merger=merger, adapter=adapter, info=info, base_mode=base_mode, dev=dev,
+                  sizes=sizes, peft=bool(n_peft), progress=merger.progress)
+    state.waited = waited
+    embed_key = _key_of(root, root.get_input_embeddings())
     hidden = _forward(state, root, decoder, enc, embed_key)
     mask = enc["attention_mask"].bool()
     head_key = _key_of(root, root.get_output_embeddings())
     head_key = head_key if head_key in src.entries else embed_key  # tied: the head is the embedding matrix
     figures = _logits(state, head_key, hidden, mask, sizes)
-    if merger.error is not None:
-        raise merger.error
-    shards = writer.close()
     problems = writer.read_back() + _config_problems(out_dir, base_dir_of(src))
     unexercised = [k for k in adapter.modules if k not in state.exercised]
     metrics = {"probes": n_probes, "probe_source": source, **figures["trained"],
@@ -484,7 +494,7 @@ def _merge_and_verify(adapter, src, writer, merger, out_dir, *, info, base_mode,
                          "limit": limit}
     metrics["read_back"] = {"tensors": len(writer.places), "problems": problems[:10]}
     failures = _failures(metrics, thresholds, limit, unexercised, problems)
-    counts = {"tensors_merged": len(adapter.modules), **shards, "_waited": state.waited}
+    counts = {**merger.result, "_waited": state.waited}
     return counts, {**metrics, "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
 
 

@@ -24,8 +24,10 @@ from ..errors import MergeError, option
 from ..models import BASE_INFO, Residual, initial_adapter
 from ..quant import roundtrip, torch_dtype
 from ..runs.folder import adapter_hash
-from .heap import large_blocks_from_the_os, release_freed_memory
-from .onepass import fits, merge_verified
+from .heap import large_blocks_from_the_os
+from .onepass import merge_verified, output_plan, refuse_misfits, write_merged
+from .tensorfile import Source, Writer
+from .verify import device
 from .verify import verify as _verify
 
 REPORT = "merge_report.json"
@@ -168,65 +170,39 @@ def resolve_base_dir(base: str) -> Path:
 
 
 def stream_merge(adapter: Adapter, base_dir: Path, out_dir: Path, *, info: dict, base_mode: str,
-                 out_dtype: str, max_shard_bytes: int = 256 * 2**20) -> dict:
-    """Merge tensor by tensor into out_dir (a folder that does not exist yet), writing output shards of at most
-    `max_shard_bytes` (plus an index) as they fill. The base file is opened per tensor, so its memory-mapped
-    pages are let go at once: peak memory is about one output shard plus the adapter. Returns counts."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    shards, _ = _base_shards(base_dir)
-    out_dir.mkdir(parents=True)
-    dtype = torch_dtype(out_dtype)
-    weight_map, names, total, merged = {}, [], 0, 0
-    buf, buf_bytes = {}, 0
-    pending = dict(adapter.modules)
-    initial = initial_adapter(adapter.folder)
-    residual = Residual(initial) if initial is not None else None
-
-    def flush():
-        nonlocal buf, buf_bytes
-        name = f"model-{len(names) + 1:05d}.safetensors"
-        save_file(buf, str(out_dir / name), metadata={"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in buf})
-        buf, buf_bytes = {}, 0
-        release_freed_memory()
-
-    for shard in shards:
-        path = str(base_dir / shard)
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
-            with safe_open(path, framework="pt") as f:
-                t = f.get_tensor(key).clone()
-            parts = pending.pop(key, None)
-            if parts is not None:
-                problem = fits(key, tuple(t.shape), parts)
-                if problem:
-                    raise MergeError(problem)
-                t = merge_tensor(key, t, parts, scale=adapter.scale, info=info, base_mode=base_mode,
-                                 residual=residual, dtype=dtype)
-                merged += 1
-            elif t.is_floating_point() and key.endswith(".weight") and t.dim() == 2 and t.dtype != dtype:
-                t = t.to(dtype)  # non-adapted matrices follow the output dtype; values otherwise unchanged
-            size = t.numel() * t.element_size()
-            if buf and buf_bytes + size > max_shard_bytes:
-                flush()
-            buf[key] = t.contiguous()
-            buf_bytes += size
-            total += size
-    if pending:
-        raise MergeError(f"adapter does not fit the base: {len(pending)} adapted modules are not in the base "
-                         f"(e.g. {next(iter(pending))}); is this the base it was trained on?")
-    if buf or not names:
-        flush()
-    if len(names) == 1:
-        os.replace(out_dir / names[0], out_dir / "model.safetensors")
-    else:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"tensors_merged": merged, "shards": len(names)}
+                 out_dtype: str, max_shard_bytes: int = 256 * 2**20, on_start=None, on_written=None,
+                 stop=None) -> dict:
+    """Merge tensor by tensor into out_dir: every tensor read by its byte range, merged where adapted, and written
+    at its place in output shards of at most `max_shard_bytes` (plus an index), planned before anything is
+    computed (prefopt.merging.tensorfile); peak memory is about one layer in fp32 plus the adapter. The verified
+    merge runs it in a thread of its own: `on_start(writer)`, `on_written(key)` after each tensor, `stop()`
+    checked between tensors. Returns counts."""
+    src = Source(base_dir, _base_shards(base_dir)[0])
+    writer = None
+    try:
+        refuse_misfits(adapter, src)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = Writer(out_dir, output_plan(src, adapter.modules, out_dtype), max_shard_bytes)
+        if on_start is not None:
+            on_start(writer)
+        initial = initial_adapter(adapter.folder)
+        one = functools.partial(merge_tensor, scale=adapter.scale, info=info, base_mode=base_mode,
+                                residual=Residual(initial) if initial is not None else None,
+                                dtype=torch_dtype(out_dtype))
+        write_merged(src, writer, adapter, one, device(), on_written=on_written, stop=stop)
+        if stop is not None and stop():
+            writer.abandon()
+            return {}
+        counts = writer.close()
+        if on_start is None:
+            writer.files.close()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    finally:
+        src.close()
+    return {"tensors_merged": len(adapter.modules), "shards": counts["shards"]}
 
 
 def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: str) -> None:
@@ -311,13 +287,12 @@ def merge_adapter(
         if verify_merge:  # merged and verified together (prefopt.merging.onepass)
             tmp.mkdir(parents=True)
             copy_side_files(base_dir, adapter_dir, tmp, out_dtype)
-            residual = Residual(initial_adapter(adapter_dir)) if initial_adapter(adapter_dir) is not None else None
-            one = functools.partial(merge_tensor, scale=adapter.scale, info=info, base_mode=base_mode,
-                                    residual=residual, dtype=torch_dtype(out_dtype))
+            merge = functools.partial(stream_merge, adapter, base_dir, tmp, info=info, base_mode=base_mode,
+                                      out_dtype=out_dtype)
             with large_blocks_from_the_os():
                 counts, verification = merge_verified(
                     adapter, base_dir, _base_shards(base_dir)[0], tmp, info=info, base_mode=base_mode,
-                    out_dtype=out_dtype, probe_rows=probe_rows, thresholds=thresholds, merge_tensor=one,
+                    out_dtype=out_dtype, probe_rows=probe_rows, thresholds=thresholds, merge=merge,
                     dora_impl=dora_impl, dora_dropout=dora_dropout, peft_forward=peft_forward, echo=echo)
         else:
             with large_blocks_from_the_os():

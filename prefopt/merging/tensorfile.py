@@ -262,7 +262,6 @@ class Writer:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        self.files.close()
         missing = [k for k in self.places if k not in self.written]
         if missing:
             raise MergeError(f"merge: {len(missing)} tensors were never written (e.g. {missing[0]}; a bug, please "
