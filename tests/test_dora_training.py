@@ -241,6 +241,46 @@ def test_bf16_autocast_general_path_matches_peft(shaped_models):
     _assert_bf16_grads_close(got[1], want[1], fp32)
 
 
+class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts dtype conversions whose result has one of `shapes` (the base weights')."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.n = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
+                isinstance(out, torch.Tensor) and tuple(out.shape) in self.shapes:
+            self.n += 1
+        return out
+
+
+@pytest.mark.parametrize("rows", [(4, 33), (1, 17)])  # more token rows than W has columns, and fewer
+def test_autocast_backward_reuses_the_forwards_weight_cast(shaped_models, rows):
+    """An fp32 base under bf16 autocast: the one-node backward uses the bf16 copy of W its forward made (as
+    autograd keeps autocast's copy for a plain Linear), casting no weight again, and a second backward through the
+    same graph gives the same gradients (the saved copy is not scaled in place)."""
+    _, fast = _pair(shaped_models["h96"], "none")
+    ids = _ids(*rows)
+    shapes = {tuple(m.weight.shape) for n, m in fast.named_modules() if n.endswith("base_layer")}
+    fast.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fast(input_ids=ids, labels=ids).loss
+    before = dora.path_counts()["one_node"]
+    casts = _WeightCasts(shapes)
+    with casts:
+        loss.backward(retain_graph=True)
+    assert dora.path_counts()["one_node"] == before  # (the backward is the one-node path's own)
+    assert casts.n == 0, f"{casts.n} weight casts in the backward"
+    first = {n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad}
+    fast.zero_grad(set_to_none=True)
+    loss.backward()
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, first[n]), n
+
+
 def _sft_losses(tmp_path, tiny_model, small_data, impl, mode, quant, trainer_kwargs=None, **train):
     from conftest import chain_recipe
     from safetensors.torch import load_file

@@ -146,15 +146,16 @@ class DoraLinear(torch.autograd.Function):
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        base_out = torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), w, bias)
+        x_c = x if x.dtype == dtype else x.to(dtype)
+        base_out = torch.nn.functional.linear(x_c, w, bias)
         # the base's output dtype: bitsandbytes casts back to the input's, nn.Linear under autocast gives ac
         out_dtype = x.dtype if (ac is None or four_bit) else ac
         lr_dtype = ac or a.dtype  # PEFT runs the low-rank branch in the adapter's dtype (autocast: in ac)
         if ac is None and base_out.dtype != x.dtype:
             base_out = base_out.to(x.dtype)
         x_lr = x if x_drop is None else x_drop
-        if x_lr.dtype != lr_dtype:
-            x_lr = x_lr.to(lr_dtype)
+        if x_lr.dtype != lr_dtype:  # (the base's cast of x where it is the same: one conversion, one saved tensor)
+            x_lr = x_c if x_drop is None and lr_dtype == dtype else x_lr.to(lr_dtype)
         if key is not None:  # W A^T as out x r: W @ A^T (BLAS is several times slower with only r output rows)
             weight_a_t = w0 @ (a if a.dtype == w0.dtype else a.to(w0.dtype)).t()
             plan.key, plan.s_over_norm = key, inv_norm_s(weight_norm2, weight_a_t, a, b, s)
@@ -172,16 +173,19 @@ class DoraLinear(torch.autograd.Function):
         else:
             unscaled = torch.addmm(base_out.to(sum_dtype), lora_a_sum, b_t, beta=1 / s)
         scale_s_sum = scale_s if scale_s.dtype == sum_dtype else scale_s.to(sum_dtype)
+        # rounded to the output dtype as it is stored (the same values as computing in sum_dtype, then casting)
+        rounded = None if out_dtype == sum_dtype else unscaled.new_empty(unscaled.shape, dtype=out_dtype)
         if bias is None:
-            out = unscaled * scale_s_sum
+            out = torch.mul(unscaled, scale_s_sum, out=rounded)
         else:  # PEFT's base bias stays out of the rescaling: + bias (1 - scale)
-            out = torch.addcmul((bias - bias * (scale_s / s)).to(sum_dtype), unscaled, scale_s_sum)
-        if out.dtype != out_dtype:
-            out = out.to(out_dtype)
+            out = torch.addcmul((bias - bias * (scale_s / s)).to(sum_dtype), unscaled, scale_s_sum, out=rounded)
         ctx.base, ctx.four_bit, ctx.dtype, ctx.s, ctx.same, ctx.ac = base, four_bit, dtype, s, x_drop is None, ac
         ctx.x_dtype, ctx.x_drop_dtype, ctx.a_dtype, ctx.b_dtype, ctx.m_dtype = (
             x.dtype, None if x_drop is None else x_drop.dtype, a.dtype, b.dtype, m.dtype)
-        ctx.save_for_backward(x_lr, lora_a_out, unscaled, a_lr, b, scale_s, s_over_norm)
+        # a cast of the base weight (an fp32 base under autocast) is kept for the input gradient, as autograd keeps
+        # the one autocast makes for a plain Linear: casting again in the backward was a pass over W LoRA does not make
+        w_cast = w if (not four_bit and w is not base.weight and ctx.needs_input_grad[0]) else None
+        ctx.save_for_backward(x_lr, lora_a_out, unscaled, a_lr, b, scale_s, s_over_norm, w_cast)
         return out
 
     @staticmethod
@@ -194,15 +198,19 @@ class DoraLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g):
         # a, x_lr and lora_a_out in the low-rank compute dtype
-        x_lr, lora_a_out, unscaled, a, b, scale_s, s_over_norm = ctx.saved_tensors
+        x_lr, lora_a_out, unscaled, a, b, scale_s, s_over_norm, w_cast = ctx.saved_tensors
         need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
         base, s, lr_dtype = ctx.base, ctx.s, lora_a_out.dtype
         none = (None,) * 6
         grad_x = grad_xd = grad_a = grad_b = grad_m = None
         if need_m:  # dL/dm = (s / norm) sum_n g (u - bias / s), per row, in fp32
             f32 = s_over_norm.dtype
-            g_dot_u = torch.linalg.vecdot(g, unscaled, dim=0) if g.dtype == f32 == unscaled.dtype else \
-                torch.linalg.vecdot(g.to(f32), unscaled.to(f32), dim=0)
+            if g.dtype == f32 == unscaled.dtype:
+                g_dot_u = torch.linalg.vecdot(g, unscaled, dim=0)
+            elif unscaled.dtype == f32:  # (g * u).sum(0) with g widened as it is read: vecdot's values, no copy of g
+                g_dot_u = torch.mul(g, unscaled).sum(0)
+            else:
+                g_dot_u = torch.linalg.vecdot(g.to(f32), unscaled.to(f32), dim=0)
             if base.bias is not None:
                 g_dot_u = g_dot_u.sub_(g.to(f32).sum(0).mul_(base.bias.to(f32)), alpha=1 / s)
             grad_m = g_dot_u.mul_(s_over_norm)
@@ -213,26 +221,30 @@ class DoraLinear(torch.autograd.Function):
             return grad_x, grad_xd, grad_a, grad_b, grad_m, *none
         w = None
         if need_x:
-            w = dequantize_4bit(base, ctx.dtype) if ctx.four_bit else base.weight
+            w = dequantize_4bit(base, ctx.dtype) if ctx.four_bit else (w_cast if w_cast is not None else base.weight)
             if w.dtype != ctx.dtype:
                 w = w.to(ctx.dtype)
-        own_w = w is not None and (ctx.four_bit or w is not base.weight)  # a fresh tensor: may be scaled in place
+        # a fresh tensor may be scaled in place (not the forward's saved cast: a second backward reads it again)
+        own_w = w is not None and w is not w_cast and (ctx.four_bit or w is not base.weight)
         g_scaled = None
         if w is None or g.shape[0] <= w.shape[1]:
             # the scale s' on g (n x out), once for every product that needs it
-            g_scaled = g * (scale_s if scale_s.dtype == g.dtype else scale_s.to(g.dtype))
+            # (by the fp32 scale, rounded once as stored, as PEFT's g s' is)
+            g_scaled = g * scale_s if scale_s.dtype == g.dtype else torch.mul(g, scale_s, out=torch.empty_like(g))
             g_scaled_lr = g_scaled if g_scaled.dtype == lr_dtype else g_scaled.to(lr_dtype)
             grad_b = g_scaled_lr.t() @ lora_a_out if need_b else None
             grad_h = g_scaled_lr @ (b if b.dtype == lr_dtype else b.to(lr_dtype)) if need_h else None
         else:
             # more rows than W has columns: the scale goes on W's rows (out x in; on a 4-bit base the fresh
-            # dequantization, in place) and on B (out x r) instead
-            scale_s_col = scale_s.to(ctx.dtype).unsqueeze(1)
-            w = w.mul_(scale_s_col) if own_w else w * scale_s_col
+            # dequantization, in place) and on B (out x r) instead. The fp32 scale itself multiplies, so that each
+            # product is rounded once, as it is stored (a bf16 copy of the scale, then a bf16 product: rounded twice,
+            # and B's gradient a third time, where PEFT rounds g s' once; on a CPU without native bf16 the bf16
+            # parity test's worst q/k gradient sat 0.0025 below PEFT's cosine to fp32, over its 0.002, and 0.0019 after)
+            scale_col = scale_s.unsqueeze(1)
+            w = w.mul_(scale_col) if own_w else torch.mul(w, scale_col, out=torch.empty_like(w))
             g_lr = g if g.dtype == lr_dtype else g.to(lr_dtype)
-            scale_s_lr = scale_s.to(lr_dtype).unsqueeze(1)
-            grad_b = (g_lr.t() @ lora_a_out).mul_(scale_s_lr) if need_b else None
-            grad_h = g_lr @ (b.to(lr_dtype) * scale_s_lr) if need_h else None
+            grad_b = (g_lr.t() @ lora_a_out) * scale_col if need_b else None
+            grad_h = g_lr @ (b * scale_col).to(lr_dtype) if need_h else None
         if grad_b is not None and grad_b.dtype != ctx.b_dtype:
             grad_b = grad_b.to(ctx.b_dtype)
         if need_a:
@@ -244,14 +256,22 @@ class DoraLinear(torch.autograd.Function):
             g_for_x = g_scaled if g_scaled is not None else g
             if g_for_x.dtype != ctx.dtype:
                 g_for_x = g_for_x.to(ctx.dtype)
-            if ctx.same and grad_h.dtype == ctx.dtype == a.dtype:
+            # the two parts are summed in the input's dtype where it is the wider one (an fp32 x under autocast), as
+            # autograd sums PEFT's base and low-rank branches (summed in bf16, the input gradient took one rounding
+            # more than PEFT's)
+            sum_dtype = torch.promote_types(ctx.dtype, ctx.x_dtype)
+            if ctx.same and grad_h.dtype == ctx.dtype == a.dtype == sum_dtype:
                 grad_x = (grad_h @ a).addmm_(g_for_x, w, alpha=1 / s)
             else:
                 grad_x = torch.mm(g_for_x, w)
+                if grad_x.dtype != sum_dtype:
+                    grad_x = grad_x.to(sum_dtype)
                 if s != 1:
                     grad_x = grad_x.mul_(1 / s)
                 if ctx.same:
-                    grad_x = grad_x + (grad_h @ a).to(grad_x.dtype)
+                    lr_part = grad_h @ a  # (a narrower part is widened exactly as add_ reads it)
+                    narrower = torch.promote_types(lr_part.dtype, grad_x.dtype) == grad_x.dtype
+                    grad_x = grad_x.add_(lr_part if narrower else lr_part.to(grad_x.dtype))
             if grad_x.dtype != ctx.x_dtype:
                 grad_x = grad_x.to(ctx.x_dtype)
         if need_xd:
