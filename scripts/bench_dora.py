@@ -142,6 +142,29 @@ def _cpu_counters():
     return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
 
+def bf16_matmul_slowdown(device: str, n: int = 256, reps: int = 3) -> float:
+    """How many times slower an n x n x n matmul runs in bf16 than in fp32 here (best of `reps`). About 0.5 on a
+    GPU or a CPU with native bf16 (AMX / AVX-512 BF16); on a CPU without it (AVX2) torch's bf16 matmul is an
+    emulation, ~100x slower: bf16-autocast rows there time the emulation, not DoRA against LoRA."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def best(dtype):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        times = []
+        for _ in range(reps + 1):  # (the first one warms up)
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(torch.bfloat16) / best(torch.float32)
+
+
 # wall: elapsed time. cpu: this process's CPU time over all threads (not counting time a virtual machine's CPUs
 # were taken away by the host, which on a shared CPU box can swing wall-clock ratios by 10-20%); CPU only.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -247,7 +270,12 @@ def main() -> None:
     import peft
 
     env["peft"] = peft.__version__
+    env["bf16_matmul_vs_fp32"] = round(bf16_matmul_slowdown(device), 2)
     print("bench_dora:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    if "autocast" in args.precision and env["bf16_matmul_vs_fp32"] > 4:
+        print(f"bench_dora: NOTE a bf16 matmul runs {env['bf16_matmul_vs_fp32']}x slower than fp32 here (no native "
+              "bf16 on this CPU): the autocast rows time torch's bf16 emulation, not DoRA's cost against LoRA's",
+              flush=True)
     rows = []
     before = _cpu_counters()
     with tempfile.TemporaryDirectory() as tmp:
