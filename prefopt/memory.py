@@ -108,6 +108,15 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
     return out + sum(inputs.values())
 
 
+def _weight_casts(shape: ModelShape, quantization: str, wbytes: int, device: str) -> int:
+    """Bytes of one decoder layer's weight copies kept for the backward: an fp32 unquantized base under the GPU's
+    autocast keeps the bf16 copy of each Linear's weight autocast made (autograd does for a plain Linear whose input
+    needs a gradient; prefopt's DoRA node keeps the same copy). None on the CPU (no autocast) or a quantized base."""
+    if device == "cpu" or wbytes != 4 or quantization != "none":
+        return 0
+    return 2 * sum(i * o for _, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)])
+
+
 # none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers sit
 # above this arithmetic (docs/scaling.md, docs/benchmarks.md)
 SHARDINGS = ("none", "fsdp", "zero2")
@@ -156,8 +165,10 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     layer = tokens * _layer_saved(shape, per_layer, r, e, u, dropout)
     # gradient checkpointing keeps each layer's input (and the final norm's); otherwise every layer's saved set
     final_norm = tokens * h * 4
-    kept = tokens * h * e * shape.layers if train.gradient_checkpointing else layer * shape.layers
+    casts = _weight_casts(shape, quantization, wbytes, device)
+    kept = tokens * h * e * shape.layers if train.gradient_checkpointing else (layer + casts) * shape.layers
     kept += final_norm
+    layer += casts  # (with checkpointing: the layer recomputed holds its copies)
     head_tokens = seqs * (train.max_length - 1)
     if stage_type in ("sft", "dpo", "kto"):
         # TRL's fused LM head: the final hidden states it saves and their fp32 gradient, and its logit tile buffer,

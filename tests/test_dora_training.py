@@ -188,16 +188,31 @@ def _cos(u, v):
 
 def _assert_bf16_grads_close(got, want, fp32):
     """Every gradient within bf16 rounding of PEFT's under the same autocast: cosine >= 0.999 to PEFT's wherever
-    bf16 rounding leaves PEFT's own gradient within 2e-4 of its fp32 one, and never further from fp32 than
-    PEFT's, by more than 2e-3 (in a random tiny model with attention biases some q/k gradients are mostly bf16
-    noise: PEFT's own are 0.994 from fp32, and two such noisy gradients are further from each other)."""
+    bf16 rounding leaves PEFT's own gradient within 2e-4 of its fp32 one. Where it does not (in a random tiny model
+    with attention biases some q/k gradients are mostly bf16 noise: PEFT's own are 0.994 from fp32, and two such
+    noisy gradients are further from each other), ours are on average no further from fp32 than PEFT's (the mean
+    gap in cosine to fp32 over them >= -1e-3), and none by more than 5e-3.
+
+    (Until 2026-12-06 each noisy gradient had to be within 2e-3. That per-gradient bound sits inside the gap's own
+    spread: on a CPU without native bf16 (AVX2) the unchanged code failed it at -0.00226 (nf4, bias), where it had
+    passed on an AVX-512 CPU; over input seeds 0-7 the gap spans -0.008 to +0.002 (mean -0.0005), and summing PEFT's
+    batch in two halves moves PEFT's own by <= 1e-5. The mean and the 5e-3 floor catch what the test is for: u kept
+    in bf16 (prefopt.dora.ops.AUTOCAST_SUM_DTYPE = bfloat16) gives mean -0.007 and -0.021 on the unquantized model
+    with biases, where the shipped code gives +0.0005 and -0.0014.)"""
     assert want.keys() == got.keys() and len(got) == 3 * N_LAYERS
+    gaps = {}
     for k in want:
         assert got[k].dtype == torch.float32  # fp32 adapters get fp32 gradients
         peft_floor = _cos(want[k], fp32[k])
         if peft_floor >= 0.9998:
             assert _cos(got[k], want[k]) >= 0.999, f"{k}: cosine {_cos(got[k], want[k]):.5f} to PEFT's"
-        assert _cos(got[k], fp32[k]) >= peft_floor - 2e-3, f"{k}: {_cos(got[k], fp32[k]):.5f} vs PEFT {peft_floor:.5f}"
+        else:
+            gaps[k] = _cos(got[k], fp32[k]) - peft_floor
+    if gaps:
+        worst = min(gaps, key=gaps.get)
+        assert gaps[worst] >= -5e-3, f"{worst}: cosine to fp32 {gaps[worst]:.5f} below PEFT's"
+        mean = sum(gaps.values()) / len(gaps)
+        assert mean >= -1e-3, f"noisy gradients: cosine to fp32 {mean:.5f} below PEFT's on average ({gaps})"
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
     assert _cos(flat(got), flat(want)) >= 0.9999
 
@@ -241,38 +256,32 @@ def test_bf16_autocast_general_path_matches_peft(shaped_models):
     _assert_bf16_grads_close(got[1], want[1], fp32)
 
 
-class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts dtype conversions whose result has one of `shapes` (the base weights')."""
+def _weight_casts(fn, shapes) -> int:
+    """Dtype conversions (copy_ / _to_copy, nested ones included: a mixed-dtype op's own) of a tensor with one of
+    `shapes` (the base weights') while `fn` runs, counted by the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self, shapes):
-        super().__init__()
-        self.shapes, self.n = shapes, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
-                isinstance(out, torch.Tensor) and tuple(out.shape) in self.shapes:
-            self.n += 1
-        return out
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name in ("aten::copy_", "aten::_to_copy") and e.input_shapes
+               and tuple(e.input_shapes[0]) in shapes)
 
 
 @pytest.mark.parametrize("rows", [(4, 33), (1, 17)])  # more token rows than W has columns, and fewer
 def test_autocast_backward_reuses_the_forwards_weight_cast(shaped_models, rows):
     """An fp32 base under bf16 autocast: the one-node backward uses the bf16 copy of W its forward made (as
-    autograd keeps autocast's copy for a plain Linear), casting no weight again, and a second backward through the
-    same graph gives the same gradients (the saved copy is not scaled in place)."""
+    autograd keeps autocast's copy for a plain Linear), converting no weight again, and a second backward through
+    the same graph gives the same gradients (the saved copy is not scaled in place)."""
     _, fast = _pair(shaped_models["h96"], "none")
     ids = _ids(*rows)
     shapes = {tuple(m.weight.shape) for n, m in fast.named_modules() if n.endswith("base_layer")}
     fast.zero_grad(set_to_none=True)
+    before = dora.path_counts()["one_node"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = fast(input_ids=ids, labels=ids).loss
-    before = dora.path_counts()["one_node"]
-    casts = _WeightCasts(shapes)
-    with casts:
-        loss.backward(retain_graph=True)
-    assert dora.path_counts()["one_node"] == before  # (the backward is the one-node path's own)
-    assert casts.n == 0, f"{casts.n} weight casts in the backward"
+    assert dora.path_counts()["one_node"] - before == N_LAYERS  # every layer took the one-node path
+    casts = _weight_casts(lambda: loss.backward(retain_graph=True), shapes)
+    assert casts == 0, f"{casts} weight casts in the backward"
     first = {n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad}
     fast.zero_grad(set_to_none=True)
     loss.backward()

@@ -207,7 +207,7 @@ class DoraLinear(torch.autograd.Function):
             f32 = s_over_norm.dtype
             if g.dtype == f32 == unscaled.dtype:
                 g_dot_u = torch.linalg.vecdot(g, unscaled, dim=0)
-            elif unscaled.dtype == f32:  # (g * u).sum(0) with g widened as it is read: vecdot's values, no copy of g
+            elif unscaled.dtype == f32:  # (g * u).sum(0): vecdot's values, one kernel fewer (g widened in the mul)
                 g_dot_u = torch.mul(g, unscaled).sum(0)
             else:
                 g_dot_u = torch.linalg.vecdot(g.to(f32), unscaled.to(f32), dim=0)
@@ -229,22 +229,19 @@ class DoraLinear(torch.autograd.Function):
         g_scaled = None
         if w is None or g.shape[0] <= w.shape[1]:
             # the scale s' on g (n x out), once for every product that needs it
-            # (by the fp32 scale, rounded once as stored, as PEFT's g s' is)
-            g_scaled = g * scale_s if scale_s.dtype == g.dtype else torch.mul(g, scale_s, out=torch.empty_like(g))
+            g_scaled = g * (scale_s if scale_s.dtype == g.dtype else scale_s.to(g.dtype))
             g_scaled_lr = g_scaled if g_scaled.dtype == lr_dtype else g_scaled.to(lr_dtype)
             grad_b = g_scaled_lr.t() @ lora_a_out if need_b else None
             grad_h = g_scaled_lr @ (b if b.dtype == lr_dtype else b.to(lr_dtype)) if need_h else None
         else:
             # more rows than W has columns: the scale goes on W's rows (out x in; on a 4-bit base the fresh
-            # dequantization, in place) and on B (out x r) instead. The fp32 scale itself multiplies, so that each
-            # product is rounded once, as it is stored (a bf16 copy of the scale, then a bf16 product: rounded twice,
-            # and B's gradient a third time, where PEFT rounds g s' once; on a CPU without native bf16 the bf16
-            # parity test's worst q/k gradient sat 0.0025 below PEFT's cosine to fp32, over its 0.002, and 0.0019 after)
-            scale_col = scale_s.unsqueeze(1)
-            w = w.mul_(scale_col) if own_w else torch.mul(w, scale_col, out=torch.empty_like(w))
+            # dequantization, in place) and on B (out x r) instead
+            scale_s_col = scale_s.to(ctx.dtype).unsqueeze(1)
+            w = w.mul_(scale_s_col) if own_w else w * scale_s_col
             g_lr = g if g.dtype == lr_dtype else g.to(lr_dtype)
-            grad_b = (g_lr.t() @ lora_a_out) * scale_col if need_b else None
-            grad_h = g_lr @ (b * scale_col).to(lr_dtype) if need_h else None
+            scale_s_lr = scale_s.to(lr_dtype).unsqueeze(1)
+            grad_b = (g_lr.t() @ lora_a_out).mul_(scale_s_lr) if need_b else None
+            grad_h = g_lr @ (b.to(lr_dtype) * scale_s_lr) if need_h else None
         if grad_b is not None and grad_b.dtype != ctx.b_dtype:
             grad_b = grad_b.to(ctx.b_dtype)
         if need_a:
@@ -256,22 +253,14 @@ class DoraLinear(torch.autograd.Function):
             g_for_x = g_scaled if g_scaled is not None else g
             if g_for_x.dtype != ctx.dtype:
                 g_for_x = g_for_x.to(ctx.dtype)
-            # the two parts are summed in the input's dtype where it is the wider one (an fp32 x under autocast), as
-            # autograd sums PEFT's base and low-rank branches (summed in bf16, the input gradient took one rounding
-            # more than PEFT's)
-            sum_dtype = torch.promote_types(ctx.dtype, ctx.x_dtype)
-            if ctx.same and grad_h.dtype == ctx.dtype == a.dtype == sum_dtype:
+            if ctx.same and grad_h.dtype == ctx.dtype == a.dtype:
                 grad_x = (grad_h @ a).addmm_(g_for_x, w, alpha=1 / s)
             else:
                 grad_x = torch.mm(g_for_x, w)
-                if grad_x.dtype != sum_dtype:
-                    grad_x = grad_x.to(sum_dtype)
                 if s != 1:
                     grad_x = grad_x.mul_(1 / s)
                 if ctx.same:
-                    lr_part = grad_h @ a  # (a narrower part is widened exactly as add_ reads it)
-                    narrower = torch.promote_types(lr_part.dtype, grad_x.dtype) == grad_x.dtype
-                    grad_x = grad_x.add_(lr_part if narrower else lr_part.to(grad_x.dtype))
+                    grad_x = grad_x + (grad_h @ a).to(grad_x.dtype)
             if grad_x.dtype != ctx.x_dtype:
                 grad_x = grad_x.to(ctx.x_dtype)
         if need_xd:
