@@ -143,9 +143,10 @@ def _cpu_counters():
 
 
 def bf16_matmul_slowdown(device: str, n: int = 256, reps: int = 3) -> float:
-    """How many times slower an n x n x n matmul runs in bf16 than in fp32 here (best of `reps`). About 0.5 on a
-    GPU or a CPU with native bf16 (AMX / AVX-512 BF16); on a CPU without it (AVX2) torch's bf16 matmul is an
-    emulation, ~100x slower: bf16-autocast rows there time the emulation, not DoRA against LoRA."""
+    """How many times slower an n x n x n matmul runs in bf16 than in fp32 here (best of `reps`). At most about 1
+    on a GPU (launch cost dominates at this size) or a CPU with native bf16 (AMX / AVX-512 BF16); on a CPU without
+    it (AVX2) torch's bf16 matmul is an emulation, ~100x slower: bf16-autocast rows there time the emulation, not
+    DoRA against LoRA."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -273,9 +274,8 @@ def main() -> None:
     env["bf16_matmul_vs_fp32"] = round(bf16_matmul_slowdown(device), 2)
     print("bench_dora:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     if "autocast" in args.precision and env["bf16_matmul_vs_fp32"] > 4:
-        print(f"bench_dora: NOTE a bf16 matmul runs {env['bf16_matmul_vs_fp32']}x slower than fp32 here (no native "
-              "bf16 on this CPU): the autocast rows time torch's bf16 emulation, not DoRA's cost against LoRA's",
-              flush=True)
+        print(f"bench_dora: NOTE a bf16 matmul runs {env['bf16_matmul_vs_fp32']}x slower than fp32 on {env['device']} "
+              "(no native bf16): the autocast rows time that emulation, not DoRA's cost against LoRA's", flush=True)
     rows = []
     before = _cpu_counters()
     with tempfile.TemporaryDirectory() as tmp:
