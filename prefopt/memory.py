@@ -108,11 +108,13 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
     return out + sum(inputs.values())
 
 
-def _weight_casts(shape: ModelShape, quantization: str, wbytes: int, device: str) -> int:
-    """Bytes of one decoder layer's weight copies kept for the backward: an fp32 unquantized base under the GPU's
-    autocast keeps the bf16 copy of each Linear's weight autocast made (autograd does for a plain Linear whose input
-    needs a gradient; prefopt's DoRA node keeps the same copy). None on the CPU (no autocast) or a quantized base."""
-    if device == "cpu" or wbytes != 4 or quantization != "none":
+def _weight_casts(shape: ModelShape, quantization: str, dtype: str, device: str) -> int:
+    """Bytes of one decoder layer's weight copies kept for the backward: an unquantized fp32 or fp16 base under the
+    GPU's bf16 autocast keeps the bf16 copy of each Linear's weight autocast made (autograd does for a plain Linear
+    whose input needs a gradient; prefopt's DoRA node keeps the same copy). None on the CPU (no autocast), for a
+    bf16 or quantized base. (An upper bound: layer 0's q/k/v inputs need no gradient, and FSDP's or DeepSpeed's own
+    mixed precision makes no autocast copies.)"""
+    if device == "cpu" or dtype == "bfloat16" or quantization != "none":
         return 0
     return 2 * sum(i * o for _, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)])
 
@@ -165,7 +167,7 @@ def estimate_stage(shape: ModelShape, *, stage_type: str, quantization: str, dty
     layer = tokens * _layer_saved(shape, per_layer, r, e, u, dropout)
     # gradient checkpointing keeps each layer's input (and the final norm's); otherwise every layer's saved set
     final_norm = tokens * h * 4
-    casts = _weight_casts(shape, quantization, wbytes, device)
+    casts = _weight_casts(shape, quantization, dtype, device)
     kept = tokens * h * e * shape.layers if train.gradient_checkpointing else (layer + casts) * shape.layers
     kept += final_norm
     layer += casts  # (with checkpointing: the layer recomputed holds its copies)

@@ -186,35 +186,40 @@ def _cos(u, v):
     return torch.nn.functional.cosine_similarity(u.flatten().float(), v.flatten().float(), dim=0).item()
 
 
-def _assert_bf16_grads_close(got, want, fp32):
+def _bf16_grads_close(got, want, fp32) -> list[float]:
     """Every gradient within bf16 rounding of PEFT's under the same autocast: cosine >= 0.999 to PEFT's wherever
-    bf16 rounding leaves PEFT's own gradient within 2e-4 of its fp32 one. Where it does not (in a random tiny model
-    with attention biases some q/k gradients are mostly bf16 noise: PEFT's own are 0.994 from fp32, and two such
-    noisy gradients are further from each other), ours are on average no further from fp32 than PEFT's (the mean
-    gap in cosine to fp32 over them >= -1e-3), and none by more than 5e-3.
-
-    (Until 2026-12-06 each noisy gradient had to be within 2e-3. That per-gradient bound sits inside the gap's own
-    spread: on a CPU without native bf16 (AVX2) the unchanged code failed it at -0.00226 (nf4, bias), where it had
-    passed on an AVX-512 CPU; over input seeds 0-7 the gap spans -0.008 to +0.002 (mean -0.0005), and summing PEFT's
-    batch in two halves moves PEFT's own by <= 1e-5. The mean and the 5e-3 floor catch what the test is for: u kept
-    in bf16 (prefopt.dora.ops.AUTOCAST_SUM_DTYPE = bfloat16) gives mean -0.007 and -0.021 on the unquantized model
-    with biases, where the shipped code gives +0.0005 and -0.0014.)"""
+    bf16 rounding leaves PEFT's own gradient within 2e-4 of its fp32 one. Returns, for the others (noise-dominated:
+    in a random tiny model with attention biases some q/k gradients are mostly bf16 noise, PEFT's own 0.994 from
+    fp32, and two such noisy gradients are further from each other), how much further from fp32 ours are than
+    PEFT's, in cosine (negative: further), for _assert_noisy_gaps."""
     assert want.keys() == got.keys() and len(got) == 3 * N_LAYERS
-    gaps = {}
+    gaps = []
     for k in want:
         assert got[k].dtype == torch.float32  # fp32 adapters get fp32 gradients
         peft_floor = _cos(want[k], fp32[k])
         if peft_floor >= 0.9998:
             assert _cos(got[k], want[k]) >= 0.999, f"{k}: cosine {_cos(got[k], want[k]):.5f} to PEFT's"
         else:
-            gaps[k] = _cos(got[k], fp32[k]) - peft_floor
-    if gaps:
-        worst = min(gaps, key=gaps.get)
-        assert gaps[worst] >= -5e-3, f"{worst}: cosine to fp32 {gaps[worst]:.5f} below PEFT's"
-        mean = sum(gaps.values()) / len(gaps)
-        assert mean >= -1e-3, f"noisy gradients: cosine to fp32 {mean:.5f} below PEFT's on average ({gaps})"
+            gaps.append(_cos(got[k], fp32[k]) - peft_floor)
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
     assert _cos(flat(got), flat(want)) >= 0.9999
+    return gaps
+
+
+def _assert_noisy_gaps(gaps: list[float]) -> None:
+    """The noise-dominated gradients, pooled over the input batches tested: on average no further from fp32 than
+    PEFT's by more than 1.2e-3 in cosine, none by more than 0.012.
+
+    (Until 2026-12-06: each within 2e-3, from one batch. That bound sat inside the gap's own spread over batches:
+    the same code failed it at -0.00226 (nf4, bias, batch 0) on a CPU without native bf16 (AVX2), having passed on
+    an AVX-512 CPU; over batches 0-7 the gaps span -0.008 to +0.002, and summing PEFT's batch in two halves moves
+    PEFT's own by <= 1e-5, so it is not summation order. Pooled over batches 0-3 the mean gap is -0.00054 (nf4)
+    and +0.00037 (unquantized), while u kept in bf16 -- the regression this exists for,
+    prefopt.dora.ops.AUTOCAST_SUM_DTYPE = bfloat16 -- gives -0.00197 and -0.00198, and a gap of -0.021.)"""
+    if gaps:
+        assert min(gaps) >= -0.012, f"a noisy gradient's cosine to fp32 is {min(gaps):.5f} below PEFT's"
+        mean = sum(gaps) / len(gaps)
+        assert mean >= -1.2e-3, f"noisy gradients: cosine to fp32 {mean:.5f} below PEFT's on average ({gaps})"
 
 
 @pytest.mark.parametrize("shape,dtype", [("h96", torch.bfloat16), ("bias", torch.bfloat16), ("h96", torch.float16)])
@@ -222,17 +227,20 @@ def _assert_bf16_grads_close(got, want, fp32):
 def test_bf16_autocast_matches_peft_on_the_one_node_path(shaped_models, quant, shape, dtype):
     """fp32 adapters under CPU bf16 (and fp16) autocast, the stand-in for the GPU's mixed precision: the one-node
     path is taken (its backward raised a dtype error before), its forward is close to PEFT's under the same
-    autocast and its gradients are PEFT's within bf16 rounding."""
+    autocast and its gradients are PEFT's within bf16 rounding, on four input batches."""
     peft, fast = _pair(shaped_models[shape], quant)
-    ids = _ids(4, 33)
-    fp32 = _step(peft, ids)[1]
-    want = _autocast_step(peft, ids, dtype)
-    before = dora.path_counts()
-    got = _autocast_step(fast, ids, dtype)
-    assert dora.path_counts()["one_node"] - before["one_node"] == N_LAYERS
-    assert dora.path_counts()["fallback"] == before["fallback"]
-    assert (got[0] - want[0]).abs().max().item() < 0.02 * want[0].abs().max().item()
-    _assert_bf16_grads_close(got[1], want[1], fp32)
+    gaps = []
+    for seed in range(4):
+        ids = _ids(4, 33, seed=seed)
+        fp32 = _step(peft, ids)[1]
+        want = _autocast_step(peft, ids, dtype)
+        before = dora.path_counts()
+        got = _autocast_step(fast, ids, dtype)
+        assert dora.path_counts()["one_node"] - before["one_node"] == N_LAYERS
+        assert dora.path_counts()["fallback"] == before["fallback"]
+        assert (got[0] - want[0]).abs().max().item() < 0.02 * want[0].abs().max().item()
+        gaps += _bf16_grads_close(got[1], want[1], fp32)
+    _assert_noisy_gaps(gaps)
 
 
 def test_bf16_autocast_general_path_matches_peft(shaped_models):
@@ -253,7 +261,7 @@ def test_bf16_autocast_general_path_matches_peft(shaped_models):
     got = _autocast_step(fast, ids)
     assert dora.path_counts()["one_node"] == before
     assert (got[0] - want[0]).abs().max().item() < 0.02 * want[0].abs().max().item()
-    _assert_bf16_grads_close(got[1], want[1], fp32)
+    _assert_noisy_gaps(_bf16_grads_close(got[1], want[1], fp32))
 
 
 def _weight_casts(fn, shapes) -> int:

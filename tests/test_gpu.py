@@ -26,7 +26,7 @@ def test_bf16_autocast_parity_on_cuda(shaped_models, quant):
     """What TRL runs on a GPU (bf16 autocast, fp32 adapters): the one-node path is taken and matches PEFT's DoRA
     under the same autocast within bf16 rounding."""
     from test_dora import N_LAYERS, _ids, _model
-    from test_dora_training import _assert_bf16_grads_close
+    from test_dora_training import _assert_noisy_gaps, _bf16_grads_close
 
     from prefopt import dora
 
@@ -45,7 +45,7 @@ def test_bf16_autocast_parity_on_cuda(shaped_models, quant):
     got = _cuda_autocast_step(fast, ids)
     assert dora.path_counts()["one_node"] - before["one_node"] == N_LAYERS
     assert (got[0] - want[0]).abs().max().item() < 0.02 * want[0].abs().max().item()
-    _assert_bf16_grads_close(got[1], want[1], fp32)
+    _assert_noisy_gaps(_bf16_grads_close(got[1], want[1], fp32))
 
 
 def test_nf4_sft_dpo_merge_half_billion(tmp_path):

@@ -144,9 +144,10 @@ def test_sharded_plan_within_15_percent_on_two_processes(test_models, tmp_path, 
 
 
 def test_an_fp32_base_under_gpu_autocast_keeps_bf16_weight_copies(tiny_model):
-    """On a GPU (bf16 autocast) an unquantized fp32 base keeps, per Linear whose input needs a gradient, the bf16
-    copy of its weight autocast made until the backward (autograd does for a plain Linear; prefopt's DoRA node keeps
-    the same copy instead of casting again): every layer's without checkpointing (with it, the recomputed layer's).
+    """On a GPU (bf16 autocast) an unquantized fp32 (or fp16) base keeps, per Linear whose input needs a gradient,
+    the bf16 copy of its weight autocast made until the backward (autograd does for a plain Linear; prefopt's DoRA
+    node keeps the same copy instead of casting again): every layer's without checkpointing (with it, the
+    recomputed layer's).
     A bf16 base (no copies) differs from it by exactly those bytes."""
     from prefopt.config import AdapterSection, TrainSection
     from prefopt.memory import estimate_stage, model_shape
@@ -161,3 +162,4 @@ def test_an_fp32_base_under_gpu_autocast_keeps_bf16_weight_copies(tiny_model):
 
     per_layer = 2 * sum(i * o for _, i, o in shape.linears) // shape.layers
     assert activations("float32", "cuda") - activations("bfloat16", "cuda") == per_layer * shape.layers
+    assert activations("float16", "cuda") - activations("bfloat16", "cuda") == per_layer * shape.layers

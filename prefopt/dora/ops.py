@@ -207,7 +207,7 @@ class DoraLinear(torch.autograd.Function):
             f32 = s_over_norm.dtype
             if g.dtype == f32 == unscaled.dtype:
                 g_dot_u = torch.linalg.vecdot(g, unscaled, dim=0)
-            elif unscaled.dtype == f32:  # (g * u).sum(0): vecdot's values, one kernel fewer (g widened in the mul)
+            elif unscaled.dtype == f32:  # (g * u).sum(0): vecdot's values (on a GPU g is widened inside the mul)
                 g_dot_u = torch.mul(g, unscaled).sum(0)
             else:
                 g_dot_u = torch.linalg.vecdot(g.to(f32), unscaled.to(f32), dim=0)
