@@ -108,6 +108,11 @@ def _layer_saved(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int,
     return out + sum(inputs.values())
 
 
+def _one_layer(shape: ModelShape) -> tuple[tuple[str, int, int], ...]:
+    """The (name, in, out) linears of one decoder layer (the first; Llama-style layers are alike)."""
+    return shape.linears[: len(shape.linears) // max(shape.layers, 1)]
+
+
 def _weight_casts(shape: ModelShape, quantization: str, dtype: str, device: str) -> int:
     """Bytes of one decoder layer's weight copies kept for the backward: an unquantized fp32 or fp16 base under the
     GPU's bf16 autocast keeps the bf16 copy of each Linear's weight autocast made (autograd does for a plain Linear
@@ -116,7 +121,7 @@ def _weight_casts(shape: ModelShape, quantization: str, dtype: str, device: str)
     mixed precision makes no autocast copies.)"""
     if device == "cpu" or dtype == "bfloat16" or quantization != "none":
         return 0
-    return 2 * sum(i * o for _, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)])
+    return 2 * sum(i * o for _, i, o in _one_layer(shape))
 
 
 # none: every device holds everything (one device, DDP). DeepSpeed ZeRO-3 is not modelled: its own buffers sit
@@ -126,7 +131,7 @@ SHARDINGS = ("none", "fsdp", "zero2")
 
 def _layer_weights(shape: ModelShape, quantization: str, wbytes: int) -> int:
     """One decoder layer's base weights (what FSDP / ZeRO-3 gather at a time), as quantized."""
-    per = shape.linears[: len(shape.linears) // max(shape.layers, 1)]
+    per = _one_layer(shape)
     one = dataclasses.replace(shape, linears=tuple(per), other_params=0)
     return _weights(one, quantization, wbytes) + 2 * shape.hidden * wbytes  # + its two norms
 
